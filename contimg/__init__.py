@@ -1,0 +1,7 @@
+"""contimg: the DSA-110 continuum imaging pipeline."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from contimg import _offline  # noqa: F401  (keeps astropy from reaching the network)
