@@ -1,0 +1,212 @@
+"""The ``contimg`` command line.
+
+    contimg simulate --out DIR [--groups N] [--calibrator-group K] [shrink options]
+    contimg info PATH...            open a group (files or a directory) and describe it
+    contimg demo [--out DIR]        the main job on embedded defaults (see README)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("contimg.cli")
+
+
+def _setup_logging(verbose: int):
+    level = logging.WARNING if verbose < 0 else (logging.INFO if verbose == 0 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("distributed", "bokeh", "tornado", "numba"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _add_sim_options(p):
+    p.add_argument("--antennas", type=int, default=None, help="correlated antennas (default 96)")
+    p.add_argument("--subbands", type=int, default=None, help="subbands per group (default 16)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="channels per subband (default 48; fewer = wider channels)")
+    p.add_argument("--integrations", type=int, default=None, help="integrations per group (24)")
+    p.add_argument("--dec", type=float, default=None, help="pointing declination, degrees")
+    p.add_argument("--sefd", type=float, default=None, help="system equivalent flux density, Jy")
+    p.add_argument("--no-rfi", action="store_true", help="inject no interference")
+    p.add_argument("--no-noise", action="store_true", help="no thermal noise")
+    p.add_argument("--no-gains", action="store_true", help="unit gains and bandpass")
+    p.add_argument("--seed", type=int, default=1)
+
+
+def _sim_config(args):
+    from contimg.simulate import SimConfig
+
+    kw = dict(seed=args.seed)
+    for opt, key in (("antennas", "n_ant"), ("subbands", "n_subbands"), ("channels", "n_chan"),
+                     ("integrations", "n_times"), ("dec", "dec_deg"), ("sefd", "sefd_jy")):
+        v = getattr(args, opt)
+        if v is not None:
+            kw[key] = v
+    if args.no_rfi:
+        kw["rfi"] = None
+    if args.no_noise:
+        kw["noise"] = False
+    if args.no_gains:
+        kw["gains"] = False
+    return SimConfig(**kw)
+
+
+def cmd_simulate(args):
+    from contimg.simulate import simulate
+
+    cfg = _sim_config(args)
+    t0 = time.perf_counter()
+    done = []
+
+    def progress(sb):
+        done.append(sb)
+        log.info("wrote subband %02d (%d/%d)", sb, len(done) % cfg.n_subbands or cfg.n_subbands,
+                 cfg.n_subbands)
+
+    groups = simulate(args.out, n_groups=args.groups, start=args.start, cfg=cfg,
+                      calibrator_group=args.calibrator_group, progress=progress)
+    for g in groups:
+        print(f"{g.stamp}: {len(g.files)} files, truth {g.truth}")
+    print(f"simulated {len(groups)} group(s) in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    return 0
+
+
+def _describe(ds) -> str:
+    import numpy as np
+
+    f = ds.frequency.values
+    t = ds.time.values
+    lines = [
+        f"telescope      {ds.attrs.get('telescope_name')}",
+        f"files          {len(ds.attrs.get('source_files', []))}"
+        + (f" (missing subbands: {ds.attrs['missing_subbands']})"
+           if ds.attrs.get("missing_subbands") else ""),
+        f"integrations   {t.size} x {ds.time.attrs.get('integration_time', float('nan')):.6f} s",
+        f"baselines      {ds.sizes['baseline_id']} ({ds.sizes['antenna_id']} antennas in table)",
+        f"channels       {f.size}: {f[0] / 1e6:.4f} .. {f[-1] / 1e6:.4f} MHz ascending, "
+        f"width {ds.frequency.attrs['channel_width'] / 1e3:.3f} kHz",
+        f"polarizations  {', '.join(map(str, ds.polarization.values))}",
+        f"phase centre   dec {np.degrees(np.median(ds.PHASE_CENTER_DEC.values)):.4f} deg (ICRS), "
+        f"RA {np.degrees(ds.PHASE_CENTER_RA.values[0]):.4f} .. "
+        f"{np.degrees(ds.PHASE_CENTER_RA.values[-1]):.4f} deg",
+        f"visibilities   {ds.VISIBILITY.size / 1e6:.1f} M complex64 "
+        f"({ds.VISIBILITY.nbytes / 2**30:.2f} GiB), chunks of "
+        f"{max(ds.VISIBILITY.data.chunksize[2], 1)} channels",
+    ]
+    return "\n".join(lines)
+
+
+def _client(scheduler):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler)
+    n = max(1, (os.cpu_count() or 2))
+    cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=True,
+                           dashboard_address=":0", memory_limit="auto")
+    return Client(cluster)
+
+
+def cmd_info(args):
+    from contimg.io.uvh5 import open_group, open_uvh5
+
+    paths = args.paths if len(args.paths) > 1 else args.paths[0]
+    if isinstance(paths, str) and os.path.isfile(paths) and not args.group:
+        ds = open_uvh5(paths)
+    else:
+        ds = open_group(paths, allow_missing=args.allow_missing, n_subbands=args.subbands)
+    print(_describe(ds))
+    if args.stats:
+        from graphs.summary import group_summary
+
+        with _client(args.scheduler):
+            s = group_summary(ds).compute()
+        print(f"flagged        {float(s.flag_fraction) * 100:.2f} %")
+    return 0
+
+
+def cmd_demo(args):
+    from contimg.io.uvh5 import open_group
+    from contimg.simulate import SimConfig, simulate
+    from graphs.summary import group_summary
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="contimg-demo-"))
+    incoming = out / "incoming"
+    cfg = SimConfig(n_ant=24, n_chan=12) if args.small else SimConfig()
+    print(f"contimg demo: simulating {args.groups} DSA-110 group(s) "
+          f"({cfg.n_ant} antennas, {cfg.n_subbands}x{cfg.n_chan} channels, "
+          f"{cfg.n_times} integrations; calibrator transits in group 0) into {incoming}")
+    t0 = time.perf_counter()
+    groups = simulate(incoming, n_groups=args.groups, cfg=cfg, calibrator_group=0)
+    print(f"  simulated in {time.perf_counter() - t0:.1f} s")
+    with _client(args.scheduler) as client:
+        print(f"  Dask dashboard: {client.dashboard_link}")
+        for g in groups:
+            t1 = time.perf_counter()
+            ds = open_group(g.files, n_subbands=cfg.n_subbands)
+            print(f"\ngroup {g.stamp}\n" + _describe(ds))
+            s = group_summary(ds).compute()
+            print(f"  read + summarised on the cluster in {time.perf_counter() - t1:.1f} s: "
+                  f"mean |V| (cross) {float(s.mean_cross_amplitude_per_channel.mean()):.3f}, "
+                  f"flagged {float(s.flag_fraction) * 100:.2f} %")
+    print(f"\nproducts: {out}\n  subband files and truth: {incoming}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="contimg", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="write simulated DSA-110 UVH5 groups")
+    s.add_argument("--out", required=True, help="directory for the subband files")
+    s.add_argument("--groups", type=int, default=1)
+    s.add_argument("--start", default="2026-01-15T08:00:00", help="UTC start of the first group")
+    s.add_argument("--calibrator-group", type=int, default=None,
+                   help="index of the group in which a bright calibrator transits")
+    _add_sim_options(s)
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("info", help="open UVH5 files (one file or a group) and describe them")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--group", action="store_true", help="treat a single file as a group")
+    s.add_argument("--subbands", type=int, default=16, help="subbands expected in a group")
+    s.add_argument("--allow-missing", action="store_true",
+                   help="fill missing subbands with flagged data instead of failing")
+    s.add_argument("--stats", action="store_true", help="also compute flag statistics")
+    s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("demo", help="the main job on embedded defaults (simulated data)")
+    s.add_argument("--out", default=None, help="output directory (default: a temporary one)")
+    s.add_argument("--groups", type=int, default=1)
+    s.add_argument("--small", action="store_true", help="a shrunken group, for a quick look")
+    s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        # bad input: one clear line, no traceback (use -v for one)
+        if args.verbose:
+            raise
+        print(f"contimg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""UVH5 → lazy, dask-backed visibility Dataset (the contract in :mod:`contimg.schema`).
+
+* :func:`read_header` reads and checks one file's header (small arrays only).
+* :func:`open_uvh5` opens one file; :func:`open_group` opens the subband files of one
+  DSA-110 group and validates them as a group (16 distinct subbands, same antennas,
+  same times, contiguous frequencies); a missing subband is an error or, with
+  ``allow_missing=True``, filled with fully flagged data.
+
+Reads use h5py slices only (contiguous row ranges; never h5py fancy indexing); the
+reordering of rows into (time, baseline) happens in memory, inside one chunk. Each
+chunk is one subband along frequency (and, optionally, a block of integrations), so
+memory grows with the chunk, not with the group. Any valid UVH5 is accepted: other
+telescopes, other polarisation sets, ascending or descending channels, any
+baseline-time order and conjugation, compressed datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+import dask.array as da  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from contimg import schema  # noqa: E402
+from contimg import telescope as tel  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+UNIX_JD0 = 2440587.5
+
+
+class UVH5Error(ValueError):
+    """A UVH5 file (or a group of them) is unreadable or inconsistent; names the file."""
+
+
+class GroupError(UVH5Error):
+    """The files do not form a valid group."""
+
+
+# ---------------------------------------------------------------------------------
+# header
+# ---------------------------------------------------------------------------------
+
+@dataclass
+class Header:
+    path: str
+    nblts: int
+    nfreqs: int
+    npols: int
+    freqs: np.ndarray            # file order
+    channel_width: float
+    pols: list[str]
+    times_unix: np.ndarray       # unique, ascending
+    integration_time: float
+    antenna_numbers: np.ndarray  # telescope antennas
+    antenna_names: list[str]
+    antenna_positions: np.ndarray  # absolute ITRF metres
+    antenna_diameters: np.ndarray
+    telescope_name: str
+    telescope_location: np.ndarray
+    bl_ant1: np.ndarray          # canonical baselines, antenna *indices*, a1 <= a2
+    bl_ant2: np.ndarray
+    row_index: np.ndarray        # (ntime, nbl) row of the file, -1 when absent
+    conj: np.ndarray             # (ntime, nbl) bool: file has the baseline as (a2, a1)
+    uvw: np.ndarray              # (ntime, nbl, 3) canonical orientation
+    phase_center_ra: np.ndarray  # (ntime,) ICRS radians
+    phase_center_dec: np.ndarray
+    extra_keywords: dict = field(default_factory=dict)
+    spw_axis: bool = False       # old UVH5 layout (Nblts, 1, Nfreqs, Npols)
+    vis_kind: str = "complex"    # "complex" or "compound"
+
+    @property
+    def ntime(self):
+        return self.row_index.shape[0]
+
+    @property
+    def nbl(self):
+        return self.row_index.shape[1]
+
+
+def _str(x):
+    if isinstance(x, bytes):
+        return x.decode("utf8")
+    if isinstance(x, np.ndarray) and x.shape == ():
+        return _str(x[()])
+    return str(x)
+
+
+def _need(h, name, path):
+    if name not in h:
+        raise UVH5Error(f"{path}: missing Header/{name}")
+    return h[name][()]
+
+
+def read_header(path) -> Header:
+    """Read and check one UVH5 file's header; raise :class:`UVH5Error` naming the file."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise UVH5Error(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UVH5Error(f"{path}: cannot open as HDF5 (truncated or corrupt?): {exc}") from None
+    try:
+        with f:
+            return _read_header(f, path)
+    except UVH5Error:
+        raise
+    except (KeyError, OSError, ValueError, TypeError) as exc:
+        raise UVH5Error(f"{path}: unreadable UVH5 header: {exc}") from None
+
+
+def _read_header(f, path) -> Header:
+    if "Header" not in f:
+        raise UVH5Error(f"{path}: not a UVH5 file (no 'Header' group)")
+    h = f["Header"]
+    for name in ("visdata", "flags", "nsamples"):
+        if "Data" not in f or name not in f["Data"]:
+            raise UVH5Error(f"{path}: missing Data/{name}")
+    nblts = int(_need(h, "Nblts", path))
+    nfreqs = int(_need(h, "Nfreqs", path))
+    npols = int(_need(h, "Npols", path))
+    vis = f["Data/visdata"]
+    if vis.shape == (nblts, nfreqs, npols):
+        spw_axis = False
+    elif vis.shape == (nblts, 1, nfreqs, npols):
+        spw_axis = True
+    else:
+        raise UVH5Error(f"{path}: Data/visdata has shape {vis.shape}, header says "
+                        f"(Nblts, Nfreqs, Npols) = {(nblts, nfreqs, npols)}")
+    for name in ("flags", "nsamples"):
+        if f["Data"][name].shape != vis.shape:
+            raise UVH5Error(f"{path}: Data/{name} has shape {f['Data'][name].shape}, "
+                            f"expected {vis.shape}")
+    if vis.dtype.kind == "c":
+        vis_kind = "complex"
+    elif vis.dtype.names and {"r", "i"} <= set(vis.dtype.names):
+        vis_kind = "compound"
+    else:
+        raise UVH5Error(f"{path}: Data/visdata has unsupported dtype {vis.dtype}")
+
+    freqs = np.asarray(_need(h, "freq_array", path), dtype=float).reshape(-1)
+    if freqs.size != nfreqs:
+        raise UVH5Error(f"{path}: freq_array has {freqs.size} values, Nfreqs = {nfreqs}")
+    cw = np.abs(np.asarray(_need(h, "channel_width", path), dtype=float)).reshape(-1)
+    channel_width = float(cw[0])
+    if nfreqs > 1:
+        d = np.diff(freqs)
+        if not (np.all(d > 0) or np.all(d < 0)):
+            raise UVH5Error(f"{path}: freq_array is not monotonic")
+    pol_codes = np.asarray(_need(h, "polarization_array", path)).reshape(-1)
+    try:
+        pols = [tel.AIPS_POL[int(p)] for p in pol_codes]
+    except KeyError:
+        raise UVH5Error(f"{path}: unknown polarization codes {pol_codes.tolist()}") from None
+
+    time_jd = np.asarray(_need(h, "time_array", path), dtype=float)
+    ant1 = np.asarray(_need(h, "ant_1_array", path)).astype(np.int64)
+    ant2 = np.asarray(_need(h, "ant_2_array", path)).astype(np.int64)
+    uvw = np.asarray(_need(h, "uvw_array", path), dtype=float)
+    for name, arr, shape in (("time_array", time_jd, (nblts,)), ("ant_1_array", ant1, (nblts,)),
+                             ("ant_2_array", ant2, (nblts,)), ("uvw_array", uvw, (nblts, 3))):
+        if arr.shape != shape:
+            raise UVH5Error(f"{path}: Header/{name} has shape {arr.shape}, expected {shape}")
+    if not np.all(np.isfinite(time_jd)):
+        raise UVH5Error(f"{path}: Header/time_array has non-finite values")
+    if not np.all(np.isfinite(uvw)):
+        raise UVH5Error(f"{path}: Header/uvw_array has non-finite values")
+    it = np.asarray(_need(h, "integration_time", path), dtype=float).reshape(-1)
+
+    # telescope
+    tname = _str(h["telescope_name"][()]) if "telescope_name" in h else "unknown"
+    lat = float(_need(h, "latitude", path))
+    lon = float(_need(h, "longitude", path))
+    alt = float(_need(h, "altitude", path))
+    loc = _geodetic_to_itrf(lat, lon, alt)
+    ant_numbers = np.asarray(_need(h, "antenna_numbers", path)).astype(np.int64)
+    ant_names = [_str(x) for x in _need(h, "antenna_names", path)]
+    ant_pos = np.asarray(_need(h, "antenna_positions", path), dtype=float)
+    if ant_pos.shape != (ant_numbers.size, 3) or len(ant_names) != ant_numbers.size:
+        raise UVH5Error(f"{path}: antenna_numbers/antenna_names/antenna_positions disagree "
+                        f"in length ({ant_numbers.size}, {len(ant_names)}, {ant_pos.shape})")
+    if "antenna_diameters" in h:
+        diam = np.asarray(h["antenna_diameters"][()], dtype=float).reshape(-1)
+    else:
+        diam = np.full(ant_numbers.size, tel.DISH_DIAMETER_M if "DSA" in tname.upper() else 0.0)
+
+    index_of = {int(n): i for i, n in enumerate(ant_numbers)}
+    unknown = set(np.unique(np.concatenate([ant1, ant2])).tolist()) - set(index_of)
+    if unknown:
+        raise UVH5Error(f"{path}: baselines use antennas {sorted(unknown)[:10]} that are not "
+                        "in antenna_numbers")
+    lut = np.full(int(ant_numbers.max()) + 1, -1, np.int64)
+    lut[ant_numbers] = np.arange(ant_numbers.size)
+    i1, i2 = lut[ant1], lut[ant2]
+    conj_row = i1 > i2
+    a = np.where(conj_row, i2, i1)
+    b = np.where(conj_row, i1, i2)
+
+    # (time, baseline) of every row
+    ut, t_idx = np.unique(time_jd, return_inverse=True)
+    nant = ant_numbers.size
+    key = a * nant + b
+    ukey, bl_idx = np.unique(key, return_inverse=True)
+    ntime, nbl = ut.size, ukey.size
+    row_index = np.full((ntime, nbl), -1, np.int64)
+    flat = t_idx * nbl + bl_idx
+    if np.unique(flat).size != flat.size:
+        raise UVH5Error(f"{path}: duplicate (time, baseline) rows in the file")
+    row_index.reshape(-1)[flat] = np.arange(nblts)
+    conj = np.zeros((ntime, nbl), bool)
+    conj.reshape(-1)[flat] = conj_row
+    uvw_c = np.zeros((ntime, nbl, 3))
+    uvw_c.reshape(-1, 3)[flat] = np.where(conj_row[:, None], -uvw, uvw)
+
+    extra = {}
+    if "extra_keywords" in h:
+        for k, v in h["extra_keywords"].items():
+            val = v[()]
+            extra[k] = _str(val) if isinstance(val, bytes) else (
+                val.item() if isinstance(val, np.generic) else val)
+
+    ra0, dec0 = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
+    return Header(
+        path=path, nblts=nblts, nfreqs=nfreqs, npols=npols, freqs=freqs,
+        channel_width=channel_width, pols=pols,
+        times_unix=(ut - UNIX_JD0) * 86400.0, integration_time=float(np.median(it)),
+        antenna_numbers=ant_numbers, antenna_names=ant_names,
+        antenna_positions=ant_pos + loc, antenna_diameters=diam,
+        telescope_name=tname, telescope_location=loc,
+        bl_ant1=(ukey // nant).astype(np.int32), bl_ant2=(ukey % nant).astype(np.int32),
+        row_index=row_index, conj=conj, uvw=uvw_c,
+        phase_center_ra=ra0, phase_center_dec=dec0, extra_keywords=extra,
+        spw_axis=spw_axis, vis_kind=vis_kind,
+    )
+
+
+def _geodetic_to_itrf(lat_deg, lon_deg, alt_m):
+    from astropy import units as u
+    from astropy.coordinates import EarthLocation
+
+    loc = EarthLocation.from_geodetic(lon_deg * u.deg, lat_deg * u.deg, alt_m * u.m)
+    return np.array([loc.x.to_value(u.m), loc.y.to_value(u.m), loc.z.to_value(u.m)])
+
+
+def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
+    """Per-integration ICRS phase centre (radians)."""
+    first_row = np.zeros(ntime, np.int64)
+    first_row[t_idx[::-1]] = np.arange(t_idx.size)[::-1]
+    if "phase_center_catalog" in h and "phase_center_id_array" in h:
+        ids = np.asarray(h["phase_center_id_array"][()])[first_row]
+        cat = {}
+        for key, grp in h["phase_center_catalog"].items():
+            cat[int(key)] = {k: grp[k][()] for k in grp}
+        ra = np.zeros(ntime)
+        dec = np.zeros(ntime)
+        todo = np.zeros(ntime, bool)
+        for i, cid in enumerate(ids):
+            entry = cat.get(int(cid))
+            if entry is None:
+                raise UVH5Error(f"{path}: phase_center_id {cid} not in phase_center_catalog")
+            ctype = _str(entry.get("cat_type", b"sidereal"))
+            frame = _str(entry.get("cat_frame", b"icrs")).lower()
+            if ctype == "sidereal" and frame == "icrs":
+                ra[i], dec[i] = float(entry["cat_lon"]), float(entry["cat_lat"])
+            else:
+                todo[i] = True
+        if todo.any():
+            if "phase_center_app_ra" not in h:
+                raise UVH5Error(f"{path}: phase centre not in ICRS and no apparent coordinates")
+            app_ra = np.asarray(h["phase_center_app_ra"][()])[first_row]
+            app_dec = np.asarray(h["phase_center_app_dec"][()])[first_row]
+            r, d = _app_to_icrs(time_jd[first_row][todo], app_ra[todo], app_dec[todo],
+                                lat, lon, alt)
+            ra[todo], dec[todo] = r, d
+        return ra, dec
+    # UVH5 < 1.0: phase_type "drift" (zenith) or "phased" (one phase centre)
+    ptype = _str(h["phase_type"][()]) if "phase_type" in h else "drift"
+    if ptype == "phased":
+        ra = np.full(ntime, float(h["phase_center_ra"][()]))
+        dec = np.full(ntime, float(h["phase_center_dec"][()]))
+        return ra, dec
+    from astropy import units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
+    from astropy.time import Time
+
+    loc = EarthLocation.from_geodetic(lon * u.deg, lat * u.deg, alt * u.m)
+    t = Time(time_jd[first_row], format="jd", scale="utc")
+    zen = SkyCoord(alt=np.full(ntime, 90.0) * u.deg, az=np.zeros(ntime) * u.deg,
+                   frame=AltAz(obstime=t, location=loc)).icrs
+    return zen.ra.rad, zen.dec.rad
+
+
+def _app_to_icrs(time_jd, app_ra, app_dec, lat, lon, alt):
+    from astropy import units as u
+    from astropy.coordinates import EarthLocation
+    from pyuvdata.utils import phasing
+
+    loc = EarthLocation.from_geodetic(lon * u.deg, lat * u.deg, alt * u.m)
+    ra, dec = phasing.calc_sidereal_coords(time_array=time_jd, app_ra=app_ra,
+                                           app_dec=app_dec, telescope_loc=loc,
+                                           coord_frame="icrs")
+    return np.asarray(ra, float).reshape(-1), np.asarray(dec, float).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------
+# lazy arrays
+# ---------------------------------------------------------------------------------
+
+_DSETS = {"VISIBILITY": "visdata", "FLAG": "flags", "WEIGHT": "nsamples"}
+_DTYPES = {"VISIBILITY": np.dtype("complex64"), "FLAG": np.dtype("bool"),
+           "WEIGHT": np.dtype("float32")}
+
+
+class _SubbandArray:
+    """Array-like over one file's data: (time, baseline, frequency ascending, pol).
+
+    ``__getitem__`` takes basic slices (what dask's ``from_array`` passes), reads the
+    needed contiguous row range with one h5py slice, and reorders in memory.
+    """
+
+    def __init__(self, header: Header, var: str):
+        self.path = header.path
+        self.var = var
+        self.dset = _DSETS[var]
+        self.dtype = _DTYPES[var]
+        self.row_index = header.row_index
+        self.conj = header.conj
+        self.spw_axis = header.spw_axis
+        self.vis_kind = header.vis_kind
+        self.descending = header.nfreqs > 1 and header.freqs[1] < header.freqs[0]
+        pols = header.pols
+        self.pol_swap = None
+        if "XY" in pols and "YX" in pols:
+            p = list(range(len(pols)))
+            p[pols.index("XY")], p[pols.index("YX")] = pols.index("YX"), pols.index("XY")
+            self.pol_swap = np.array(p)
+        if "RL" in pols and "LR" in pols:
+            p = list(range(len(pols)))
+            p[pols.index("RL")], p[pols.index("LR")] = pols.index("LR"), pols.index("RL")
+            self.pol_swap = np.array(p)
+        self.shape = (header.ntime, header.nbl, header.nfreqs, header.npols)
+        self.ndim = 4
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (4 - len(key))
+        tsl, bsl, fsl, psl = key
+        if not all(isinstance(k, slice) for k in key):
+            raise TypeError("only basic slices are supported")
+        rows = self.row_index[tsl, bsl]            # (nt, nb)
+        conj = self.conj[tsl, bsl]
+        nf = self.shape[2]
+        # frequency slice in ascending order -> file channels
+        fidx = np.arange(nf)[fsl]
+        file_f = (nf - 1 - fidx) if self.descending else fidx
+        out_shape = rows.shape + (fidx.size, self.shape[3])
+        out = np.zeros(out_shape, self.dtype)
+        if self.var == "FLAG":
+            out[...] = True
+        valid = rows >= 0
+        if rows.size == 0 or fidx.size == 0 or not valid.any():
+            return out[..., psl]
+        r0, r1 = int(rows[valid].min()), int(rows[valid].max()) + 1
+        f0, f1 = int(file_f.min()), int(file_f.max()) + 1
+        try:
+            with h5py.File(self.path, "r") as f:
+                d = f["Data"][self.dset]
+                if self.spw_axis:
+                    block = d[r0:r1, 0, f0:f1, :]
+                else:
+                    block = d[r0:r1, f0:f1, :]
+        except (OSError, KeyError) as exc:
+            raise UVH5Error(f"{self.path}: cannot read Data/{self.dset} rows {r0}:{r1}: "
+                            f"{exc}") from None
+        if self.var == "VISIBILITY" and self.vis_kind == "compound":
+            c = np.empty(block.shape, np.complex64)
+            c.real, c.imag = block["r"], block["i"]
+            block = c
+        block = block[:, file_f - f0, :]            # ascending frequency (in memory)
+        sel = rows[valid] - r0
+        vals = block[sel].astype(self.dtype, copy=False)
+        if self.var == "VISIBILITY":
+            cj = conj[valid]
+            if cj.any():
+                vals[cj] = np.conj(vals[cj])
+                if self.pol_swap is not None:
+                    vals[cj] = vals[cj][..., self.pol_swap]
+        elif self.pol_swap is not None:
+            cj = conj[valid]
+            if cj.any():
+                vals[cj] = vals[cj][..., self.pol_swap]
+        out[valid] = vals
+        return out[..., psl]
+
+
+class _FilledArray:
+    """A fully flagged stand-in for a missing subband."""
+
+    def __init__(self, shape, var):
+        self.shape = shape
+        self.ndim = 4
+        self.var = var
+        self.dtype = _DTYPES[var]
+
+    def __getitem__(self, key):
+        shape = tuple(len(range(*k.indices(n))) for k, n in zip(_full_key(key), self.shape))
+        if self.var == "FLAG":
+            return np.ones(shape, self.dtype)
+        return np.zeros(shape, self.dtype)
+
+
+def _full_key(key):
+    if not isinstance(key, tuple):
+        key = (key,)
+    return key + (slice(None),) * (4 - len(key))
+
+
+# ---------------------------------------------------------------------------------
+# Dataset assembly
+# ---------------------------------------------------------------------------------
+
+def _time_chunks(ntime, chunks):
+    tc = (chunks or {}).get("time", ntime) if isinstance(chunks, dict) else ntime
+    tc = ntime if tc in (None, -1) else int(tc)
+    return tc
+
+
+def _subband_arrays(header: Header, tc: int, label: str, token: str):
+    out = {}
+    for var in _DSETS:
+        arr = _SubbandArray(header, var)
+        out[var] = da.from_array(
+            arr, chunks=(tc, header.nbl, header.nfreqs, header.npols), asarray=False,
+            lock=False, fancy=False, name=f"uvh5-{var.lower()}-{label}-{token}",
+            meta=np.empty((0, 0, 0, 0), dtype=arr.dtype),
+        )
+    return out
+
+
+def _filled_arrays(ntime, nbl, nfreqs, npols, tc, label, token):
+    out = {}
+    for var in _DSETS:
+        arr = _FilledArray((ntime, nbl, nfreqs, npols), var)
+        out[var] = da.from_array(arr, chunks=(tc, nbl, nfreqs, npols), asarray=False,
+                                 lock=False, fancy=False,
+                                 name=f"missing-{var.lower()}-{label}-{token}",
+                                 meta=np.empty((0, 0, 0, 0), dtype=arr.dtype))
+    return out
+
+
+def _token(headers):
+    import hashlib
+
+    hsh = hashlib.sha1()
+    for h in headers:
+        st = os.stat(h.path)
+        hsh.update(f"{os.path.abspath(h.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return hsh.hexdigest()[:12]
+
+
+def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
+    ntime, nbl = ref.ntime, ref.nbl
+    vis = da.concatenate([p["VISIBILITY"] for p in parts], axis=2)
+    flag = da.concatenate([p["FLAG"] for p in parts], axis=2)
+    weight = da.concatenate([p["WEIGHT"] for p in parts], axis=2)
+    dims = schema.VIS_DIMS
+    nant = ref.antenna_numbers.size
+    ds = xr.Dataset(
+        data_vars=dict(
+            VISIBILITY=(dims, vis),
+            FLAG=(dims, flag),
+            WEIGHT=(dims, weight),
+            UVW=(schema.UVW_DIMS, da.from_array(ref.uvw, chunks=(vis.chunks[0][0], nbl, 3)),
+                 {"units": "m", "frame": "icrs", "convention": "x2 - x1"}),
+            PHASE_CENTER_RA=(("time",), ref.phase_center_ra, {"units": "rad", "frame": "icrs"}),
+            PHASE_CENTER_DEC=(("time",), ref.phase_center_dec, {"units": "rad", "frame": "icrs"}),
+            ANTENNA_POSITION=(("antenna_id", "cartesian_pos_label"), ref.antenna_positions,
+                              {"units": "m", "frame": "ITRF"}),
+            ANTENNA_DISH_DIAMETER=(("antenna_id",), ref.antenna_diameters, {"units": "m"}),
+        ),
+        coords=dict(
+            time=("time", ref.times_unix, {"units": "s", "scale": "utc", "format": "unix",
+                                           "integration_time": ref.integration_time}),
+            baseline_id=("baseline_id", np.arange(nbl, dtype=np.int32)),
+            baseline_antenna1_id=("baseline_id", ref.bl_ant1),
+            baseline_antenna2_id=("baseline_id", ref.bl_ant2),
+            frequency=("frequency", freqs_asc, {"units": "Hz",
+                                                "channel_width": ref.channel_width}),
+            polarization=("polarization", np.array(ref.pols)),
+            uvw_label=("uvw_label", np.array(["u", "v", "w"])),
+            antenna_id=("antenna_id", np.arange(nant, dtype=np.int32)),
+            antenna_name=("antenna_id", np.array(ref.antenna_names)),
+            antenna_number=("antenna_id", ref.antenna_numbers.astype(np.int32)),
+            cartesian_pos_label=("cartesian_pos_label", np.array(["x", "y", "z"])),
+        ),
+        attrs=dict(
+            telescope_name=ref.telescope_name,
+            telescope_location=[float(x) for x in ref.telescope_location],
+            source_files=[str(f) for f in files],
+            visibility_convention="V = sum S exp(+2 pi i (u l + v m + w (n - 1)) / lambda)",
+            **extra_attrs,
+        ),
+    )
+    if "phase_center_dec" in ref.extra_keywords:
+        ds.attrs["phase_center_dec"] = float(ref.extra_keywords["phase_center_dec"])
+    return schema.validate(ds, name=", ".join(os.path.basename(str(f)) for f in files[:2])
+                           + (" ..." if len(files) > 2 else ""))
+
+
+def open_uvh5(path, *, chunks=None) -> xr.Dataset:
+    """Open one UVH5 file as a lazy contract Dataset (frequency ascending)."""
+    h = read_header(path)
+    tc = _time_chunks(h.ntime, chunks)
+    part = _subband_arrays(h, tc, Path(path).stem, _token([h]))
+    freqs = np.sort(h.freqs)
+    return _build_dataset(h, [part], freqs, [path], {})
+
+
+# ---------------------------------------------------------------------------------
+# groups
+# ---------------------------------------------------------------------------------
+
+def _list_files(paths):
+    if isinstance(paths, (str, os.PathLike)):
+        p = Path(paths)
+        if p.is_dir():
+            return sorted(str(x) for x in p.glob("*_sb??.hdf5"))
+        return [str(p)]
+    return [str(p) for p in paths]
+
+
+def find_groups(directory, tolerance_s: float = tel.GROUP_TOLERANCE_S) -> list[list[str]]:
+    """Group the subband files of a directory by file-name timestamp (±tolerance)."""
+    items = []
+    for p in sorted(Path(directory).glob("*.hdf5")):
+        try:
+            items.append((tel.parse_subband_filename(p.name), str(p)))
+        except ValueError:
+            log.warning("ignoring %s: not a subband file name", p)
+    items.sort(key=lambda x: x[0].timestamp)
+    groups: list[list] = []
+    for name, p in items:
+        if groups and (name.timestamp - groups[-1][0][0].timestamp).total_seconds() <= tolerance_s:
+            groups[-1].append((name, p))
+        else:
+            groups.append([(name, p)])
+    return [[p for _, p in g] for g in groups]
+
+
+def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool = False,
+               time_tolerance_s: float = 1.0, name_tolerance_s: float = tel.GROUP_TOLERANCE_S,
+               chunks=None) -> xr.Dataset:
+    """Open the subband files of one DSA-110 group as one lazy contract Dataset.
+
+    ``paths``: a list of files or a directory holding one group. Validates: file names
+    (``YYYY-MM-DDTHH:MM:SS_sbNN.hdf5``, timestamps within ``name_tolerance_s``),
+    distinct subbands ``00..n_subbands-1``, the same antennas and baselines, the same
+    integration times (within ``time_tolerance_s``), the same polarisations, and
+    contiguous frequencies in the order the subband numbers imply. A missing subband
+    raises :class:`GroupError`, or with ``allow_missing=True`` is filled with fully
+    flagged zeros (``ds.attrs["missing_subbands"]`` lists them).
+    ``chunks={"time": n}`` splits each subband into blocks of n integrations.
+    """
+    files = _list_files(paths)
+    if not files:
+        raise GroupError(f"{paths}: no subband files")
+    names = {}
+    for p in files:
+        try:
+            nm = tel.parse_subband_filename(p)
+        except ValueError as exc:
+            raise GroupError(str(exc)) from None
+        if nm.subband >= n_subbands:
+            raise GroupError(f"{p}: subband {nm.subband:02d} outside 00..{n_subbands - 1:02d}")
+        if nm.subband in names:
+            raise GroupError(f"{p}: duplicate subband sb{nm.subband:02d} "
+                             f"(also {names[nm.subband][1]})")
+        names[nm.subband] = (nm, p)
+    stamps = [nm.timestamp for nm, _ in names.values()]
+    spread = (max(stamps) - min(stamps)).total_seconds()
+    if spread > 2 * name_tolerance_s:
+        first = min(names.values(), key=lambda x: x[0].timestamp)[1]
+        last = max(names.values(), key=lambda x: x[0].timestamp)[1]
+        raise GroupError(f"{last}: timestamp is {spread:.0f} s from {first}; files of one "
+                         f"group differ by at most ±{name_tolerance_s:.0f} s")
+    missing = sorted(set(range(n_subbands)) - set(names))
+    if missing and not allow_missing:
+        raise GroupError(f"{Path(files[0]).parent}: group {min(stamps):%Y-%m-%dT%H:%M:%S} is "
+                         f"missing subband(s) {', '.join(f'sb{m:02d}' for m in missing)}")
+
+    headers = {sb: read_header(p) for sb, (_, p) in sorted(names.items())}
+    ref_sb = min(headers)
+    ref = headers[ref_sb]
+    for sb, h in headers.items():
+        if sb == ref_sb:
+            continue
+        _check_same(ref, h, time_tolerance_s)
+    # frequency layout: sb00 highest; each subband's channels contiguous with its neighbours
+    nchan = ref.nfreqs
+    cw = ref.channel_width
+    top = {}
+    for sb, h in headers.items():
+        if h.nfreqs != nchan:
+            raise GroupError(f"{h.path}: {h.nfreqs} channels, {ref.path} has {nchan}")
+        if abs(h.channel_width - cw) > 1e-6 * cw:
+            raise GroupError(f"{h.path}: channel width {h.channel_width} Hz differs from "
+                             f"{cw} Hz in {ref.path}")
+        fs = np.sort(h.freqs)
+        if nchan > 1 and not np.allclose(np.diff(fs), cw, rtol=1e-6):
+            raise GroupError(f"{h.path}: channels are not spaced by the channel width")
+        # implied top-of-band channel centre (channel 0 of sb00)
+        top[sb] = fs[-1] + sb * nchan * cw
+    t_ref = top[ref_sb]
+    for sb, t in top.items():
+        if abs(t - t_ref) > 0.01 * cw:
+            raise GroupError(
+                f"{headers[sb].path}: frequencies {np.min(headers[sb].freqs) / 1e6:.4f}-"
+                f"{np.max(headers[sb].freqs) / 1e6:.4f} MHz are not contiguous with "
+                f"{ref.path} for subband sb{sb:02d} (sb00 is the highest subband)")
+
+    tc = _time_chunks(ref.ntime, chunks)
+    token = _token(list(headers.values()))
+    parts, freqs = [], []
+    for sb in range(n_subbands - 1, -1, -1):     # ascending frequency: highest sb first
+        fs = t_ref - (sb * nchan + np.arange(nchan)[::-1]) * cw
+        if sb in headers:
+            parts.append(_subband_arrays(headers[sb], tc, f"sb{sb:02d}", token))
+            fs = np.sort(headers[sb].freqs)
+        else:
+            parts.append(_filled_arrays(ref.ntime, ref.nbl, nchan, ref.npols, tc,
+                                        f"sb{sb:02d}", token))
+        freqs.append(fs)
+    extra = {"n_subbands": n_subbands, "missing_subbands": missing,
+             "group_start": f"{min(stamps):%Y-%m-%dT%H:%M:%S}"}
+    if missing:
+        log.warning("group %s: filling missing subband(s) %s with flagged data",
+                    extra["group_start"], missing)
+    return _build_dataset(ref, parts, np.concatenate(freqs),
+                          [headers[sb].path for sb in sorted(headers)], extra)
+
+
+def _check_same(ref: Header, h: Header, tol: float):
+    if (ref.antenna_numbers.size != h.antenna_numbers.size
+            or not np.array_equal(ref.antenna_numbers, h.antenna_numbers)
+            or list(ref.antenna_names) != list(h.antenna_names)):
+        raise GroupError(f"{h.path}: antennas differ from {ref.path}")
+    if not np.allclose(ref.antenna_positions, h.antenna_positions, atol=1e-3, rtol=0):
+        raise GroupError(f"{h.path}: antenna positions differ from {ref.path} by more than 1 mm")
+    if not (np.array_equal(ref.bl_ant1, h.bl_ant1) and np.array_equal(ref.bl_ant2, h.bl_ant2)):
+        raise GroupError(f"{h.path}: baselines differ from {ref.path}")
+    if ref.times_unix.size != h.times_unix.size:
+        raise GroupError(f"{h.path}: {h.times_unix.size} integrations, {ref.path} has "
+                         f"{ref.times_unix.size}")
+    dt = np.max(np.abs(ref.times_unix - h.times_unix))
+    if dt > tol:
+        raise GroupError(f"{h.path}: integration times differ from {ref.path} by up to "
+                         f"{dt:.3f} s (tolerance {tol} s)")
+    if ref.pols != h.pols:
+        raise GroupError(f"{h.path}: polarizations {h.pols} differ from {ref.pols} in {ref.path}")
+    if not np.array_equal(ref.row_index >= 0, h.row_index >= 0):
+        raise GroupError(f"{h.path}: a different set of (time, baseline) rows than {ref.path}")
