@@ -339,7 +339,7 @@ def simulate_group(outdir, start="2026-01-15T08:00:00", cfg: SimConfig | None = 
     outdir.mkdir(parents=True, exist_ok=True)
     if isinstance(start, str):
         start = _dt.datetime.fromisoformat(start)
-    start = start.replace(microsecond=0, tzinfo=None)
+    start = start.replace(tzinfo=None)  # file names keep whole seconds, times do not
     tic = _time.perf_counter()
     meta = _metadata(cfg, start)
     uv = meta["uv"]
@@ -534,15 +534,16 @@ def simulate(outdir, n_groups=1, start="2026-01-15T08:00:00", cfg: SimConfig | N
     group_len = _dt.timedelta(seconds=cfg.n_times * tel.INTEGRATION_S)
     sky = None
     cal = None
+    starts = [start + g * group_len for g in range(n_groups)]
     if calibrator_group is not None:
-        meta = _metadata(cfg, start + calibrator_group * group_len)
+        meta = _metadata(cfg, starts[0] + calibrator_group * group_len)
         mid = cfg.n_times // 2
         cal = dict(name="SIMCAL", ra=float(meta["ra_icrs"][mid]),
                    dec=float(meta["dec_icrs"][mid]), flux=cfg.calibrator_flux_jy,
                    alpha=cfg.calibrator_alpha)
     out = []
     for g in range(n_groups):
-        g_start = (start + g * group_len).replace(microsecond=0)
+        g_start = starts[g]
         if sky is None:
             meta = _metadata(cfg, g_start)
             sky = make_sky(cfg, float(np.degrees(np.mean(meta["dec_icrs"]))))

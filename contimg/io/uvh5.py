@@ -257,8 +257,13 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
     if "phase_center_catalog" in h and "phase_center_id_array" in h:
         ids = np.asarray(h["phase_center_id_array"][()])[first_row]
         cat = {}
-        for key, grp in h["phase_center_catalog"].items():
-            cat[int(key)] = {k: grp[k][()] for k in grp}
+        pcc = h["phase_center_catalog"]
+        wanted = {int(i) for i in np.unique(ids)}
+        for key in pcc:
+            if int(key) in wanted:   # only the fields we use (big catalogs are slow to read)
+                grp = pcc[key]
+                cat[int(key)] = {k: grp[k][()] for k in
+                                 ("cat_type", "cat_frame", "cat_lon", "cat_lat") if k in grp}
         ra = np.zeros(ntime)
         dec = np.zeros(ntime)
         todo = np.zeros(ntime, bool)
@@ -385,21 +390,34 @@ class _SubbandArray:
             c = np.empty(block.shape, np.complex64)
             c.real, c.imag = block["r"], block["i"]
             block = c
-        block = block[:, file_f - f0, :]            # ascending frequency (in memory)
-        sel = rows[valid] - r0
-        vals = block[sel].astype(self.dtype, copy=False)
-        if self.var == "VISIBILITY":
-            cj = conj[valid]
+        # ascending frequency: a reversed view when the slice is contiguous
+        if self.descending and np.array_equal(file_f, np.arange(f1 - 1, f0 - 1, -1)):
+            block = block[:, ::-1, :]
+        elif not np.array_equal(file_f, np.arange(f0, f1)):
+            block = block[:, file_f - f0, :]
+        if valid.all() and np.array_equal(rows.reshape(-1), np.arange(r0, r1)):
+            # fast path: the file is time-major in our baseline order (DSA-110 files)
+            out = block.reshape(out_shape)
+            if out.dtype != self.dtype:
+                out = out.astype(self.dtype)
+            cj = conj
             if cj.any():
-                vals[cj] = np.conj(vals[cj])
-                if self.pol_swap is not None:
-                    vals[cj] = vals[cj][..., self.pol_swap]
-        elif self.pol_swap is not None:
-            cj = conj[valid]
-            if cj.any():
-                vals[cj] = vals[cj][..., self.pol_swap]
+                out = np.array(out)
+                self._fix_conj(out, cj)
+            return out[..., psl]
+        vals = block[rows[valid] - r0].astype(self.dtype, copy=False)
+        self._fix_conj(vals, conj[valid])
         out[valid] = vals
         return out[..., psl]
+
+    def _fix_conj(self, vals, cj):
+        """Rows stored as (a2, a1): conjugate visibilities and swap the cross-hands."""
+        if not cj.any():
+            return
+        if self.var == "VISIBILITY":
+            vals[cj] = np.conj(vals[cj])
+        if self.pol_swap is not None:
+            vals[cj] = vals[cj][..., self.pol_swap]
 
 
 class _FilledArray:
