@@ -2,6 +2,7 @@
 
     contimg simulate --out DIR [--groups N] [--calibrator-group K] [shrink options]
     contimg info PATH...            open a group (files or a directory) and describe it
+    contimg convert INPUT... --out DIR [--scheduler ADDRESS] [--placement FILE.json]
     contimg demo [--out DIR]        the main job on embedded defaults (see README)
 """
 
@@ -103,8 +104,21 @@ def _describe(ds) -> str:
     return "\n".join(lines)
 
 
+def _quiet_distributed():
+    """distributed sets its own per-module log levels; keep them at WARNING unless -v."""
+    if logging.getLogger("contimg").getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("distributed", "bokeh", "tornado")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _client(scheduler):
+    import dask
     from distributed import Client, LocalCluster
+
+    _quiet_distributed()
+    dask.config.set({"distributed.logging.distributed": "warning"})
 
     if scheduler:
         return Client(scheduler)
@@ -130,6 +144,79 @@ def cmd_info(args):
             s = group_summary(ds).compute()
         print(f"flagged        {float(s.flag_fraction) * 100:.2f} %")
     return 0
+
+
+def _groups_from_inputs(inputs, tolerance):
+    from contimg.io.uvh5 import find_groups
+
+    groups = []
+    loose = []
+    for item in inputs:
+        if os.path.isdir(item):
+            groups.extend(find_groups(item, tolerance_s=tolerance))
+        elif os.path.exists(item):
+            loose.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+    if loose:
+        # group loose files by their names, as find_groups does for a directory
+        from contimg import telescope as tel
+
+        named = sorted(loose, key=lambda p: tel.parse_subband_filename(p).timestamp)
+        cur = []
+        for p in named:
+            ts = tel.parse_subband_filename(p).timestamp
+            if cur and (ts - tel.parse_subband_filename(cur[0]).timestamp).total_seconds() \
+                    > tolerance:
+                groups.append(cur)
+                cur = []
+            cur.append(p)
+        if cur:
+            groups.append(cur)
+    return groups
+
+
+def cmd_convert(args):
+    import json
+
+    from contimg.convert import convert_many
+
+    groups = _groups_from_inputs(args.inputs, args.tolerance)
+    if not groups:
+        print("contimg convert: no subband files found", file=sys.stderr)
+        return 2
+    placement = None
+    if args.placement == "any":
+        placement = "any"
+    elif args.placement:
+        with open(args.placement) as fh:
+            placement = json.load(fh)
+    t0 = time.perf_counter()
+    total = len(groups)
+    count = [0]
+
+    def progress(stamp, summary, error):
+        count[0] += 1
+        if error:
+            print(f"[{count[0]}/{total}] {stamp}: FAILED: {error}", flush=True)
+        else:
+            rate = summary["nbytes"] / summary["seconds"] / 2**20
+            print(f"[{count[0]}/{total}] {stamp}: {summary['ms']} in {summary['seconds']:.1f} s "
+                  f"({rate:.0f} MiB/s)", flush=True)
+
+    with _client(args.scheduler) as client:
+        print(f"converting {total} group(s) on {client.dashboard_link or client.scheduler.address}"
+              , flush=True)
+        report = convert_many(client, groups, args.out, placement=placement,
+                              overwrite=args.overwrite, in_flight=args.in_flight,
+                              progress=progress, n_subbands=args.subbands,
+                              allow_missing=args.allow_missing)
+    wall = time.perf_counter() - t0
+    print(f"\nsummary: {len(report.done)} converted, {len(report.failed)} failed, "
+          f"{wall:.1f} s wall")
+    for stamp, err in report.failed:
+        print(f"  failed {stamp}: {err}")
+    return 0 if not report.failed else 1
 
 
 def cmd_demo(args):
@@ -185,6 +272,24 @@ def build_parser():
     s.add_argument("--stats", action="store_true", help="also compute flag statistics")
     s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("convert", help="convert groups of UVH5 subband files to Measurement Sets")
+    s.add_argument("inputs", nargs="+", help="directories and/or subband files")
+    s.add_argument("--out", required=True, help="directory for the Measurement Sets")
+    s.add_argument("--scheduler", default=None,
+                   help="address of a Dask scheduler (default: a LocalCluster)")
+    s.add_argument("--placement", default=None,
+                   help="JSON file {worker name|address|host: [directories]} saying which "
+                        "worker reads which files; 'any' for no restriction; default: ask "
+                        "each worker which files it can open")
+    s.add_argument("--subbands", type=int, default=16, help="subbands per group (16)")
+    s.add_argument("--allow-missing", action="store_true",
+                   help="convert incomplete groups, missing subbands flagged")
+    s.add_argument("--overwrite", action="store_true", help="replace existing Measurement Sets")
+    s.add_argument("--in-flight", type=int, default=2, help="groups converted at once")
+    s.add_argument("--tolerance", type=float, default=60.0,
+                   help="file-name timestamps of one group differ by at most this (s)")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("demo", help="the main job on embedded defaults (simulated data)")
     s.add_argument("--out", default=None, help="output directory (default: a temporary one)")

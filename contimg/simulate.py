@@ -466,7 +466,7 @@ def simulate_group(outdir, start="2026-01-15T08:00:00", cfg: SimConfig | None = 
     with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
         files = list(pool.map(one_subband, range(cfg.n_subbands)))
 
-    stamp = stamps[0]
+    stamp = min(stamps)  # a group is named by its earliest file-name timestamp
     truth_path = outdir / f"{stamp}_truth.npz"
     tmp = truth_path.with_name(truth_path.name + ".tmp.npz")
     np.savez(

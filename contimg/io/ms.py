@@ -312,6 +312,14 @@ class _Plan:
         """
         import dask
 
+        out, lazy = self.split_block(ti, fi)
+        if lazy:
+            values = dask.compute(*(a for _, a in lazy))
+            out.update({name: v for (name, _), v in zip(lazy, values, strict=True)})
+        return out
+
+    def split_block(self, ti, fi):
+        """(already-numpy columns, [(name, lazy dask block)]) of one block."""
         t0, t1 = int(self.tstarts[ti]), int(self.tstarts[ti + 1])
         c0, c1 = int(self.fstarts[fi]), int(self.fstarts[fi + 1])
         items = [(n, a, (ti, 0, fi, 0), np.s_[t0:t1, :, c0:c1, :])
@@ -325,10 +333,7 @@ class _Plan:
                 lazy.append((name, arr.blocks[block]))
             else:
                 out[name] = np.asarray(arr[sl])
-        if lazy:
-            values = dask.compute(*(a for _, a in lazy))
-            out.update({name: v for (name, _), v in zip(lazy, values, strict=True)})
-        return out
+        return out, lazy
 
 
 def _main_table_desc(plan):
@@ -580,21 +585,59 @@ def _write_subtables(ms_path, plan, history):
             tb.putcell("APP_PARAMS", i, np.array([""]))
 
 
-def _write_main(ms, plan):
-    """Fill the MAIN table block by block (compute of block k+1 overlaps write of k)."""
+class _SubmittedBlock:
+    """A block whose lazy columns were handed to ``submit``; ``result()`` gives numpy."""
+
+    def __init__(self, done, lazy, handle):
+        self.done, self.lazy, self.handle = done, lazy, handle
+
+    def result(self):
+        if self.handle is not None:
+            values = self.handle.result()
+            self.done.update({n: v for (n, _), v in zip(self.lazy, values, strict=True)})
+        return self.done
+
+    def cancel(self):
+        if self.handle is not None and hasattr(self.handle, "cancel"):
+            self.handle.cancel()
+
+
+def _write_main(ms, plan, submit=None, prefetch=1):
+    """Fill the MAIN table block by block; up to ``prefetch`` blocks are computed ahead.
+
+    ``submit(arrays, block)`` (optional) starts computing a list of dask arrays for
+    block ``(ti, fi)`` and returns an object whose ``result()`` gives their numpy values
+    (e.g. distributed futures pinned to the worker that holds the block's file). The
+    default computes one block ahead in a helper thread with ``dask.compute``.
+    """
+    import collections
+
     nbl, npol = plan.nbl, plan.npol
     a1 = plan.a1
     a2 = plan.a2
     blocks = list(plan.blocks())
     nf = len(plan.fchunks)
     with _futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms-compute") as pool:
-        future = pool.submit(plan.compute_block, *blocks[0])
+        if submit is None:
+            def start(ti, fi):
+                return pool.submit(plan.compute_block, ti, fi)
+        else:
+            def start(ti, fi):
+                done, lazy = plan.split_block(ti, fi)
+                handle = submit([a for _, a in lazy], (ti, fi)) if lazy else None
+                return _SubmittedBlock(done, lazy, handle)
+        pending = collections.deque(start(*b) for b in blocks[:max(1, prefetch)])
+        nxt = len(pending)
+        future = None
         try:
             flag_row = wsum = None
             for k, (ti, fi) in enumerate(blocks):
+                future = pending.popleft()
                 vals = future.result()
-                future = pool.submit(plan.compute_block, *blocks[k + 1]) \
-                    if k + 1 < len(blocks) else None
+                future = None
+                if nxt < len(blocks):
+                    pending.append(start(*blocks[nxt]))
+                    nxt += 1
                 t0, t1 = int(plan.tstarts[ti]), int(plan.tstarts[ti + 1])
                 c0, c1 = int(plan.fstarts[fi]), int(plan.fstarts[fi + 1])
                 nt = t1 - t0
@@ -642,10 +685,10 @@ def _write_main(ms, plan):
                     ms.putcol("FLAG_ROW", flag_row, startrow=r0, nrow=nr)
                 log.debug("wrote block time %d:%d chan %d:%d", t0, t1, c0, c1)
         except BaseException:
-            if future is not None:
-                future.cancel()
+            for fut in ([future] if future is not None else []) + list(pending):
+                fut.cancel()
                 try:
-                    future.result()
+                    fut.result()
                 except BaseException:  # noqa: BLE001 - the first error is the one raised
                     pass
             raise
@@ -692,7 +735,7 @@ def _warn_if_open(path):
 
 
 def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=False,
-             history=None):
+             history=None, submit=None, prefetch=1):
     """Write a contract Dataset to a CASA Measurement Set at ``path``.
 
     Parameters
@@ -711,6 +754,12 @@ def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=Fals
         DATA); a string names a Dataset variable with the visibility dims to write.
     history : str or list of str, optional
         Extra HISTORY messages.
+    submit : callable, optional
+        ``submit(arrays, (ti, fi))`` starts computing one block's dask arrays and
+        returns an object with ``result()`` (see :func:`graphs.convert`, which pins a
+        block's reads to the worker that holds its file). Default: ``dask.compute``.
+    prefetch : int
+        Blocks computed ahead of the one being written (memory: prefetch + 1 blocks).
 
     Returns
     -------
@@ -738,7 +787,7 @@ def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=Fals
         ms = ct.default_ms(tmp, desc, dminfo)
         ms.addrows(plan.nrow)
         ms.putkeyword(_ATTRS_KEYWORD, plan.attrs_json)
-        _write_main(ms, plan)
+        _write_main(ms, plan, submit=submit, prefetch=prefetch)
         ms.flush()
         ms.close()
         ms = None

@@ -540,7 +540,7 @@ def open_uvh5(path, *, chunks=None) -> xr.Dataset:
     tc = _time_chunks(h.ntime, chunks)
     part = _subband_arrays(h, tc, Path(path).stem, _token([h]))
     freqs = np.sort(h.freqs)
-    return _build_dataset(h, [part], freqs, [path], {})
+    return _build_dataset(h, [part], freqs, [path], {"chunk_files": [str(path)]})
 
 
 # ---------------------------------------------------------------------------------
@@ -657,7 +657,10 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
             parts.append(_filled_arrays(ref.ntime, ref.nbl, nchan, ref.npols, tc,
                                         f"sb{sb:02d}", token))
         freqs.append(fs)
-    extra = {"n_subbands": n_subbands, "missing_subbands": missing,
+    # which file each frequency chunk reads (ascending order; "" = filled, no file)
+    chunk_files = [headers[sb].path if sb in headers else ""
+                   for sb in range(n_subbands - 1, -1, -1)]
+    extra = {"n_subbands": n_subbands, "missing_subbands": missing, "chunk_files": chunk_files,
              "group_start": f"{min(stamps):%Y-%m-%dT%H:%M:%S}"}
     if missing:
         log.warning("group %s: filling missing subband(s) %s with flagged data",

@@ -1,0 +1,193 @@
+"""Group → Measurement Set on a Dask cluster, each file read where it lives.
+
+One group becomes one task graph: the subband reads (one task chain per file, pinned to
+a worker that can see the file) feed one writer task that owns the MS (python-casacore
+is not thread-safe, so every table operation of one MS stays in that task's thread).
+The writer runs on a worker, streams the blocks in with ``worker_client`` (a few
+subbands ahead, so memory follows the chunk), writes to ``<ms>.tmp-<pid>`` and renames.
+
+Placement (which worker may read which file):
+
+* ``placement=None``: discovered — every worker is asked which files it can open;
+* ``placement={"worker name, address or host": ["/dir", ...]}``: configured;
+* ``placement="any"``: no restriction (one machine, shared disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from graphs.convert import chunk_workers, placement_from_directories
+
+log = logging.getLogger(__name__)
+
+# one MS written at a time per process: python-casacore is not thread-safe
+_CASACORE_LOCK = threading.Lock()
+
+
+def _can_open(files):
+    import h5py
+
+    ok = []
+    for f in files:
+        try:
+            with h5py.File(f, "r"):
+                ok.append(True)
+        except OSError:
+            ok.append(False)
+    return ok
+
+
+def discover_placement(client, files) -> dict[str, list[str]]:
+    """Ask every worker which of ``files`` it can open; file -> worker addresses."""
+    files = [str(f) for f in files]
+    seen = client.run(_can_open, files)
+    out = {}
+    for i, f in enumerate(files):
+        addrs = sorted(a for a, ok in seen.items() if ok[i])
+        if not addrs:
+            raise OSError(f"{f}: no Dask worker can open this file")
+        out[f] = addrs
+    return out
+
+
+def resolve_placement(client, files, placement):
+    if placement == "any":
+        return None
+    if placement is None:
+        return discover_placement(client, files)
+    return placement_from_directories(placement, files, client.scheduler_info()["workers"])
+
+
+class _Lazy:
+    """Carries dask collections into a task unevaluated (distributed would otherwise
+    compute collections found in a task's arguments before the task runs, unpinned)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _compute_here(lazy):
+    import dask
+
+    return list(dask.compute(*lazy.value, scheduler="threads", num_workers=1))
+
+
+class _Gathered:
+    def __init__(self, client, futures):
+        self.client, self.futures = client, futures
+
+    def result(self):
+        return self.client.gather(self.futures)
+
+    def cancel(self):
+        self.client.cancel(self.futures)
+
+
+def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch):
+    """Runs on a worker: stream the group's blocks (reads pinned) into one MS."""
+    from distributed import worker_client
+
+    from contimg.io.ms import write_ms
+
+    ds = lazy_ds.value
+    t0 = time.perf_counter()
+    token = uuid.uuid4().hex[:8]
+    labels = [os.path.basename(f).replace(".hdf5", "") if f else "filled"
+              for f in ds.attrs["chunk_files"]]
+    with worker_client() as client:
+        def submit(arrays, block):
+            # One task per block, pinned: the block's whole (small) graph runs inside it
+            # on the worker that holds the file, so no read can drift elsewhere.
+            ws = allowed[block[1]]
+            fut = client.submit(_compute_here, _Lazy(arrays), workers=ws,
+                                allow_other_workers=ws is None, pure=False,
+                                key=f"read-{labels[block[1]]}-t{block[0]}-{token}")
+            return _Gathered(client, fut)
+
+        with _CASACORE_LOCK:
+            path = write_ms(ds, ms_path, overwrite=overwrite, submit=submit,
+                            prefetch=prefetch,
+                            history=[f"contimg convert from {len(ds.attrs['source_files'])} "
+                                     "UVH5 files"])
+    return dict(ms=path, seconds=time.perf_counter() - t0,
+                nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes))
+
+
+def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=False,
+                  prefetch=2, key=None, **open_kw):
+    """Submit the conversion of one group; return a distributed Future of its summary.
+
+    ``files_or_ds``: the group's subband files (or a Dataset from ``open_group``).
+    ``open_kw`` go to :func:`contimg.io.uvh5.open_group` (``n_subbands``,
+    ``allow_missing``...). The Future's result is ``{"ms", "seconds", "nbytes"}``;
+    bad input raises :class:`contimg.io.uvh5.UVH5Error` here (headers are read now)
+    or from the Future (data read later), and never leaves anything at ``ms_path``.
+    """
+    from contimg.io.uvh5 import open_group
+
+    ds = files_or_ds if hasattr(files_or_ds, "data_vars") else open_group(files_or_ds,
+                                                                          **open_kw)
+    files = [f for f in ds.attrs["chunk_files"] if f]
+    place = resolve_placement(client, files, placement)
+    allowed = chunk_workers(ds, place)
+    stamp = ds.attrs.get("group_start", os.path.basename(str(ms_path)))
+    key = key or f"write-ms-{stamp}-{time.time_ns()}"
+    return client.submit(_write_task, _Lazy(ds), os.path.abspath(str(ms_path)), allowed, overwrite,
+                         prefetch, key=key, pure=False)
+
+
+@dataclass
+class ConvertReport:
+    done: list = field(default_factory=list)     # (stamp, summary)
+    failed: list = field(default_factory=list)   # (stamp, error text)
+
+
+def convert_many(client, groups, out_dir, *, placement=None, overwrite=False,
+                 in_flight=2, progress=None, **open_kw) -> ConvertReport:
+    """Convert several groups (lists of files), ``in_flight`` at a time."""
+    from distributed import as_completed
+
+    from contimg import telescope as tel
+
+    os.makedirs(out_dir, exist_ok=True)
+    report = ConvertReport()
+    todo = list(groups)
+    running = {}
+    ac = as_completed()
+
+    def start_next():
+        while todo and len(running) < in_flight:
+            files = todo.pop(0)
+            stamp = tel.parse_subband_filename(files[0]).stamp if files else "?"
+            try:
+                fut = convert_group(client, files, os.path.join(out_dir, f"{stamp}.ms"),
+                                    placement=placement, overwrite=overwrite, **open_kw)
+            except (ValueError, OSError) as exc:
+                report.failed.append((stamp, str(exc)))
+                if progress:
+                    progress(stamp, None, str(exc))
+                continue
+            running[fut.key] = stamp
+            ac.add(fut)
+
+    start_next()
+    while running:
+        fut = next(ac)
+        stamp = running.pop(fut.key)
+        try:
+            summary = fut.result()
+            report.done.append((stamp, summary))
+            if progress:
+                progress(stamp, summary, None)
+        except Exception as exc:  # noqa: BLE001 - reported per group, others go on
+            report.failed.append((stamp, f"{type(exc).__name__}: {exc}"))
+            if progress:
+                progress(stamp, None, str(exc))
+        start_next()
+    return report
