@@ -89,9 +89,10 @@ class SimConfig:
 
 @dataclass
 class SimulatedGroup:
-    stamp: str
+    stamp: str                  # group name: the earliest file-name timestamp
     files: list[Path]
     truth: Path
+    start: _dt.datetime | None = None  # exact UTC start of the first integration
 
     def load_truth(self) -> dict:
         return load_truth(self.truth)
@@ -484,7 +485,7 @@ def simulate_group(outdir, start="2026-01-15T08:00:00", cfg: SimConfig | None = 
     os.replace(tmp, truth_path)
     log.info("simulated group %s (%d files) in %.1f s", stamp, len(files),
              _time.perf_counter() - tic)
-    return SimulatedGroup(stamp=stamp, files=files, truth=truth_path)
+    return SimulatedGroup(stamp=stamp, files=files, truth=truth_path, start=start)
 
 
 _HEADER_LOCK = __import__("threading").Lock()

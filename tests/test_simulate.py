@@ -131,7 +131,7 @@ def test_rfi_truth_mask_marks_what_was_injected(small_group, small_cfg, tmp_path
     """The same group without RFI differs from it exactly where the truth mask says."""
     import dataclasses
 
-    twin = simulate_group(tmp_path, small_group.stamp,
+    twin = simulate_group(tmp_path, small_group.start,
                           cfg=dataclasses.replace(small_cfg, rfi=None), calibrator=True)
     truth = load_truth(small_group.truth)
     ds = open_group(small_group.files, n_subbands=4)
