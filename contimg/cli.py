@@ -220,8 +220,10 @@ def cmd_convert(args):
 
 
 def cmd_demo(args):
+    from contimg.convert import convert_many
     from contimg.io.uvh5 import open_group
     from contimg.simulate import SimConfig, simulate
+    from graphs.flag import flag_dataset, flag_summary
     from graphs.summary import group_summary
 
     out = Path(args.out or tempfile.mkdtemp(prefix="contimg-demo-"))
@@ -229,22 +231,34 @@ def cmd_demo(args):
     cfg = SimConfig(n_ant=24, n_chan=12) if args.small else SimConfig()
     print(f"contimg demo: simulating {args.groups} DSA-110 group(s) "
           f"({cfg.n_ant} antennas, {cfg.n_subbands}x{cfg.n_chan} channels, "
-          f"{cfg.n_times} integrations; calibrator transits in group 0) into {incoming}")
+          f"{cfg.n_times} integrations; calibrator transits in group 0) into {incoming}",
+          flush=True)
     t0 = time.perf_counter()
     groups = simulate(incoming, n_groups=args.groups, cfg=cfg, calibrator_group=0)
-    print(f"  simulated in {time.perf_counter() - t0:.1f} s")
+    print(f"  simulated in {time.perf_counter() - t0:.1f} s", flush=True)
     with _client(args.scheduler) as client:
-        print(f"  Dask dashboard: {client.dashboard_link}")
+        print(f"  Dask dashboard: {client.dashboard_link}", flush=True)
         for g in groups:
             t1 = time.perf_counter()
             ds = open_group(g.files, n_subbands=cfg.n_subbands)
-            print(f"\ngroup {g.stamp}\n" + _describe(ds))
+            print(f"\ngroup {g.stamp}\n" + _describe(ds), flush=True)
             s = group_summary(ds).compute()
-            print(f"  read + summarised on the cluster in {time.perf_counter() - t1:.1f} s: "
-                  f"mean |V| (cross) {float(s.mean_cross_amplitude_per_channel.mean()):.3f}, "
-                  f"flagged {float(s.flag_fraction) * 100:.2f} %")
-    print(f"\nproducts: {out}\n  subband files and truth: {incoming}")
-    return 0
+            f = flag_summary(flag_dataset(ds)).compute()
+            print(f"  read, summarised and RFI-flagged on the cluster in "
+                  f"{time.perf_counter() - t1:.1f} s: mean |V| (cross) "
+                  f"{float(s.mean_cross_amplitude_per_channel.mean()):.3f}, "
+                  f"flagged {float(f.flag_fraction) * 100:.2f} %", flush=True)
+        t2 = time.perf_counter()
+        report = convert_many(client, [[str(p) for p in g.files] for g in groups],
+                              out / "ms", placement=None, n_subbands=cfg.n_subbands)
+        for stamp, summary in report.done:
+            print(f"  MS {summary['ms']} ({summary['seconds']:.1f} s)")
+        for stamp, err in report.failed:
+            print(f"  FAILED {stamp}: {err}")
+        print(f"  converted {len(report.done)} group(s) in {time.perf_counter() - t2:.1f} s")
+    print(f"\nproducts: {out}\n  subband files and truth: {incoming}\n"
+          f"  Measurement Sets:        {out / 'ms'}")
+    return 0 if not report.failed else 1
 
 
 def build_parser():

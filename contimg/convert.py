@@ -164,7 +164,13 @@ def convert_many(client, groups, out_dir, *, placement=None, overwrite=False,
     def start_next():
         while todo and len(running) < in_flight:
             files = todo.pop(0)
-            stamp = tel.parse_subband_filename(files[0]).stamp if files else "?"
+            try:   # a group is named by its earliest file-name timestamp
+                stamp = min(tel.parse_subband_filename(f).stamp for f in files)
+            except ValueError as exc:
+                report.failed.append((os.path.basename(str(files[0])), str(exc)))
+                if progress:
+                    progress(os.path.basename(str(files[0])), None, str(exc))
+                continue
             try:
                 fut = convert_group(client, files, os.path.join(out_dir, f"{stamp}.ms"),
                                     placement=placement, overwrite=overwrite, **open_kw)
