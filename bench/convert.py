@@ -110,7 +110,8 @@ def main(argv=None):
             return dt
 
         t_anchor = [anchor(i) for i in range(args.anchor_repeat)]
-        m_ours, m_floor, m_anchor = (statistics.median(x) for x in (t_ours, t_floor, t_anchor))
+        m_ours, m_floor = statistics.median(t_ours), statistics.median(t_floor)
+        m_anchor = statistics.median(t_anchor) if t_anchor else float("nan")
         fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
         print(f"MS written: {results['ms_bytes'] / 2**30:.2f} GiB")
         print(f"ours   contimg convert_group          median {m_ours:7.1f} s  ({fmt(t_ours)}); "
