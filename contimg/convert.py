@@ -75,7 +75,10 @@ class _Lazy:
 def _compute_here(lazy):
     import dask
 
-    return list(dask.compute(*lazy.value, scheduler="threads", num_workers=1))
+    from contimg.io.ms import single_block
+
+    return list(dask.compute(*(single_block(a) for a in lazy.value), scheduler="threads",
+                             num_workers=1))
 
 
 class _Gathered:

@@ -402,7 +402,8 @@ class _SubbandArray:
             block = c
         # ascending frequency: a reversed view when the slice is contiguous
         if self.descending and np.array_equal(file_f, np.arange(f1 - 1, f0 - 1, -1)):
-            block = block[:, ::-1, :]
+            # one copy, here in the (parallel) read task, so consumers get C order
+            block = np.ascontiguousarray(block[:, ::-1, :])
         elif not np.array_equal(file_f, np.arange(f0, f1)):
             block = block[:, file_f - f0, :]
         if valid.all() and np.array_equal(rows.reshape(-1), np.arange(r0, r1)):
