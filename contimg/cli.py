@@ -3,6 +3,7 @@
     contimg simulate --out DIR [--groups N] [--calibrator-group K] [shrink options]
     contimg info PATH...            open a group (files or a directory) and describe it
     contimg convert INPUT... --out DIR [--scheduler ADDRESS] [--placement FILE.json]
+    contimg flag PATH.ms [--strategy FILE.toml] [--restore NAME] [--list]
     contimg demo [--out DIR]        the main job on embedded defaults (see README)
 """
 
@@ -219,6 +220,39 @@ def cmd_convert(args):
     return 0 if not report.failed else 1
 
 
+def cmd_flag(args):
+    from contimg import flagging
+
+    if args.list:
+        for v in flagging.list_flag_versions(args.ms):
+            print(f"{v['name']}: {v.get('comment', '')}")
+        return 0
+    if args.restore:
+        flagging.restore_flags(args.ms, args.restore)
+        print(f"restored flags of {args.ms} from version {args.restore!r}")
+        return 0
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        log.info("flags written: block %d/%d", done, total)
+
+    summary_path = args.summary or flagging.default_summary_path(args.ms)
+    s = flagging.flag_ms(args.ms, strategy=args.strategy, backup=not args.no_backup,
+                         backup_name=args.backup_name, progress=progress,
+                         summary_path=summary_path)
+    before, after = s["before"]["overall"], s["after"]["overall"]
+    worst = sorted(s["after"]["antenna"].items(), key=lambda kv: -kv[1])[:5]
+    print(f"{args.ms}: flagged {before * 100:.2f} % -> {after * 100:.2f} % "
+          f"in {time.perf_counter() - t0:.1f} s")
+    if s.get("backup"):
+        name = s["backup"]["name"] if isinstance(s["backup"], dict) else s["backup"]
+        print(f"  previous flags saved as version {name!r} "
+              f"(restore: contimg flag {args.ms} --restore {name})")
+    print("  most flagged antennas: " + ", ".join(f"{n} {f * 100:.1f} %" for n, f in worst))
+    print(f"  summary: {summary_path}")
+    return 0
+
+
 def cmd_demo(args):
     from contimg.convert import convert_many
     from contimg.io.uvh5 import open_group
@@ -304,6 +338,22 @@ def build_parser():
     s.add_argument("--tolerance", type=float, default=60.0,
                    help="file-name timestamps of one group differ by at most this (s)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("flag", help="flag RFI in an existing Measurement Set, in place")
+    s.add_argument("ms", help="the Measurement Set")
+    s.add_argument("--strategy", default=None,
+                   help="flagging strategy: a TOML file (keys of graphs.flag.FlagStrategy); "
+                        "default: the DSA-110 defaults")
+    s.add_argument("--backup-name", default=None,
+                   help="name of the flag version that keeps the previous flags "
+                        "(default contimg_flag_N, in <ms>.flagversions as CASA's flagmanager)")
+    s.add_argument("--no-backup", action="store_true", help="do not keep the previous flags")
+    s.add_argument("--summary", default=None,
+                   help="where to write the JSON flag summary (default <ms>.flag_summary.json)")
+    s.add_argument("--restore", default=None, metavar="NAME",
+                   help="restore the flags saved as version NAME instead of flagging")
+    s.add_argument("--list", action="store_true", help="list the saved flag versions")
+    s.set_defaults(func=cmd_flag)
 
     s = sub.add_parser("demo", help="the main job on embedded defaults (simulated data)")
     s.add_argument("--out", default=None, help="output directory (default: a temporary one)")

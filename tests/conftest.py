@@ -63,3 +63,16 @@ def pytest_runtest_makereport(item, call):
         if "not installed" in reason or "not found" in reason:
             rep.outcome = "failed"
             rep.longrepr = f"CONTIMG_REQUIRE_INTEROP=1 but the test was skipped: {reason}"
+
+
+def casa_site_config(tmp_path):
+    """A CASA site config that keeps CASA offline (casadata's measures, no updates)."""
+    import casadata
+
+    site = tmp_path / "casasiteconfig.py"
+    site.write_text(
+        f"measurespath = {casadata.datapath!r}\n"
+        "measures_auto_update = False\ndata_auto_update = False\n"
+        "datapath = [measurespath]\nskipnetworkcheck = True\n"
+        f"cachedir = {str(tmp_path)!r}\nlogfile = {str(tmp_path / 'casa.log')!r}\n")
+    return site

@@ -40,3 +40,23 @@ def test_info_reports_bad_input_in_one_line(tmp_path):
     assert r.returncode == 2
     assert "2026-01-01T00:00:00_sb00.hdf5: cannot open as HDF5" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_flag_command_flags_backs_up_and_restores(tmp_path, small_group):
+    import numpy as np
+
+    from contimg.io.ms import write_ms
+    from contimg.io.uvh5 import open_group
+
+    ms = tmp_path / "g.ms"
+    write_ms(open_group(small_group.files, n_subbands=4), ms)
+    r = _run("flag", str(ms))
+    assert r.returncode == 0, r.stderr
+    assert "flagged 0.00 % ->" in r.stdout and "contimg_flag_1" in r.stdout
+    assert (tmp_path / "g.ms.flag_summary.json").exists()
+    assert open_ms(ms).FLAG.values.mean() > 0.01
+    assert "contimg_flag_1" in _run("flag", str(ms), "--list").stdout
+    assert _run("flag", str(ms), "--restore", "contimg_flag_1").returncode == 0
+    assert not np.any(open_ms(ms).FLAG.values)
+    r = _run("flag", str(tmp_path / "missing.ms"))
+    assert r.returncode == 2 and "missing.ms" in r.stderr

@@ -773,14 +773,9 @@ print(json.dumps({"mean": float(stats[key]["mean"]), "npts": float(stats[key]["n
 @pytest.mark.skipif(not _have_module("casatasks"), reason="casatasks is not installed")
 def test_casa_reads_our_ms(small_ds, small_ms, tmp_path):
     """CASA 6.7 (offline, casadata) reads our MS: visstat and the ms tool agree with us."""
-    import casadata
+    from conftest import casa_site_config
 
-    site = tmp_path / "casasiteconfig.py"
-    site.write_text(
-        f"measurespath = {casadata.datapath!r}\n"
-        "measures_auto_update = False\ndata_auto_update = False\n"
-        "datapath = [measurespath]\nskipnetworkcheck = True\n"
-        f"cachedir = {str(tmp_path)!r}\nlogfile = {str(tmp_path / 'casa.log')!r}\n")
+    site = casa_site_config(tmp_path)
     script = tmp_path / "casa_read.py"
     script.write_text(_CASA_SCRIPT)
     env = dict(os.environ, CASASITECONFIG=str(site))
