@@ -389,7 +389,19 @@ class _SubbandArray:
         try:
             with h5py.File(self.path, "r") as f:
                 d = f["Data"][self.dset]
-                if self.spw_axis:
+                reverse = (self.descending and self.vis_kind == "complex"
+                           and np.array_equal(file_f, np.arange(f1 - 1, f0 - 1, -1)))
+                if reverse:
+                    # descending file, ascending out: read slabs of rows and reverse
+                    # them into one C-ordered block (peak: the block + one slab)
+                    block = np.empty((r1 - r0, f1 - f0, d.shape[-1]), d.dtype)
+                    step = max(1, (8 << 20) // max(1, block[0].nbytes))
+                    for a in range(r0, r1, step):
+                        b = min(a + step, r1)
+                        slab = d[a:b, 0, f0:f1, :] if self.spw_axis else d[a:b, f0:f1, :]
+                        block[a - r0:b - r0] = slab[:, ::-1, :]
+                    file_f = np.arange(f0, f1)  # now in ascending order
+                elif self.spw_axis:
                     block = d[r0:r1, 0, f0:f1, :]
                 else:
                     block = d[r0:r1, f0:f1, :]
