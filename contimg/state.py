@@ -1,0 +1,589 @@
+"""The pipeline's state database (SQLite).
+
+One file holds everything the streaming service knows: the HDF5 subband files it has
+seen, the groups they form (the ingest queue), the Measurement Sets, calibration sets,
+images and photometry it produced, the sources it measures, and the time every stage
+took. Its path comes from ``PIPELINE_DB`` (default ``state/db/pipeline.sqlite3`` under
+``PIPELINE_STATE_DIR`` or the working directory).
+
+* WAL journal, foreign keys on, a busy timeout so several processes (the stream, the
+  CLI, a Dask worker registering a calibration set) can share it.
+* The schema and its migrations live here, in ``MIGRATIONS``; ``PRAGMA user_version``
+  is the schema version. Opening an older database migrates it in one transaction.
+* Every group transition is one ``UPDATE ... WHERE state = <expected>`` inside a
+  ``BEGIN IMMEDIATE`` transaction, so two processes can never both claim a group, and
+  each transition is also logged in ``group_events`` (which tests use to prove that a
+  group completed exactly once).
+
+Group states::
+
+    collecting ──(all subbands ready, or timeout by policy)──> pending
+    pending ──claim──> in_progress ──> completed
+                            │  └─────> failed           (retries exhausted / bad input)
+                            └─(error, retries left; or owner died)──> pending
+    collecting ──(timeout, policy "fail")──> failed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GROUP_STATES = ("collecting", "pending", "in_progress", "completed", "failed")
+
+# (from_state, to_state) pairs that are legal
+_TRANSITIONS = {
+    ("collecting", "pending"), ("collecting", "failed"),
+    ("pending", "in_progress"), ("pending", "failed"),
+    ("in_progress", "completed"), ("in_progress", "failed"), ("in_progress", "pending"),
+    ("failed", "pending"),      # operator reprocess / backfill
+    ("completed", "pending"),   # operator reprocess
+}
+
+MIGRATIONS: list[str] = [
+    # --- version 1 ---------------------------------------------------------------------
+    """
+    CREATE TABLE groups (
+        group_id      TEXT PRIMARY KEY,            -- earliest file timestamp, ISO, UTC
+        t_start       REAL NOT NULL,               -- unix seconds of that timestamp
+        state         TEXT NOT NULL DEFAULT 'collecting'
+                      CHECK (state IN ('collecting','pending','in_progress','completed',
+                                       'failed')),
+        n_expected    INTEGER NOT NULL DEFAULT 16,
+        n_present     INTEGER NOT NULL DEFAULT 0,
+        missing       TEXT,                        -- JSON list of missing subbands
+        retries       INTEGER NOT NULL DEFAULT 0,  -- failed attempts so far
+        attempts      INTEGER NOT NULL DEFAULT 0,  -- claims so far
+        error         TEXT,
+        owner         TEXT,                        -- host:pid of the claiming process
+        heartbeat     REAL,                        -- last sign of life of the owner
+        has_calibrator INTEGER,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL,
+        started_at    REAL,
+        finished_at   REAL
+    );
+    CREATE INDEX groups_state ON groups(state, t_start);
+
+    CREATE TABLE group_events (
+        id         INTEGER PRIMARY KEY,
+        group_id   TEXT NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,
+        from_state TEXT,
+        to_state   TEXT NOT NULL,
+        at         REAL NOT NULL,
+        owner      TEXT,
+        reason     TEXT
+    );
+    CREATE INDEX group_events_group ON group_events(group_id);
+
+    CREATE TABLE hdf5_files (
+        path       TEXT PRIMARY KEY,
+        group_id   TEXT REFERENCES groups(group_id) ON DELETE SET NULL,
+        subband    INTEGER NOT NULL,
+        timestamp  REAL NOT NULL,                  -- unix seconds from the file name
+        size       INTEGER,
+        status     TEXT NOT NULL DEFAULT 'seen'
+                   CHECK (status IN ('seen','ready','bad','duplicate')),
+        reason     TEXT,
+        first_seen REAL NOT NULL,
+        ready_at   REAL
+    );
+    CREATE INDEX hdf5_files_group ON hdf5_files(group_id);
+
+    CREATE TABLE stage_timings (
+        id         INTEGER PRIMARY KEY,
+        group_id   TEXT NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,
+        attempt    INTEGER NOT NULL,
+        stage      TEXT NOT NULL,
+        status     TEXT NOT NULL CHECK (status IN ('ok','skipped','failed')),
+        seconds    REAL,
+        started_at REAL,
+        detail     TEXT,
+        UNIQUE (group_id, attempt, stage)
+    );
+
+    CREATE TABLE measurement_sets (
+        path       TEXT PRIMARY KEY,
+        group_id   TEXT REFERENCES groups(group_id) ON DELETE SET NULL,
+        t_start    REAL,
+        t_end      REAL,
+        nbytes     INTEGER,
+        flagged_fraction REAL,
+        calset_id  INTEGER REFERENCES calibration_sets(id),
+        status     TEXT NOT NULL DEFAULT 'converted',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+
+    CREATE TABLE calibration_sets (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        ms_path     TEXT,
+        calibrator  TEXT,
+        t_transit   REAL,
+        valid_start REAL,
+        valid_end   REAL,
+        refant      INTEGER,
+        tables      TEXT NOT NULL DEFAULT '{}',    -- JSON {"B": path, "G": path}
+        params      TEXT NOT NULL DEFAULT '{}',    -- JSON solver parameters
+        quality     TEXT NOT NULL DEFAULT '{}',    -- JSON quality figures
+        status      TEXT NOT NULL CHECK (status IN ('valid','rejected')),
+        reason      TEXT,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX calibration_sets_time ON calibration_sets(status, t_transit);
+
+    CREATE TABLE images (
+        path       TEXT PRIMARY KEY,               -- the restored image (FITS)
+        group_id   TEXT REFERENCES groups(group_id) ON DELETE SET NULL,
+        ms_path    TEXT,
+        kind       TEXT NOT NULL DEFAULT 'continuum',
+        products   TEXT NOT NULL DEFAULT '{}',     -- JSON {"residual": path, ...}
+        noise_jy   REAL,
+        peak_jy    REAL,
+        beam       TEXT,                           -- JSON {"bmaj_deg", "bmin_deg", "bpa_deg"}
+        calset_id  INTEGER REFERENCES calibration_sets(id),
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE sources (
+        id      INTEGER PRIMARY KEY,
+        name    TEXT NOT NULL UNIQUE,
+        ra_deg  REAL NOT NULL,
+        dec_deg REAL NOT NULL,
+        flux_jy REAL,
+        origin  TEXT
+    );
+
+    CREATE TABLE photometry (
+        id         INTEGER PRIMARY KEY,
+        source_id  INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
+        image_path TEXT NOT NULL REFERENCES images(path) ON DELETE CASCADE,
+        t_mid      REAL,
+        flux_jy    REAL,
+        err_jy     REAL,
+        UNIQUE (source_id, image_path)
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StateError(RuntimeError):
+    """An illegal or lost state transition."""
+
+
+def default_db_path() -> Path:
+    """``$PIPELINE_DB``, else ``$PIPELINE_STATE_DIR/db/pipeline.sqlite3``, else
+    ``state/db/pipeline.sqlite3`` under the working directory."""
+    if os.environ.get("PIPELINE_DB"):
+        return Path(os.environ["PIPELINE_DB"])
+    base = Path(os.environ.get("PIPELINE_STATE_DIR", "state"))
+    return base / "db" / "pipeline.sqlite3"
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _row(cur, row):
+    return {d[0]: row[i] for i, d in enumerate(cur.description)}
+
+
+_JSON_COLS = {"tables", "params", "quality", "products", "beam", "missing"}
+
+
+def _decode(d: dict | None) -> dict | None:
+    if d is None:
+        return None
+    for k in _JSON_COLS & d.keys():
+        if isinstance(d[k], str):
+            d[k] = json.loads(d[k])
+    return d
+
+
+class StateDB:
+    """A connection to the state database; safe to share between threads of one
+    process (one connection, serialised by a lock). Create one per process."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0):
+        self.path = Path(path) if path is not None else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._con = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                    check_same_thread=False)
+        self._con.row_factory = _row
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("PRAGMA foreign_keys=ON")
+        self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        self._con.execute("PRAGMA synchronous=NORMAL")
+        self.migrate()
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self):
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):   # pickled to a Dask worker: reopen there by path
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    @contextmanager
+    def transaction(self):
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (rollback on error); yields the connection."""
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def query(self, sql, params=()) -> list[dict]:
+        with self._lock:
+            return [_decode(r) for r in self._con.execute(sql, params).fetchall()]
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._con.execute("PRAGMA user_version").fetchone()["user_version"]
+
+    def migrate(self):
+        """Bring the schema to ``SCHEMA_VERSION``; one transaction per migration."""
+        with self._lock:
+            v = self.version
+            if v > SCHEMA_VERSION:
+                raise StateError(f"{self.path}: schema version {v} is newer than this "
+                                 f"contimg ({SCHEMA_VERSION}); upgrade contimg")
+            for i in range(v, SCHEMA_VERSION):
+                log.info("%s: migrating schema %d -> %d", self.path, i, i + 1)
+                with self.transaction() as con:
+                    for stmt in MIGRATIONS[i].split(";"):
+                        if stmt.strip():
+                            con.execute(stmt)
+                    con.execute(f"PRAGMA user_version={i + 1}")
+
+    # ------------------------------------------------------------------ files and groups
+    def add_file(self, path, *, subband: int, timestamp: float, group_id: str,
+                 t_start: float, n_expected: int, size: int | None = None,
+                 status: str = "seen", reason: str | None = None) -> bool:
+        """Record a newly seen subband file in its group (created if new). Returns
+        False when the path was already known."""
+        now = time.time()
+        with self.transaction() as con:
+            if con.execute("SELECT 1 FROM hdf5_files WHERE path=?", (str(path),)).fetchone():
+                return False
+            con.execute(
+                "INSERT INTO groups (group_id, t_start, n_expected, created_at, updated_at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT(group_id) DO NOTHING",
+                (group_id, t_start, n_expected, now, now))
+            con.execute(
+                "INSERT INTO hdf5_files (path, group_id, subband, timestamp, size, status, "
+                "reason, first_seen) VALUES (?,?,?,?,?,?,?,?)",
+                (str(path), group_id, subband, timestamp, size, status, reason, now))
+            return True
+
+    def set_file_status(self, path, status: str, *, size=None, reason=None):
+        now = time.time()
+        with self.transaction() as con:
+            con.execute("UPDATE hdf5_files SET status=?, size=COALESCE(?, size), reason=?, "
+                        "ready_at=CASE WHEN ?='ready' THEN ? ELSE ready_at END WHERE path=?",
+                        (status, size, reason, status, now, str(path)))
+            g = con.execute("SELECT group_id FROM hdf5_files WHERE path=?",
+                            (str(path),)).fetchone()
+            if g and g["group_id"]:
+                n = con.execute("SELECT COUNT(DISTINCT subband) AS n FROM hdf5_files "
+                                "WHERE group_id=? AND status='ready'",
+                                (g["group_id"],)).fetchone()["n"]
+                con.execute("UPDATE groups SET n_present=?, updated_at=? WHERE group_id=?",
+                            (n, now, g["group_id"]))
+
+    def files(self, group_id=None, status=None) -> list[dict]:
+        sql, args = "SELECT * FROM hdf5_files WHERE 1=1", []
+        if group_id is not None:
+            sql += " AND group_id=?"
+            args.append(group_id)
+        if status is not None:
+            sql += " AND status=?"
+            args.append(status)
+        return self.query(sql + " ORDER BY subband, path", args)
+
+    def group(self, group_id) -> dict | None:
+        r = self.query("SELECT * FROM groups WHERE group_id=?", (group_id,))
+        return r[0] if r else None
+
+    def groups(self, state=None, limit=None) -> list[dict]:
+        sql, args = "SELECT * FROM groups", []
+        if state is not None:
+            states = [state] if isinstance(state, str) else list(state)
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += states
+        sql += " ORDER BY t_start"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self.query(sql, args)
+
+    def find_group(self, t: float, tolerance_s: float) -> dict | None:
+        """The group whose start is nearest to ``t`` within ``tolerance_s``."""
+        r = self.query("SELECT * FROM groups WHERE ABS(t_start - ?) <= ? "
+                       "ORDER BY ABS(t_start - ?) LIMIT 1", (t, tolerance_s, t))
+        return r[0] if r else None
+
+    def transition(self, group_id, to_state: str, *, expect: str | tuple | None = None,
+                   reason: str | None = None, **fields) -> bool:
+        """Move ``group_id`` to ``to_state`` if it is currently in ``expect`` (one of
+        them); atomically, with an event logged. Returns False (nothing changed) when the
+        group is not in an expected state."""
+        if to_state not in GROUP_STATES:
+            raise StateError(f"unknown group state {to_state!r}")
+        now = time.time()
+        with self.transaction() as con:
+            row = con.execute("SELECT state FROM groups WHERE group_id=?",
+                              (group_id,)).fetchone()
+            if row is None:
+                raise StateError(f"group {group_id}: not in the state database")
+            cur = row["state"]
+            allowed = (expect,) if isinstance(expect, str) else expect
+            if allowed is not None and cur not in allowed:
+                return False
+            if (cur, to_state) not in _TRANSITIONS:
+                raise StateError(f"group {group_id}: illegal transition {cur} -> {to_state}")
+            sets = {"state": to_state, "updated_at": now, **fields}
+            if to_state == "in_progress":
+                sets.setdefault("started_at", now)
+            if to_state in ("completed", "failed"):
+                sets.setdefault("finished_at", now)
+            if to_state == "failed" or reason is not None and to_state != "completed":
+                sets.setdefault("error", reason)
+            for k in ("missing",):
+                if k in sets and not isinstance(sets[k], (str, type(None))):
+                    sets[k] = json.dumps(sets[k])
+            cols = ", ".join(f"{k}=?" for k in sets)
+            n = con.execute(f"UPDATE groups SET {cols} WHERE group_id=? AND state=?",
+                            (*sets.values(), group_id, cur)).rowcount
+            if n != 1:
+                return False
+            con.execute("INSERT INTO group_events (group_id, from_state, to_state, at, owner, "
+                        "reason) VALUES (?,?,?,?,?,?)",
+                        (group_id, cur, to_state, now, fields.get("owner"), reason))
+        log.debug("group %s: %s -> %s%s", group_id, cur, to_state,
+                  f" ({reason})" if reason else "")
+        return True
+
+    def claim(self, group_id, owner: str | None = None) -> dict | None:
+        """pending → in_progress for this process; the group row, or None if someone
+        else has it (or it is no longer pending)."""
+        owner = owner or owner_id()
+        now = time.time()
+        with self._lock:
+            attempts = self.group(group_id)["attempts"]
+            ok = self.transition(group_id, "in_progress", expect="pending", owner=owner,
+                                 heartbeat=now, started_at=now, attempts=attempts + 1,
+                                 error=None)
+        return self.group(group_id) if ok else None
+
+    def next_pending(self, limit: int = 1) -> list[dict]:
+        return self.groups("pending", limit=limit)
+
+    def heartbeat(self, group_ids, owner: str | None = None):
+        owner = owner or owner_id()
+        ids = list(group_ids)
+        if not ids:
+            return
+        with self.transaction() as con:
+            con.execute(f"UPDATE groups SET heartbeat=? WHERE owner=? AND state='in_progress' "
+                        f"AND group_id IN ({','.join('?' * len(ids))})",
+                        (time.time(), owner, *ids))
+
+    def events(self, group_id=None) -> list[dict]:
+        if group_id is None:
+            return self.query("SELECT * FROM group_events ORDER BY id")
+        return self.query("SELECT * FROM group_events WHERE group_id=? ORDER BY id",
+                          (group_id,))
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(GROUP_STATES, 0)
+        for r in self.query("SELECT state, COUNT(*) AS n FROM groups GROUP BY state"):
+            out[r["state"]] = r["n"]
+        return out
+
+    # ------------------------------------------------------------------ timings
+    def record_stage(self, group_id, attempt: int, stage: str, status: str,
+                     seconds: float | None = None, started_at: float | None = None,
+                     detail: str | None = None):
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO stage_timings (group_id, attempt, stage, status, seconds, "
+                "started_at, detail) VALUES (?,?,?,?,?,?,?) ON CONFLICT(group_id, attempt, "
+                "stage) DO UPDATE SET status=excluded.status, seconds=excluded.seconds, "
+                "started_at=excluded.started_at, detail=excluded.detail",
+                (group_id, attempt, stage, status, seconds, started_at, detail))
+
+    def timings(self, group_id=None) -> list[dict]:
+        if group_id is None:
+            return self.query("SELECT * FROM stage_timings ORDER BY group_id, attempt, id")
+        return self.query("SELECT * FROM stage_timings WHERE group_id=? ORDER BY attempt, id",
+                          (group_id,))
+
+    # ------------------------------------------------------------------ products
+    def register_ms(self, path, *, group_id=None, t_start=None, t_end=None, nbytes=None,
+                    flagged_fraction=None, calset_id=None, status="converted"):
+        """Insert or update (by path) a Measurement Set: re-processing a group replaces
+        its row, it never duplicates it."""
+        now = time.time()
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO measurement_sets (path, group_id, t_start, t_end, nbytes, "
+                "flagged_fraction, calset_id, status, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
+                "group_id=COALESCE(excluded.group_id, group_id), "
+                "t_start=COALESCE(excluded.t_start, t_start), "
+                "t_end=COALESCE(excluded.t_end, t_end), "
+                "nbytes=COALESCE(excluded.nbytes, nbytes), "
+                "flagged_fraction=COALESCE(excluded.flagged_fraction, flagged_fraction), "
+                "calset_id=COALESCE(excluded.calset_id, calset_id), "
+                "status=excluded.status, updated_at=excluded.updated_at",
+                (str(path), group_id, t_start, t_end, nbytes, flagged_fraction, calset_id,
+                 status, now, now))
+
+    def measurement_sets(self, status=None, limit=None) -> list[dict]:
+        sql, args = "SELECT * FROM measurement_sets", []
+        if status:
+            sql += " WHERE status=?"
+            args.append(status)
+        sql += " ORDER BY t_start"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self.query(sql, args)
+
+    def register_image(self, path, *, group_id=None, ms_path=None, kind="continuum",
+                       products=None, noise_jy=None, peak_jy=None, beam=None,
+                       calset_id=None):
+        now = time.time()
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO images (path, group_id, ms_path, kind, products, noise_jy, "
+                "peak_jy, beam, calset_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(path) DO UPDATE SET group_id=excluded.group_id, "
+                "ms_path=excluded.ms_path, kind=excluded.kind, products=excluded.products, "
+                "noise_jy=excluded.noise_jy, peak_jy=excluded.peak_jy, beam=excluded.beam, "
+                "calset_id=excluded.calset_id, created_at=excluded.created_at",
+                (str(path), group_id, None if ms_path is None else str(ms_path), kind,
+                 json.dumps(products or {}), noise_jy, peak_jy,
+                 None if beam is None else json.dumps(beam), calset_id, now))
+
+    def images(self, group_id=None) -> list[dict]:
+        if group_id is None:
+            return self.query("SELECT * FROM images ORDER BY created_at")
+        return self.query("SELECT * FROM images WHERE group_id=?", (group_id,))
+
+    def add_source(self, name, ra_deg, dec_deg, flux_jy=None, origin=None) -> int:
+        with self.transaction() as con:
+            con.execute("INSERT INTO sources (name, ra_deg, dec_deg, flux_jy, origin) "
+                        "VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                        "ra_deg=excluded.ra_deg, dec_deg=excluded.dec_deg, "
+                        "flux_jy=excluded.flux_jy, origin=excluded.origin",
+                        (name, ra_deg, dec_deg, flux_jy, origin))
+            return con.execute("SELECT id FROM sources WHERE name=?", (name,)).fetchone()["id"]
+
+    def add_photometry(self, source_id, image_path, *, t_mid, flux_jy, err_jy):
+        with self.transaction() as con:
+            con.execute("INSERT INTO photometry (source_id, image_path, t_mid, flux_jy, err_jy)"
+                        " VALUES (?,?,?,?,?) ON CONFLICT(source_id, image_path) DO UPDATE SET "
+                        "t_mid=excluded.t_mid, flux_jy=excluded.flux_jy, "
+                        "err_jy=excluded.err_jy",
+                        (source_id, str(image_path), t_mid, flux_jy, err_jy))
+
+    # ------------------------------------------------------------------ calibration sets
+    def register_calset(self, name, *, ms_path=None, calibrator=None, t_transit=None,
+                        valid_start=None, valid_end=None, refant=None, tables=None,
+                        params=None, quality=None, status="valid", reason=None) -> int:
+        """Record a calibration set; returns its id. ``status="rejected"`` (with a
+        ``reason``) keeps a failed solve on record without ever making it usable. The
+        validity window defaults to ±12 h around ``t_transit``. Re-registering a name
+        replaces the row (a re-run of the same solve)."""
+        if status not in ("valid", "rejected"):
+            raise ValueError(f"calibration set {name}: status must be 'valid' or "
+                             f"'rejected', not {status!r}")
+        if status == "valid":
+            if t_transit is None or not tables:
+                raise ValueError(f"calibration set {name}: a valid set needs t_transit "
+                                 "and tables")
+            missing = [p for p in tables.values() if not os.path.exists(p)]
+            if missing:
+                raise ValueError(f"calibration set {name}: table(s) not found: {missing}")
+        if t_transit is not None:
+            valid_start = t_transit - 12 * 3600 if valid_start is None else valid_start
+            valid_end = t_transit + 12 * 3600 if valid_end is None else valid_end
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO calibration_sets (name, ms_path, calibrator, t_transit, "
+                "valid_start, valid_end, refant, tables, params, quality, status, reason, "
+                "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE "
+                "SET ms_path=excluded.ms_path, calibrator=excluded.calibrator, "
+                "t_transit=excluded.t_transit, valid_start=excluded.valid_start, "
+                "valid_end=excluded.valid_end, refant=excluded.refant, "
+                "tables=excluded.tables, params=excluded.params, quality=excluded.quality, "
+                "status=excluded.status, reason=excluded.reason, "
+                "created_at=excluded.created_at",
+                (name, None if ms_path is None else str(ms_path), calibrator, t_transit,
+                 valid_start, valid_end, None if refant is None else int(refant),
+                 json.dumps({k: str(v) for k, v in (tables or {}).items()}),
+                 json.dumps(params or {}, default=_jsonable),
+                 json.dumps(quality or {}, default=_jsonable), status, reason, time.time()))
+            return con.execute("SELECT id FROM calibration_sets WHERE name=?",
+                               (name,)).fetchone()["id"]
+
+    def find_calset(self, t_unix: float) -> dict | None:
+        """The valid set for time ``t_unix``: among valid sets whose window covers it,
+        the one with the nearest transit; else the nearest valid set in time (with
+        ``in_window=False``, so the caller can warn); None if there is no valid set."""
+        r = self.query("SELECT * FROM calibration_sets WHERE status='valid' AND "
+                       "valid_start <= ? AND ? <= valid_end ORDER BY ABS(t_transit - ?), id "
+                       "DESC LIMIT 1", (t_unix, t_unix, t_unix))
+        if r:
+            r[0]["in_window"] = True
+            return r[0]
+        r = self.query("SELECT * FROM calibration_sets WHERE status='valid' "
+                       "ORDER BY ABS(t_transit - ?), id DESC LIMIT 1", (t_unix,))
+        if r:
+            r[0]["in_window"] = False
+            return r[0]
+        return None
+
+    def list_calsets(self, status=None) -> list[dict]:
+        if status is None:
+            return self.query("SELECT * FROM calibration_sets ORDER BY t_transit")
+        return self.query("SELECT * FROM calibration_sets WHERE status=? ORDER BY t_transit",
+                          (status,))
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
