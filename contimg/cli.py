@@ -4,6 +4,11 @@
     contimg info PATH...            open a group (files or a directory) and describe it
     contimg convert INPUT... --out DIR [--scheduler ADDRESS] [--placement FILE.json]
     contimg flag PATH.ms [--strategy FILE.toml] [--restore NAME] [--list]
+    contimg stream --incoming DIR --output DIR [--scheduler ADDRESS]   the main job
+    contimg backfill --incoming DIR --output DIR | --ms PATH...        what was missed
+    contimg status [--db PATH]      the queue; contimg housekeeping: stale state, temporaries
+    contimg calibrate PATH.ms [--catalog FILE] [--refant N] [--db PATH|env]   B/G CASA tables
+    contimg apply PATH.ms [TABLE...] [--db PATH|env]   write CORRECTED_DATA
     contimg demo [--out DIR]        the main job on embedded defaults (see README)
 """
 
@@ -114,7 +119,7 @@ def _quiet_distributed():
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _client(scheduler):
+def _client(scheduler, workers=1):
     import dask
     from distributed import Client, LocalCluster
 
@@ -123,8 +128,8 @@ def _client(scheduler):
 
     if scheduler:
         return Client(scheduler)
-    n = max(1, (os.cpu_count() or 2))
-    cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=True,
+    n = max(1, (os.cpu_count() or 2) // max(1, workers))
+    cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=n, processes=True,
                            dashboard_address=":0", memory_limit="auto")
     return Client(cluster)
 
@@ -253,46 +258,215 @@ def cmd_flag(args):
     return 0
 
 
+def _stream_config(args, **over):
+    import json
+
+    from contimg.stream import StreamConfig
+
+    placement = args.placement
+    if placement == "discover":
+        placement = None
+    elif placement not in (None, "any"):
+        with open(placement) as fh:
+            placement = json.load(fh)
+    kw = dict(incoming=args.incoming, output=args.output, db_path=args.db,
+              n_subbands=args.subbands, tolerance_s=args.tolerance, poll_s=args.poll,
+              settle_s=args.settle, bad_file_grace_s=args.bad_file_grace,
+              group_timeout_s=args.group_timeout, incomplete=args.incomplete,
+              min_subbands=args.min_subbands, in_flight=args.in_flight,
+              max_retries=args.max_retries,
+              skip=frozenset(s for s in (args.skip or "").split(",") if s),
+              placement="any" if placement is None and args.placement is None else placement,
+              flag_strategy=args.flag_strategy, catalog=args.catalog, refant=args.refant,
+              image_options=_image_options(args))
+    kw.update(over)
+    return StreamConfig(**kw)
+
+
+def _image_options(args):
+    opts = {}
+    if getattr(args, "imsize", None):
+        opts["npix"] = args.imsize
+    if getattr(args, "cell", None):
+        opts["cell_arcsec"] = args.cell
+    if getattr(args, "niter", None) is not None:
+        opts["niter"] = args.niter
+    return opts
+
+
+def _install_stop(stream):
+    import signal
+
+    def handler(signum, frame):
+        log.warning("signal %d: finishing the groups in flight, then stopping", signum)
+        stream.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_outcome(stream, db, t0):
+    c = db.counts()
+    print(f"\n{len(stream.completed)} group(s) completed, {len(stream.failed)} failed in "
+          f"{time.perf_counter() - t0:.1f} s; queue now: "
+          + ", ".join(f"{k} {v}" for k, v in c.items()))
+
+
+def cmd_stream(args):
+    from contimg.state import StateDB
+    from contimg.stream import Stream
+
+    cfg = _stream_config(args)
+    db = StateDB(cfg.db_path)
+    t0 = time.perf_counter()
+    with _client(args.scheduler, workers=args.workers) as client:
+        print(f"contimg stream: {cfg.incoming} -> {cfg.output}; state {db.path}; "
+              f"Dask {client.dashboard_link or client.scheduler.address}", flush=True)
+        stream = Stream(cfg, client, db=db)
+        _install_stop(stream)
+        try:
+            stream.run(until_idle=args.until_idle, timeout=args.timeout)
+        except KeyboardInterrupt:
+            stream.stop()
+    _print_outcome(stream, db, t0)
+    return 0
+
+
+def cmd_backfill(args):
+    from contimg.state import StateDB
+    from contimg.stream import Stream, process_ms
+
+    cfg = _stream_config(args)
+    db = StateDB(cfg.db_path)
+    if args.retry_failed:
+        for g in db.groups("failed"):
+            db.transition(g["group_id"], "pending", expect="failed", retries=0,
+                          reason="backfill --retry-failed")
+    for gid in args.group or []:
+        g = db.group(gid)
+        if g is None:
+            raise ValueError(f"group {gid}: not in {db.path}")
+        if g["state"] in ("completed", "failed"):
+            db.transition(gid, "pending", retries=0, reason="backfill --group")
+    t0 = time.perf_counter()
+    with _client(args.scheduler, workers=args.workers) as client:
+        if args.ms:
+            for ms in args.ms:
+                res = process_ms(client, db, ms, cfg)
+                print(f"{ms}: " + ", ".join(f"{k} {v.get('status')}" for k, v in res.items()))
+            return 0
+        stream = Stream(cfg, client, db=db)
+        stream.run(once=True)
+    _print_outcome(stream, db, t0)
+    return 0 if not stream.failed else 1
+
+
+def _fmt_s(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def cmd_status(args):
+    import json
+
+    from contimg.state import StateDB
+
+    path = args.db
+    from contimg.state import default_db_path
+
+    if not os.path.exists(path or default_db_path()):
+        raise FileNotFoundError(f"{path or default_db_path()}: no state database "
+                                "(set PIPELINE_DB or pass --db)")
+    db = StateDB(path)
+    counts = db.counts()
+    groups = db.groups()[-args.limit:] if args.limit else db.groups()
+    if args.json:
+        print(json.dumps({"db": str(db.path), "counts": counts, "groups": groups,
+                          "calibration_sets": db.list_calsets()}, indent=1, default=str))
+        return 0
+    print(f"state database {db.path} (schema {db.version})")
+    print("queue: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if groups:
+        print(f"\n{'group':<20} {'state':<11} {'sb':>5} {'try':>3} {'total s':>7}  "
+              f"stages (s)")
+    for g in groups:
+        stages = {t["stage"]: t for t in db.timings(g["group_id"])
+                  if t["attempt"] == g["attempts"]}
+        total = stages.pop("total", {}).get("seconds")
+        st = " ".join(f"{k}={'skip' if v['status'] == 'skipped' else _fmt_s(v['seconds'])}"
+                      + ("!" if v["status"] == "failed" else "") for k, v in stages.items())
+        print(f"{g['group_id']:<20} {g['state']:<11} {g['n_present']:>2}/{g['n_expected']:<2} "
+              f"{g['attempts']:>3} {_fmt_s(total):>7}  {st}")
+        if g["error"] and g["state"] != "completed":
+            print(f"{'':<20} reason: {g['error'][:300]}")
+        elif g["missing"]:
+            print(f"{'':<20} missing {', '.join(f'{s:02d}' for s in g['missing'])} "
+                  "(processed with those subbands flagged)")
+    bad = db.query("SELECT path, status, reason FROM hdf5_files WHERE status IN "
+                   "('bad','duplicate','late') ORDER BY first_seen DESC LIMIT 20")
+    if bad:
+        print("\nfiles set aside:")
+        for f in bad:
+            print(f"  {f['status']:<9} {f['path']}: {f['reason'][:200]}")
+    cal = db.list_calsets()
+    if cal:
+        print("\ncalibration sets:")
+        for c in cal:
+            print(f"  {c['name']} {c['status']} {c['calibrator'] or ''} refant {c['refant']}"
+                  + (f": {c['reason']}" if c["reason"] else ""))
+    return 0
+
+
+def cmd_housekeeping(args):
+    from contimg.state import StateDB
+    from contimg.stream import housekeeping
+
+    db = StateDB(args.db)
+    rep = housekeeping(db, output=args.output, stale_after_s=args.stale_after,
+                       collecting_timeout_s=args.collecting_timeout,
+                       tmp_age_s=args.tmp_age_hours * 3600)
+    print(f"housekeeping on {db.path}: {len(rep['resumed'])} stale in-progress group(s) back "
+          f"to pending, {len(rep['expired'])} stale collecting group(s) failed, "
+          f"{len(rep['removed'])} temporary path(s) removed")
+    for k in ("resumed", "expired", "removed"):
+        for item in rep[k]:
+            print(f"  {k}: {item}")
+    return 0
+
+
 def cmd_demo(args):
-    from contimg.convert import convert_many
-    from contimg.io.uvh5 import open_group
     from contimg.simulate import SimConfig, simulate
-    from graphs.flag import flag_dataset, flag_summary
-    from graphs.summary import group_summary
+    from contimg.state import StateDB
+    from contimg.stream import Stream, StreamConfig
 
     out = Path(args.out or tempfile.mkdtemp(prefix="contimg-demo-"))
     incoming = out / "incoming"
     cfg = SimConfig(n_ant=24, n_chan=12) if args.small else SimConfig()
+    cal_group = min(1, args.groups - 1)
     print(f"contimg demo: simulating {args.groups} DSA-110 group(s) "
           f"({cfg.n_ant} antennas, {cfg.n_subbands}x{cfg.n_chan} channels, "
-          f"{cfg.n_times} integrations; calibrator transits in group 0) into {incoming}",
-          flush=True)
+          f"{cfg.n_times} integrations; a calibrator transits in group {cal_group}) into "
+          f"{incoming}", flush=True)
     t0 = time.perf_counter()
-    groups = simulate(incoming, n_groups=args.groups, cfg=cfg, calibrator_group=0)
+    groups = simulate(incoming, n_groups=args.groups, cfg=cfg, calibrator_group=cal_group)
     print(f"  simulated in {time.perf_counter() - t0:.1f} s", flush=True)
+    db = StateDB(out / "state" / "pipeline.sqlite3")
+    scfg = StreamConfig(incoming=incoming, output=out / "products", db_path=db.path,
+                        n_subbands=cfg.n_subbands, settle_s=0.5, poll_s=0.5,
+                        image_options=({"npix": 1024, "cell_arcsec": 12.0} if args.small
+                                       else {}))
+    t1 = time.perf_counter()
     with _client(args.scheduler) as client:
-        print(f"  Dask dashboard: {client.dashboard_link}", flush=True)
-        for g in groups:
-            t1 = time.perf_counter()
-            ds = open_group(g.files, n_subbands=cfg.n_subbands)
-            print(f"\ngroup {g.stamp}\n" + _describe(ds), flush=True)
-            s = group_summary(ds).compute()
-            f = flag_summary(flag_dataset(ds)).compute()
-            print(f"  read, summarised and RFI-flagged on the cluster in "
-                  f"{time.perf_counter() - t1:.1f} s: mean |V| (cross) "
-                  f"{float(s.mean_cross_amplitude_per_channel.mean()):.3f}, "
-                  f"flagged {float(f.flag_fraction) * 100:.2f} %", flush=True)
-        t2 = time.perf_counter()
-        report = convert_many(client, [[str(p) for p in g.files] for g in groups],
-                              out / "ms", placement=None, n_subbands=cfg.n_subbands)
-        for stamp, summary in report.done:
-            print(f"  MS {summary['ms']} ({summary['seconds']:.1f} s)")
-        for stamp, err in report.failed:
-            print(f"  FAILED {stamp}: {err}")
-        print(f"  converted {len(report.done)} group(s) in {time.perf_counter() - t2:.1f} s")
-    print(f"\nproducts: {out}\n  subband files and truth: {incoming}\n"
-          f"  Measurement Sets:        {out / 'ms'}")
-    return 0 if not report.failed else 1
+        print(f"  Dask dashboard: {client.dashboard_link}\n  streaming "
+              f"{incoming} -> {scfg.output} (log below)", flush=True)
+        stream = Stream(scfg, client, db=db)
+        stream.run(until_idle=True)
+    print(f"\nprocessed {len(stream.completed)} group(s) in {time.perf_counter() - t1:.1f} s "
+          f"({len(stream.failed)} failed)")
+    cmd_status(argparse.Namespace(db=str(db.path), limit=0, json=False))
+    print(f"\nproducts: {scfg.output}\n  Measurement Sets: {scfg.output / 'ms'}\n"
+          f"  calibration:      {scfg.output / 'cal'}\n  images:           "
+          f"{scfg.output / 'images'}\n  state database:   {db.path}  (contimg status --db "
+          f"{db.path})\n  simulated input and truth: {incoming}")
+    return 0 if not stream.failed and len(stream.completed) == len(groups) else 1
 
 
 def build_parser():
@@ -355,10 +529,97 @@ def build_parser():
     s.add_argument("--list", action="store_true", help="list the saved flag versions")
     s.set_defaults(func=cmd_flag)
 
+    def stream_options(s, once=False):
+        s.add_argument("--incoming", required=True, help="directory the subband files arrive in")
+        s.add_argument("--output", required=True,
+                       help="products directory (ms/, cal/, images/ below it)")
+        s.add_argument("--db", default=None,
+                       help="state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)")
+        s.add_argument("--scheduler", default=None,
+                       help="address of a Dask scheduler (default: a LocalCluster)")
+        s.add_argument("--workers", type=int, default=1,
+                       help="LocalCluster worker processes (default 1, all cores as threads)")
+        s.add_argument("--subbands", type=int, default=16, help="subbands per group (16)")
+        s.add_argument("--tolerance", type=float, default=60.0,
+                       help="file-name timestamps of one group differ by at most this (s)")
+        s.add_argument("--poll", type=float, default=2.0,
+                       help="polling period, s (filesystem notifications wake it earlier)")
+        s.add_argument("--settle", type=float, default=3.0,
+                       help="a file is complete once its size was stable this long (s) and "
+                            "its HDF5 header opens")
+        s.add_argument("--bad-file-grace", type=float, default=60.0,
+                       help="a stable file whose header does not open this long is bad (s)")
+        s.add_argument("--group-timeout", type=float, default=600.0,
+                       help="an incomplete group waits this long after its first file (s), "
+                            "then the --incomplete policy applies")
+        s.add_argument("--incomplete", choices=("process", "fail"), default="process",
+                       help="incomplete group after the timeout: process it with the missing "
+                            "subbands flagged (if at least --min-subbands), or fail it")
+        s.add_argument("--min-subbands", type=int, default=12,
+                       help="fewest subbands the 'process' policy accepts (12)")
+        s.add_argument("--in-flight", type=int, default=2, help="groups processed at once")
+        s.add_argument("--max-retries", type=int, default=2,
+                       help="failed attempts of a group re-queued before it is failed")
+        s.add_argument("--skip", default="",
+                       help="comma-separated stages not to run: flag, calibrate, apply, image")
+        s.add_argument("--placement", default=None,
+                       help="which worker reads which file: 'any' (default, shared disk), "
+                            "'discover' (ask the workers), or a JSON file {worker: [dirs]}")
+        s.add_argument("--flag-strategy", default=None, help="flagging strategy TOML")
+        s.add_argument("--catalog", default=None,
+                       help="calibrator catalogue (default $VLA_CATALOG or the built-in list)")
+        s.add_argument("--refant", type=int, default=None, help="reference antenna")
+        s.add_argument("--imsize", type=int, default=None,
+                       help="image size in pixels (default $IMG_IMSIZE or the imager's)")
+        s.add_argument("--cell", type=float, default=None, help="image cell, arcsec")
+        s.add_argument("--niter", type=int, default=None, help="CLEAN iterations")
+
+    s = sub.add_parser("stream", help="the streaming service: watch, group, process, register")
+    stream_options(s)
+    s.add_argument("--until-idle", action="store_true",
+                   help="exit once nothing is collecting, pending or in progress")
+    s.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    s.set_defaults(func=cmd_stream)
+
+    s = sub.add_parser("backfill", help="process what is already on disk and was missed")
+    stream_options(s)
+    s.add_argument("--retry-failed", action="store_true",
+                   help="also re-queue every failed group")
+    s.add_argument("--group", action="append", help="re-queue this group (repeatable)")
+    s.add_argument("--ms", nargs="+", default=None,
+                   help="run the stages after conversion on these Measurement Sets instead")
+    s.set_defaults(func=cmd_backfill)
+
+    s = sub.add_parser("status", help="print the queue and the recent groups")
+    s.add_argument("--db", default=None,
+                   help="state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)")
+    s.add_argument("--limit", type=int, default=20, help="groups to list (0: all)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("housekeeping", help="reset stale groups, expire stale collecting "
+                                             "groups, remove old temporary outputs")
+    s.add_argument("--db", default=None,
+                   help="state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)")
+    s.add_argument("--output", default=None, help="products directory to clean")
+    s.add_argument("--stale-after", type=float, default=1800.0,
+                   help="in-progress groups whose owner is gone, or silent this long (s), go "
+                        "back to pending")
+    s.add_argument("--collecting-timeout", type=float, default=3600.0,
+                   help="collecting groups older than this (s) are failed with the reason")
+    s.add_argument("--tmp-age-hours", type=float, default=6.0,
+                   help="temporary outputs older than this are removed even if their "
+                        "process may live (those of dead processes always are)")
+    s.set_defaults(func=cmd_housekeeping)
+
+    from contimg.calibrate import add_subcommands as _calibration_subcommands
+
+    _calibration_subcommands(sub)  # contimg calibrate / contimg apply (issue 5)
+
     s = sub.add_parser("demo", help="the main job on embedded defaults (simulated data)")
     s.add_argument("--out", default=None, help="output directory (default: a temporary one)")
-    s.add_argument("--groups", type=int, default=1)
-    s.add_argument("--small", action="store_true", help="a shrunken group, for a quick look")
+    s.add_argument("--groups", type=int, default=3)
+    s.add_argument("--small", action="store_true", help="shrunken groups, for a quick look")
     s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
     s.set_defaults(func=cmd_demo)
     return p

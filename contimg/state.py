@@ -92,7 +92,7 @@ MIGRATIONS: list[str] = [
         timestamp  REAL NOT NULL,                  -- unix seconds from the file name
         size       INTEGER,
         status     TEXT NOT NULL DEFAULT 'seen'
-                   CHECK (status IN ('seen','ready','bad','duplicate')),
+                   CHECK (status IN ('seen','ready','bad','duplicate','late')),
         reason     TEXT,
         first_seen REAL NOT NULL,
         ready_at   REAL

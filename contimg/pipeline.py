@@ -1,0 +1,143 @@
+"""The stages of one group after conversion, as functions a Dask worker runs.
+
+Each takes and returns plain values (paths, dicts), so the streaming service, backfill
+and a Jupyter user can submit them to any cluster. Every stage is idempotent: it may be
+re-run after a worker died half-way (outputs are written to a temporary path and
+renamed; flagging recovers an interrupted run), which is what lets Dask re-schedule it.
+
+A stage whose implementation is not installed in this version, or that has nothing to
+do (no calibrator transits, no valid calibration set), returns
+``{"status": "skipped", "reason": ...}`` instead of failing the group.
+
+Stages: ``flag`` → ``calibrate`` (only when a calibrator transits) → ``apply`` (the
+valid calibration set nearest in time) → ``image``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAGES = ("convert", "flag", "calibrate", "apply", "image")
+
+
+def _available(module: str, *names: str) -> bool:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False
+    return all(hasattr(mod, n) for n in names)
+
+
+def stage_available(stage: str) -> bool:
+    """Whether this installation implements ``stage``."""
+    if stage in ("convert", "flag"):
+        return True
+    if stage == "calibrate":
+        return _available("contimg.calibrate", "calibrate_ms", "find_calibrator")
+    if stage == "apply":
+        return _available("contimg.calibrate", "apply_ms")
+    if stage == "image":
+        return _available("contimg.imaging", "image_ms")
+    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+
+
+def _plain(obj):
+    """A JSON-friendly copy of a result (dataclass, numpy scalars, paths)."""
+    import numpy as np
+
+    if is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 64 else f"array{obj.shape}"
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def skipped(reason: str) -> dict:
+    return {"status": "skipped", "reason": reason}
+
+
+def stage_flag(ms_path: str, strategy=None) -> dict:
+    """RFI-flag the MS in place (``contimg.flagging.flag_ms``); the flag fraction."""
+    from contimg.flagging import default_summary_path, flag_ms
+
+    t0 = time.perf_counter()
+    s = flag_ms(ms_path, strategy=strategy, backup=False,
+                summary_path=default_summary_path(ms_path))
+    return {"status": "ok", "seconds": time.perf_counter() - t0,
+            "flagged_before": s["before"]["overall"], "flagged": s["after"]["overall"]}
+
+
+def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
+                    catalog=None, refant=None) -> dict:
+    """Solve bandpass and gains if a calibrator transits in the MS; the solutions are
+    written as CASA tables in ``cal_dir`` and registered in the state database. A solve
+    that fails its quality checks is registered as rejected (by ``calibrate_ms``) and
+    reported here as ``status="rejected"``: it is not a failure of the group."""
+    if not stage_available("calibrate"):
+        return skipped("calibration is not available in this installation")
+    from contimg import calibrate
+
+    matches = calibrate.find_calibrator(ms_path, catalog=catalog)
+    if not matches:
+        return skipped("no calibrator transits in the primary beam")
+    os.makedirs(cal_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        res = calibrate.calibrate_ms(ms_path, out_dir=cal_dir, catalog=catalog,
+                                     refant=refant, db=db_path, name=name)
+    except calibrate.CalibrationError as exc:
+        log.warning("%s: calibration rejected: %s", ms_path, exc)
+        return {"status": "rejected", "reason": f"{type(exc).__name__}: {exc}",
+                "seconds": time.perf_counter() - t0}
+    out = _plain(res)
+    out.update(status="ok", seconds=time.perf_counter() - t0)
+    return out
+
+
+def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
+    """Apply the valid calibration set nearest in time (CORRECTED_DATA)."""
+    if not stage_available("apply"):
+        return skipped("calibration is not available in this installation")
+    from contimg import calibrate
+    from contimg.state import StateDB
+
+    with StateDB(db_path) as db:
+        cs = db.find_calset(t_mid)
+    if cs is None:
+        return skipped("no valid calibration set in the database")
+    if not cs["in_window"]:
+        log.warning("%s: no calibration set valid at this time; using the nearest, %s "
+                    "(transit %.0f s away)", ms_path, cs["name"], abs(cs["t_transit"] - t_mid))
+    t0 = time.perf_counter()
+    calibrate.apply_ms(ms_path, cs["tables"])
+    return {"status": "ok", "seconds": time.perf_counter() - t0, "calset_id": cs["id"],
+            "calset": cs["name"], "in_window": bool(cs["in_window"])}
+
+
+def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> dict:
+    """Image the MS (CORRECTED_DATA when present) to FITS files ``<prefix>-*.fits``."""
+    if not stage_available("image"):
+        return skipped("imaging is not available in this installation")
+    from contimg import imaging
+
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    t0 = time.perf_counter()
+    res = imaging.image_ms(ms_path, prefix, **(options or {}))
+    out = _plain(res)
+    out.update(status="ok", seconds=time.perf_counter() - t0)
+    return out

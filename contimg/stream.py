@@ -1,0 +1,725 @@
+"""The streaming service: incoming subband files → groups → Dask → products.
+
+``Stream.run()`` is the main job of the telescope. Each pass of its loop:
+
+1. **scan** the incoming directory (woken by filesystem notifications through
+   ``watchdog``, with polling as the fallback and the safety net). A new subband file is
+   recorded at once; it becomes *ready* when its size and mtime have been stable for
+   ``settle_s`` and its HDF5 header opens. A stable file whose header still does not open
+   after ``bad_file_grace_s`` is *bad* (truncated/corrupt), with the reason recorded.
+   A second file for a subband a group already has is a *duplicate*; a file for a group
+   already dispatched is *late*. Both are recorded and ignored.
+2. **group**: files join the group whose start is within ``tolerance_s`` (±60 s) of their
+   file-name timestamp. A group with all its subbands ready becomes *pending*. A group
+   still incomplete ``group_timeout_s`` after its first file is, by the ``incomplete``
+   policy, either processed with the missing subbands flagged (``"process"``, if at
+   least ``min_subbands`` are there) or *failed* with the reason (``"fail"``).
+3. **dispatch** pending groups, oldest first, ``in_flight`` at a time: each is claimed
+   atomically in the state database (so no group is ever processed twice at once) and
+   runs through the stages convert → flag → calibrate (if a calibrator transits) →
+   apply (the valid calibration set nearest in time) → image → register products, every
+   stage a task on the Dask cluster, timed into ``stage_timings``.
+4. **retry**: a failed group goes back to *pending* until it has failed
+   ``max_retries + 1`` times, then it is *failed* with the error. Bad input (a file
+   that turns out corrupt when its data are read) marks the file bad and re-queues the
+   group without it when the policy allows. A Dask worker dying mid-task is handled by
+   Dask itself (the task is re-run elsewhere; all stages are idempotent).
+
+On start it **resumes**: groups left *in_progress* by a stream process that is gone go
+back to *pending*, and temporary outputs of dead processes are removed. Only one stream
+may serve an output directory at a time (a lock file there).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contimg import pipeline
+from contimg import telescope as tel
+from contimg.state import StateDB, owner_id
+
+log = logging.getLogger(__name__)
+
+INCOMPLETE_POLICIES = ("process", "fail")
+_TMP_RE = re.compile(r"\.tmp-(\d+)(?:$|[.-])")
+
+
+@dataclass
+class StreamConfig:
+    """Everything the stream can be told; defaults suit the telescope.
+
+    Environment: ``PIPELINE_DB`` (database path, when ``db_path`` is None),
+    ``HDF5_USE_FILE_LOCKING`` (set to FALSE unless given: files are read while the
+    correlator may still hold them), ``IMG_*`` (imaging defaults, see the imaging stage).
+    """
+
+    incoming: Path
+    output: Path
+    db_path: Path | None = None
+    n_subbands: int = tel.N_SUBBANDS
+    tolerance_s: float = tel.GROUP_TOLERANCE_S   # file-name timestamps of one group
+    poll_s: float = 2.0                          # polling period (notifications wake earlier)
+    settle_s: float = 3.0                        # size/mtime stable this long → check HDF5
+    bad_file_grace_s: float = 60.0               # stable but unreadable this long → bad
+    group_timeout_s: float = 600.0               # first file + this → incomplete policy
+    incomplete: str = "process"                  # "process" (missing flagged) | "fail"
+    min_subbands: int = 12                       # fewest subbands "process" accepts
+    in_flight: int = 2                           # groups processed at once
+    max_retries: int = 2                         # failed attempts re-queued before "failed"
+    stale_after_s: float = 1800.0                # no heartbeat this long → owner presumed dead
+    skip: frozenset = field(default_factory=frozenset)   # stages not to run
+    placement: object = "any"                    # see contimg.convert (None: discover)
+    flag_strategy: object = None                 # graphs.flag.FlagStrategy / TOML / None
+    catalog: object = None                       # calibrator catalogue (None: built-in/env)
+    refant: int | None = None
+    image_options: dict = field(default_factory=dict)
+    status_every_s: float = 30.0                 # period of the queue summary in the log
+    use_notifications: bool = True
+
+    def __post_init__(self):
+        self.incoming = Path(self.incoming)
+        self.output = Path(self.output)
+        if self.incomplete not in INCOMPLETE_POLICIES:
+            raise ValueError(f"incomplete policy {self.incomplete!r}: expected one of "
+                             f"{', '.join(INCOMPLETE_POLICIES)}")
+        bad = set(self.skip) - set(pipeline.STAGES)
+        if bad:
+            raise ValueError(f"--skip {','.join(sorted(bad))}: unknown stage(s); stages are "
+                             f"{', '.join(pipeline.STAGES)}")
+        if "convert" in self.skip:
+            raise ValueError("--skip convert: every later stage needs the MS")
+        if not 1 <= self.min_subbands <= self.n_subbands:
+            raise ValueError(f"min_subbands={self.min_subbands}: must be 1..{self.n_subbands}")
+        self.skip = frozenset(self.skip)
+
+
+class BadInput(Exception):
+    """A group's input turned out unusable (names the file)."""
+
+
+class StreamBusy(RuntimeError):
+    """Another stream process already serves this output directory."""
+
+
+def _unix(ts: _dt.datetime) -> float:
+    return ts.replace(tzinfo=_dt.timezone.utc).timestamp()
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
+
+
+def _owner_gone(owner: str | None, heartbeat: float | None, stale_after_s: float) -> bool:
+    if not owner:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host == owner_id().rpartition(":")[0] and pid.isdigit():
+        return int(pid) == os.getpid() or not _pid_alive(int(pid))
+    return heartbeat is None or time.time() - heartbeat > stale_after_s
+
+
+def remove_stale_temporaries(root: Path, *, min_age_s: float = 0.0) -> list[str]:
+    """Remove ``*.tmp-<pid>*`` files/directories under ``root`` whose process is gone
+    (or older than ``min_age_s`` when that is > 0); the removed paths."""
+    removed = []
+    root = Path(root)
+    if not root.exists():
+        return removed
+    now = time.time()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            m = _TMP_RE.search(name)
+            if not m:
+                continue
+            p = Path(dirpath) / name
+            try:
+                age = now - p.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            pid = int(m.group(1))
+            dead = pid != os.getpid() and not _pid_alive(pid)
+            if dead or (min_age_s > 0 and age > min_age_s):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(str(p))
+                if name in dirnames:
+                    dirnames.remove(name)
+    for p in removed:
+        log.info("removed temporary output of a dead process: %s", p)
+    return removed
+
+
+def resume_stale_groups(db: StateDB, stale_after_s: float, *, reason_prefix="resumed") -> list:
+    """In-progress groups whose owner is gone → pending (not counted as a retry)."""
+    out = []
+    for g in db.groups("in_progress"):
+        if _owner_gone(g["owner"], g["heartbeat"], stale_after_s):
+            why = f"{reason_prefix}: owner {g['owner']} is gone"
+            if db.transition(g["group_id"], "pending", expect="in_progress", reason=why,
+                             owner=None):
+                log.warning("group %s: %s; back to pending", g["group_id"], why)
+                out.append(g["group_id"])
+    return out
+
+
+def register_image_result(db: StateDB, res: dict, *, group_id=None, ms_path=None,
+                          calset_id=None):
+    """Record the FITS products of an imaging stage result in the images table."""
+    src = res["paths"] if isinstance(res.get("paths"), dict) else res
+    paths = {k: str(v) for k, v in src.items() if isinstance(v, str) and v.endswith(".fits")}
+    main = paths.get("image") or next(iter(paths.values()), None)
+    if main is None:
+        log.warning("imaging of %s returned no FITS path: %s", ms_path, res)
+        return None
+    beam = res.get("beam")
+    if isinstance(beam, (list, tuple)) and len(beam) == 3:   # (bmaj ", bmin ", bpa deg)
+        beam = {"bmaj_arcsec": beam[0], "bmin_arcsec": beam[1], "bpa_deg": beam[2]}
+    elif beam is not None and not isinstance(beam, dict):
+        beam = {"beam": beam}
+    db.register_image(main, group_id=group_id, ms_path=ms_path, products=paths,
+                      noise_jy=res.get("noise_jy", res.get("noise")),
+                      peak_jy=res.get("peak_jy", res.get("peak")), beam=beam,
+                      calset_id=calset_id)
+    return main
+
+
+class Stream:
+    """The streaming service on one Dask client (see the module docstring)."""
+
+    def __init__(self, cfg: StreamConfig, client, *, db: StateDB | None = None):
+        os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+        self.cfg = cfg
+        self.client = client
+        self.db = db or StateDB(cfg.db_path)
+        self.owner = owner_id()
+        self._watch: dict[str, list] = {}       # path -> [size, mtime, stable_since]
+        self._final: set[str] = set()           # paths whose status is settled
+        self._ignored: set[str] = set()
+        self._running: dict[str, object] = {}   # group_id -> concurrent future
+        self._pool = ThreadPoolExecutor(cfg.in_flight, thread_name_prefix="group")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_status = 0.0
+        self._lockfile = None
+        self.completed: list[str] = []
+        self.failed: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def _acquire_lock(self):
+        self.cfg.output.mkdir(parents=True, exist_ok=True)
+        path = self.cfg.output / ".contimg-stream.lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StreamBusy(f"{self.cfg.output}: already served by contimg stream "
+                             f"({holder}); one stream per output directory") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(self.owner)
+        fh.flush()
+        self._lockfile = fh
+
+    def _release_lock(self):
+        if self._lockfile is not None:
+            fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+            self._lockfile.close()
+            self._lockfile = None
+
+    def resume(self):
+        """Take over what a previous (dead) stream left: its in-progress groups go back to
+        pending, its temporary outputs are removed, known files are not re-examined."""
+        resumed = resume_stale_groups(self.db, self.cfg.stale_after_s)
+        remove_stale_temporaries(self.cfg.output)
+        for f in self.db.files():
+            if f["status"] != "seen":
+                self._final.add(f["path"])
+        counts = self.db.counts()
+        log.info("state %s: %s%s", self.db.path,
+                 ", ".join(f"{k} {v}" for k, v in counts.items()),
+                 f"; resumed {len(resumed)} group(s)" if resumed else "")
+
+    def stop(self):
+        """Ask the loop to finish (from a signal handler or another thread)."""
+        self._stop.set()
+        self._wake.set()
+
+    def run(self, *, until_idle: bool = False, timeout: float | None = None,
+            once: bool = False) -> dict:
+        """Serve until :meth:`stop` (or, with ``until_idle``, until nothing is collecting,
+        pending or running). ``once``: treat every file as settled and every incomplete
+        group as timed out at once (backfill of data already on disk). Returns the queue
+        counts at the end."""
+        self._acquire_lock()
+        observer = None
+        t_end = None if timeout is None else time.monotonic() + timeout
+        try:
+            self.resume()
+            if self.cfg.use_notifications and not once:
+                observer = self._start_observer()
+            log.info("watching %s%s; products in %s; %d group(s) in flight at most",
+                     self.cfg.incoming, " (notifications)" if observer else " (polling)",
+                     self.cfg.output, self.cfg.in_flight)
+            while not self._stop.is_set():
+                self.step(once=once)
+                if (until_idle or once) and self._idle():
+                    break
+                if t_end is not None and time.monotonic() > t_end:
+                    log.warning("stream: time limit of %.0f s reached", timeout)
+                    break
+                self._wake.wait(0.2 if once else self.cfg.poll_s)
+                self._wake.clear()
+        finally:
+            if observer is not None:
+                observer.stop()
+            self._drain()
+            self._pool.shutdown(wait=True)
+            self._release_lock()
+        counts = self.db.counts()
+        self._log_status(force=True)
+        return counts
+
+    def step(self, *, once: bool = False):
+        """One pass: scan, update groups, reap finished work, dispatch, heartbeat."""
+        self.scan(once=once)
+        self.update_groups(once=once)
+        self._reap()
+        self.dispatch()
+        if self._running:
+            self.db.heartbeat(list(self._running), owner=self.owner)
+        self._log_status()
+
+    def _start_observer(self):
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            return None
+        wake = self._wake
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                wake.set()
+
+        self.cfg.incoming.mkdir(parents=True, exist_ok=True)
+        obs = Observer()
+        obs.schedule(_Handler(), str(self.cfg.incoming), recursive=False)
+        try:
+            obs.start()
+        except OSError as exc:  # e.g. inotify watch limit: polling still works
+            log.warning("filesystem notifications unavailable (%s); polling", exc)
+            return None
+        return obs
+
+    def _drain(self):
+        """On stop: wait for groups in flight; a group interrupted by a stop request goes
+        back to pending (by its own worker thread)."""
+        if self._running:
+            log.info("waiting for %d group(s) in flight", len(self._running))
+        for fut in list(self._running.values()):
+            fut.result()
+        self._reap()
+
+    def _idle(self) -> bool:
+        if self._running:
+            return False
+        c = self.db.counts()
+        if c["collecting"] or c["pending"] or c["in_progress"]:
+            return False
+        return not any(p not in self._final for p in self._watch)
+
+    # ------------------------------------------------------------------ files
+    def scan(self, *, once: bool = False):
+        """Look at the incoming directory; record new files, promote settled ones."""
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.cfg.incoming))
+        except FileNotFoundError:
+            self.cfg.incoming.mkdir(parents=True, exist_ok=True)
+            return
+        new = []
+        for e in entries:
+            if not e.name.endswith(".hdf5") or e.name.startswith("."):
+                continue
+            path = os.path.abspath(e.path)
+            if path in self._final or path in self._ignored:
+                continue
+            try:
+                new.append((e.stat(), path))
+            except FileNotFoundError:
+                continue
+        # oldest first, so that of two files for one subband the earlier one wins
+        new.sort(key=lambda x: (x[0].st_mtime, x[1]))
+        for st, path in new:
+            if path not in self._watch:
+                if not self._register_new(path, st.st_size):
+                    continue
+                self._watch[path] = [st.st_size, st.st_mtime, now]
+                if not once:
+                    continue
+            w = self._watch[path]
+            if (st.st_size, st.st_mtime) != (w[0], w[1]):
+                w[:] = [st.st_size, st.st_mtime, now]
+                continue
+            stable = now - w[2]
+            if not once and stable < self.cfg.settle_s:
+                continue
+            self._check_file(path, st.st_size, stable, once)
+
+    def _register_new(self, path, size) -> bool:
+        try:
+            name = tel.parse_subband_filename(path)
+        except ValueError as exc:
+            log.warning("ignoring %s", exc)
+            self._ignored.add(path)
+            return False
+        ts = _unix(name.timestamp)
+        known = self.db.query("SELECT status FROM hdf5_files WHERE path=?", (path,))
+        if known:
+            if known[0]["status"] != "seen":
+                self._final.add(path)
+                return False
+            return True
+        g = self.db.find_group(ts, self.cfg.tolerance_s)
+        gid = g["group_id"] if g else name.stamp
+        status, reason = "seen", None
+        if name.subband >= self.cfg.n_subbands:
+            status, reason = "bad", (f"subband {name.subband} out of range "
+                                     f"(expected 0..{self.cfg.n_subbands - 1})")
+        elif g is not None and g["state"] != "collecting":
+            status, reason = "late", f"arrived after group {gid} was {g['state']}"
+        elif g is not None:
+            other = [f for f in self.db.files(gid) if f["subband"] == name.subband
+                     and f["status"] in ("seen", "ready")]
+            if other:
+                status, reason = "duplicate", (f"group {gid} already has subband "
+                                               f"{name.subband:02d} from {other[0]['path']}")
+        self.db.add_file(path, subband=name.subband, timestamp=ts, group_id=gid,
+                         t_start=ts, n_expected=self.cfg.n_subbands, size=size,
+                         status=status, reason=reason)
+        if status == "seen":
+            log.info("new file %s (group %s)", os.path.basename(path), gid)
+            return True
+        log.warning("%s: %s: %s", os.path.basename(path), status, reason)
+        self._final.add(path)
+        return False
+
+    def _check_file(self, path, size, stable_for, once):
+        from contimg.io.uvh5 import UVH5Error, read_header
+
+        try:
+            read_header(path)
+        except UVH5Error as exc:
+            if once or stable_for >= self.cfg.bad_file_grace_s:
+                self.db.set_file_status(path, "bad", size=size, reason=str(exc))
+                self._final.add(path)
+                log.error("bad file: %s", exc)
+            return
+        self.db.set_file_status(path, "ready", size=size)
+        self._final.add(path)
+        log.debug("ready: %s (%d bytes)", path, size)
+
+    # ------------------------------------------------------------------ groups
+    def update_groups(self, *, once: bool = False):
+        """collecting → pending (complete, or timed out under "process") or failed."""
+        now = time.time()
+        n = self.cfg.n_subbands
+        for g in self.db.groups("collecting"):
+            gid = g["group_id"]
+            files = self.db.files(gid)
+            ready = {f["subband"] for f in files if f["status"] == "ready"}
+            settling = [f for f in files if f["status"] == "seen"]
+            if len(ready) == n:
+                if self.db.transition(gid, "pending", expect="collecting", missing=[]):
+                    log.info("group %s: complete (%d subbands), queued", gid, n)
+                continue
+            age = now - g["created_at"]
+            if not once and (age < self.cfg.group_timeout_s or
+                             (settling and age < self.cfg.group_timeout_s
+                              + self.cfg.bad_file_grace_s)):
+                continue
+            missing = sorted(set(range(n)) - ready)
+            what = (f"{len(ready)}/{n} subbands after {age:.0f} s "
+                    f"(missing {', '.join(f'{s:02d}' for s in missing)})")
+            if self.cfg.incomplete == "process" and len(ready) >= self.cfg.min_subbands:
+                if self.db.transition(gid, "pending", expect="collecting", missing=missing,
+                                      reason=f"incomplete: {what}; processing with the "
+                                             "missing subbands flagged"):
+                    log.warning("group %s: incomplete, %s: queued with missing subbands "
+                                "flagged", gid, what)
+            else:
+                why = (f"incomplete: {what}; policy {self.cfg.incomplete!r}"
+                       + (f" needs at least {self.cfg.min_subbands}"
+                          if self.cfg.incomplete == "process" else ""))
+                if self.db.transition(gid, "failed", expect="collecting", reason=why,
+                                      missing=missing):
+                    log.error("group %s: failed: %s", gid, why)
+                    self.failed.append(gid)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self):
+        if self._stop.is_set():
+            return
+        while len(self._running) < self.cfg.in_flight:
+            cands = [g for g in self.db.next_pending(limit=self.cfg.in_flight + 8)
+                     if g["group_id"] not in self._running]
+            if not cands:
+                return
+            g = self.db.claim(cands[0]["group_id"], owner=self.owner)
+            if g is None:
+                continue
+            log.info("group %s: started (attempt %d)", g["group_id"], g["attempts"])
+            self._running[g["group_id"]] = self._pool.submit(self._process, g)
+
+    def _reap(self):
+        for gid, fut in list(self._running.items()):
+            if fut.done():
+                del self._running[gid]
+                exc = fut.exception()
+                if exc is not None:  # _process handles its own errors; this is a bug
+                    log.error("group %s: internal error: %r", gid, exc)
+
+    def _process(self, g):
+        gid = g["group_id"]
+        t0 = time.time()
+        try:
+            result = self._pipeline(g)
+        except BadInput as exc:
+            self._bad_input(g, str(exc))
+        except Exception as exc:  # noqa: BLE001 - recorded per group, others go on
+            self._failed_attempt(g, f"{type(exc).__name__}: {exc}")
+        else:
+            # a worker that died mid-write leaves its temporary MS behind: clear it now
+            remove_stale_temporaries(self.cfg.output)
+            self.db.record_stage(gid, g["attempts"], "total", "ok", time.time() - t0, t0)
+            if self.db.transition(gid, "completed", expect="in_progress", owner=self.owner):
+                log.info("group %s: completed in %.1f s: %s", gid, time.time() - t0, result)
+                self.completed.append(gid)
+            else:
+                log.error("group %s: finished but no longer ours (state %s)", gid,
+                          self.db.group(gid)["state"])
+        finally:
+            self._wake.set()
+
+    def _failed_attempt(self, g, why):
+        gid = g["group_id"]
+        if self._stop.is_set():
+            self.db.transition(gid, "pending", expect="in_progress",
+                               reason=f"interrupted by stop: {why}", owner=None)
+            return
+        retries = g["retries"] + 1
+        if retries > self.cfg.max_retries:
+            self.db.transition(gid, "failed", expect="in_progress", retries=retries,
+                               reason=f"failed {retries} time(s); last error: {why}")
+            log.error("group %s: failed for good after %d attempt(s): %s", gid, retries, why)
+            self.failed.append(gid)
+        else:
+            self.db.transition(gid, "pending", expect="in_progress", retries=retries,
+                               reason=why, owner=None)
+            log.warning("group %s: attempt failed (%s); retry %d/%d", gid, why, retries,
+                        self.cfg.max_retries)
+
+    def _bad_input(self, g, why):
+        """A file proved corrupt when read: drop it and re-queue the group if the policy
+        accepts what is left, else fail the group with the reason."""
+        gid = g["group_id"]
+        files = self.db.files(gid, status="ready")
+        culprits = [f for f in files if f["path"] in why]
+        for f in culprits:
+            self.db.set_file_status(f["path"], "bad", reason=why)
+        left = {f["subband"] for f in files} - {f["subband"] for f in culprits}
+        if (culprits and self.cfg.incomplete == "process"
+                and len(left) >= self.cfg.min_subbands):
+            missing = sorted(set(range(self.cfg.n_subbands)) - left)
+            self.db.transition(gid, "pending", expect="in_progress", missing=missing,
+                               reason=f"bad input, re-queued without it: {why}", owner=None)
+            log.error("group %s: %s; re-queued without the bad file(s)", gid, why)
+        else:
+            self.db.transition(gid, "failed", expect="in_progress",
+                               reason=f"bad input: {why}")
+            log.error("group %s: failed: bad input: %s", gid, why)
+            self.failed.append(gid)
+
+    # ------------------------------------------------------------------ the stages
+    def _stage(self, g, stage, fn, *args, **kw):
+        """Run one stage as a Dask task; record its timing; return its result dict."""
+        gid, attempt = g["group_id"], g["attempts"]
+        t0 = time.time()
+        if stage in self.cfg.skip:
+            self.db.record_stage(gid, attempt, stage, "skipped", 0.0, t0, "disabled")
+            return pipeline.skipped("disabled")
+        if self._stop.is_set():
+            raise RuntimeError("stream stopping")
+        try:
+            fut = self.client.submit(fn, *args, **kw, pure=False,
+                                     key=f"{stage}-{gid}-a{attempt}-{time.time_ns()}")
+            res = fut.result()
+        except Exception as exc:
+            self.db.record_stage(gid, attempt, stage, "failed", time.time() - t0, t0,
+                                 f"{type(exc).__name__}: {exc}")
+            raise
+        status = "skipped" if res.get("status") == "skipped" else "ok"
+        self.db.record_stage(gid, attempt, stage, status, time.time() - t0, t0,
+                             json.dumps(res, default=str))
+        log.info("group %s: %s %s in %.1f s%s", gid, stage, res.get("status", "ok"),
+                 time.time() - t0, f" ({res['reason']})" if "reason" in res else "")
+        return res
+
+    def _pipeline(self, g) -> dict:
+        from contimg.convert import convert_group
+        from contimg.io.uvh5 import UVH5Error, open_group
+
+        gid, attempt = g["group_id"], g["attempts"]
+        files = [f["path"] for f in self.db.files(gid, status="ready")]
+        if not files:
+            raise BadInput(f"group {gid}: no readable subband files")
+        stamp = min(tel.parse_subband_filename(f).stamp for f in files)
+        ms = str(self.cfg.output / "ms" / f"{stamp}.ms")
+        os.makedirs(os.path.dirname(ms), exist_ok=True)
+
+        # convert (the reads run on the workers; headers are read here)
+        t0 = time.time()
+        try:
+            ds = open_group(files, n_subbands=self.cfg.n_subbands,
+                            allow_missing=len(files) < self.cfg.n_subbands,
+                            name_tolerance_s=self.cfg.tolerance_s)
+            fut = convert_group(self.client, ds, ms, placement=self.cfg.placement,
+                                overwrite=True, key=f"convert-{gid}-a{attempt}")
+            conv = fut.result()
+        except UVH5Error as exc:
+            self.db.record_stage(gid, attempt, "convert", "failed", time.time() - t0, t0,
+                                 str(exc))
+            raise BadInput(str(exc)) from None
+        except Exception as exc:
+            self.db.record_stage(gid, attempt, "convert", "failed", time.time() - t0, t0,
+                                 f"{type(exc).__name__}: {exc}")
+            raise
+        times = ds.time.values
+        t_mid = float(times[len(times) // 2])
+        self.db.record_stage(gid, attempt, "convert", "ok", time.time() - t0, t0,
+                             json.dumps(conv, default=str))
+        self.db.register_ms(ms, group_id=gid, t_start=float(times[0]),
+                            t_end=float(times[-1]), nbytes=conv["nbytes"], status="converted")
+        log.info("group %s: convert ok in %.1f s -> %s", gid, time.time() - t0, ms)
+        out = {"ms": ms}
+
+        fl = self._stage(g, "flag", pipeline.stage_flag, ms, strategy=self.cfg.flag_strategy)
+        if fl.get("status") == "ok":
+            self.db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
+            out["flagged"] = round(fl["flagged"], 4)
+
+        cal = self._stage(g, "calibrate", pipeline.stage_calibrate, ms,
+                          db_path=str(self.db.path), cal_dir=str(self.cfg.output / "cal"),
+                          name=stamp, catalog=self.cfg.catalog, refant=self.cfg.refant)
+        if cal.get("status") in ("ok", "rejected"):
+            out["calibration"] = cal["status"]
+
+        ap = self._stage(g, "apply", pipeline.stage_apply, ms, db_path=str(self.db.path),
+                         t_mid=t_mid)
+        calset_id = ap.get("calset_id")
+        if ap.get("status") == "ok":
+            self.db.register_ms(ms, calset_id=calset_id, status="calibrated")
+            out["applied"] = ap["calset"]
+
+        im = self._stage(g, "image", pipeline.stage_image, ms,
+                         prefix=str(self.cfg.output / "images" / stamp),
+                         options=self.cfg.image_options)
+        if im.get("status") == "ok":
+            out["image"] = register_image_result(self.db, im, group_id=gid, ms_path=ms,
+                                                 calset_id=calset_id)
+        return out
+
+    # ------------------------------------------------------------------ reporting
+    def _log_status(self, force=False):
+        now = time.monotonic()
+        if not force and now - self._last_status < self.cfg.status_every_s:
+            return
+        self._last_status = now
+        c = self.db.counts()
+        log.info("queue: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                 + f"; in flight here: {', '.join(self._running) or 'none'}")
+
+
+# ---------------------------------------------------------------------- maintenance
+def housekeeping(db: StateDB, *, output=None, stale_after_s: float = 1800.0,
+                 collecting_timeout_s: float = 3600.0, tmp_age_s: float = 6 * 3600.0) -> dict:
+    """What ``contimg housekeeping`` does; safe while a stream runs.
+
+    * in-progress groups whose owner process is gone (or, on another host, silent for
+      ``stale_after_s``) → pending;
+    * collecting groups older than ``collecting_timeout_s`` → failed, with the reason;
+    * temporary outputs (``*.tmp-<pid>*``) under ``output`` of dead processes, or older
+      than ``tmp_age_s`` → removed.
+    """
+    resumed = resume_stale_groups(db, stale_after_s, reason_prefix="housekeeping")
+    expired = []
+    now = time.time()
+    for g in db.groups("collecting"):
+        age = now - g["created_at"]
+        if age > collecting_timeout_s:
+            have = sorted({f["subband"] for f in db.files(g["group_id"], status="ready")})
+            why = (f"housekeeping: still collecting after {age / 60:.0f} min with "
+                   f"{len(have)}/{g['n_expected']} subbands")
+            if db.transition(g["group_id"], "failed", expect="collecting", reason=why):
+                log.warning("group %s: %s", g["group_id"], why)
+                expired.append(g["group_id"])
+    removed = remove_stale_temporaries(Path(output), min_age_s=tmp_age_s) if output else []
+    return {"resumed": resumed, "expired": expired, "removed": removed}
+
+
+def process_ms(client, db: StateDB, ms_path, cfg: StreamConfig) -> dict:
+    """Run the stages after conversion (flag → calibrate → apply → image) on an existing
+    Measurement Set, as ``contimg backfill --ms`` does; products are registered."""
+    from contimg.io.ms import open_ms
+
+    ms = os.path.abspath(str(ms_path))
+    if not os.path.isdir(ms):
+        raise FileNotFoundError(f"{ms}: no such Measurement Set")
+    ds = open_ms(ms)
+    times = ds.time.values
+    t_mid = float(times[len(times) // 2])
+    stamp = Path(ms).name.removesuffix(".ms")
+    db.register_ms(ms, t_start=float(times[0]), t_end=float(times[-1]))
+    out = {}
+
+    def run(stage, fn, *args, **kw):
+        if stage in cfg.skip:
+            out[stage] = pipeline.skipped("disabled")
+            return out[stage]
+        t0 = time.perf_counter()
+        out[stage] = client.submit(fn, *args, **kw, pure=False).result()
+        log.info("%s: %s %s in %.1f s", ms, stage, out[stage].get("status"),
+                 time.perf_counter() - t0)
+        return out[stage]
+
+    fl = run("flag", pipeline.stage_flag, ms, strategy=cfg.flag_strategy)
+    if fl.get("status") == "ok":
+        db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
+    run("calibrate", pipeline.stage_calibrate, ms, db_path=str(db.path),
+        cal_dir=str(cfg.output / "cal"), name=stamp, catalog=cfg.catalog, refant=cfg.refant)
+    ap = run("apply", pipeline.stage_apply, ms, db_path=str(db.path), t_mid=t_mid)
+    if ap.get("status") == "ok":
+        db.register_ms(ms, calset_id=ap["calset_id"], status="calibrated")
+    im = run("image", pipeline.stage_image, ms, prefix=str(cfg.output / "images" / stamp),
+             options=cfg.image_options)
+    if im.get("status") == "ok":
+        register_image_result(db, im, ms_path=ms, calset_id=ap.get("calset_id"))
+    return out
