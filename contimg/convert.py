@@ -73,12 +73,15 @@ class _Lazy:
 
 
 def _compute_here(lazy):
+    """Runs where the block's file is: read the block and prepare it for the MAIN table
+    (conjugation, row reductions), so the writer only copies it into the MS."""
     import dask
 
-    from contimg.io.ms import single_block
+    from contimg.io.ms import prepare_ms_block, single_block
 
-    return list(dask.compute(*(single_block(a) for a in lazy.value), scheduler="threads",
-                             num_workers=1))
+    names = [n for n, _ in lazy.value]
+    values = dask.compute(*(single_block(a) for _, a in lazy.value), scheduler="sync")
+    return prepare_ms_block(dict(zip(names, values, strict=True)))
 
 
 class _Gathered:
@@ -116,12 +119,12 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch):
     labels = [os.path.basename(f).replace(".hdf5", "") if f else "filled"
               for f in ds.attrs["chunk_files"]]
     with worker_client() as client:
-        def submit(arrays, block):
+        def submit(named, block):
             # One task per block, pinned: the block's whole (small) graph runs inside it
             # on the worker that holds the file, so no read can drift elsewhere.
             ws = allowed[block[1]]
             pin = {} if ws is None else dict(workers=ws, allow_other_workers=False)
-            fut = client.submit(_compute_here, _Lazy(arrays), **pin, pure=False,
+            fut = client.submit(_compute_here, _Lazy(named), **pin, pure=False,
                                 key=f"read-{labels[block[1]]}-t{block[0]}-{token}")
             return _Gathered(client, fut)
 

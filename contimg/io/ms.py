@@ -310,7 +310,8 @@ class _Plan:
         """Compute one (time chunk, frequency chunk) block of every big column.
 
         Dask-backed variables are computed together (one ``dask.compute``, so shared
-        upstream tasks such as a file read run once); others are sliced.
+        upstream tasks such as a file read run once); others are sliced. Returned
+        prepared for the MAIN table (:func:`prepare_ms_block`).
         """
         import dask
 
@@ -318,7 +319,7 @@ class _Plan:
         if lazy:
             values = dask.compute(*(single_block(a) for _, a in lazy))
             out.update({name: v for (name, _), v in zip(lazy, values, strict=True)})
-        return out
+        return prepare_ms_block(out)
 
     def split_block(self, ti, fi):
         """(already-numpy columns, [(name, lazy dask block)]) of one block."""
@@ -595,17 +596,54 @@ def single_block(arr):
     return arr.to_delayed(optimize_graph=True).ravel()[0]
 
 
+_VIS_COLUMNS = ("DATA", "MODEL_DATA", "CORRECTED_DATA")
+
+
+def prepare_ms_block(vals: dict) -> dict:
+    """Turn one computed block (contract conventions, ``(time, baseline, chan, pol)``)
+    into what the MAIN table takes, off the writer's thread: visibilities conjugated
+    (MS convention) into new arrays (never in place: a computed block may be a view of
+    the caller's data), rows flattened, and this block's share of FLAG_ROW and of the
+    WEIGHT sums."""
+    if vals.get("_ms_ready"):
+        return vals
+    out = dict(vals)
+    for name in _VIS_COLUMNS:
+        if name in vals:
+            a = np.conj(np.asarray(vals[name], dtype=np.complex64))
+            nt, nb, nc, npol = a.shape
+            out[name] = a.reshape(nt * nb, nc, npol)
+    flag = np.ascontiguousarray(vals["FLAG"], dtype=bool)
+    wt = np.ascontiguousarray(vals["WEIGHT_SPECTRUM"], dtype=np.float32)
+    nt, nb, nc, npol = flag.shape
+    out["FLAG"] = flag.reshape(nt * nb, nc, npol)
+    out["WEIGHT_SPECTRUM"] = wt.reshape(nt * nb, nc, npol)
+    flag_row = np.ones(nt * nb, dtype=bool)
+    wsum = np.zeros((nt * nb, npol), dtype=np.float64)
+    row_flag_weight(out["FLAG"], out["WEIGHT_SPECTRUM"], flag_row, wsum)
+    out["_flag_row"], out["_wsum"], out["_ms_ready"] = flag_row, wsum, True
+    return out
+
+
 class _SubmittedBlock:
-    """A block whose lazy columns were handed to ``submit``; ``result()`` gives numpy."""
+    """A block whose lazy columns were handed to ``submit``; ``result()`` gives the
+    prepared numpy block (see :func:`prepare_ms_block`)."""
 
     def __init__(self, done, lazy, handle):
         self.done, self.lazy, self.handle = done, lazy, handle
 
     def result(self):
+        vals = dict(self.done)
         if self.handle is not None:
-            values = self.handle.result()
-            self.done.update({n: v for (n, _), v in zip(self.lazy, values, strict=True)})
-        return self.done
+            got = self.handle.result()
+            if isinstance(got, dict):
+                if got.get("_ms_ready") and self.done:
+                    raise RuntimeError("submit returned a prepared block but some columns "
+                                       "were not submitted")
+                vals.update(got)
+            else:
+                vals.update({n: v for (n, _), v in zip(self.lazy, got, strict=True)})
+        return prepare_ms_block(vals)
 
     def cancel(self):
         if self.handle is not None and hasattr(self.handle, "cancel"):
@@ -615,10 +653,13 @@ class _SubmittedBlock:
 def _write_main(ms, plan, submit=None, prefetch=1):
     """Fill the MAIN table block by block; up to ``prefetch`` blocks are computed ahead.
 
-    ``submit(arrays, block)`` (optional) starts computing a list of dask arrays for
-    block ``(ti, fi)`` and returns an object whose ``result()`` gives their numpy values
-    (e.g. distributed futures pinned to the worker that holds the block's file). The
-    default computes one block ahead in a helper thread with ``dask.compute``.
+    ``submit(named, block)`` (optional) starts computing ``named``, a list of
+    ``(column, dask array)``, for block ``(ti, fi)`` and returns an object whose
+    ``result()`` gives their numpy values as a list in that order, or a dict; the dict
+    may already be prepared by :func:`prepare_ms_block` where it was computed (e.g. in a
+    distributed task pinned to the worker that holds the block's file), which keeps the
+    conjugation and row reductions off the writer's thread. The default computes one
+    block ahead in a helper thread with ``dask.compute``, prepared there too.
     """
     import collections
 
@@ -634,7 +675,7 @@ def _write_main(ms, plan, submit=None, prefetch=1):
         else:
             def start(ti, fi):
                 done, lazy = plan.split_block(ti, fi)
-                handle = submit([a for _, a in lazy], (ti, fi)) if lazy else None
+                handle = submit(lazy, (ti, fi)) if lazy else None
                 return _SubmittedBlock(done, lazy, handle)
         pending = collections.deque(start(*b) for b in blocks[:max(1, prefetch)])
         nxt = len(pending)
@@ -659,24 +700,15 @@ def _write_main(ms, plan, submit=None, prefetch=1):
                     flag_row = np.ones(nr, dtype=bool)
                     wsum = np.zeros((nr, npol), dtype=np.float64)
                 blc, trc = [c0, 0], [c1 - 1, npol - 1]
-                data = np.conj(np.asarray(vals["DATA"], dtype=np.complex64)).reshape(
-                    nr, c1 - c0, npol)
-                ms.putcolslice("DATA", data, blc, trc, startrow=r0, nrow=nr)
-                del data
-                flag = np.ascontiguousarray(vals["FLAG"], dtype=bool).reshape(nr, c1 - c0, npol)
-                ms.putcolslice("FLAG", flag, blc, trc, startrow=r0, nrow=nr)
-                wt = np.ascontiguousarray(vals["WEIGHT_SPECTRUM"], dtype=np.float32).reshape(
-                    nr, c1 - c0, npol)
-                ms.putcolslice("WEIGHT_SPECTRUM", wt, blc, trc, startrow=r0, nrow=nr)
-                row_flag_weight(flag, wt, flag_row, wsum)   # one numba pass, no temporaries
-                del flag, wt
+                for col in ("DATA", "FLAG", "WEIGHT_SPECTRUM"):
+                    ms.putcolslice(col, vals[col], blc, trc, startrow=r0, nrow=nr)
+                flag_row &= vals["_flag_row"]
+                wsum += vals["_wsum"]
                 for col, how in plan.extra.items():
                     if how == "var":
-                        arr = np.conj(np.asarray(vals[col], dtype=np.complex64)).reshape(
-                            nr, c1 - c0, npol)
+                        arr = vals[col]
                     elif how == "copy":
-                        arr = np.conj(np.asarray(vals["DATA"], dtype=np.complex64)).reshape(
-                            nr, c1 - c0, npol)
+                        arr = vals["DATA"]
                     else:  # unity: CASA clearcal's model (1 on parallel hands)
                         arr = np.zeros((nr, c1 - c0, npol), dtype=np.complex64)
                         for p, lab in enumerate(plan.pols):

@@ -16,6 +16,7 @@ baseline-time order and conjugation, compressed datasets.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import xarray as xr  # noqa: E402
 
 from contimg import schema  # noqa: E402
 from contimg import telescope as tel  # noqa: E402
+from kernels.rows import reverse_channels  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ class Header:
     row_index: np.ndarray        # (ntime, nbl) row of the file, -1 when absent
     conj: np.ndarray             # (ntime, nbl) bool: file has the baseline as (a2, a1)
     uvw: np.ndarray              # (ntime, nbl, 3) canonical orientation
-    phase_center_ra: np.ndarray  # (ntime,) ICRS radians
-    phase_center_dec: np.ndarray
+    phase_center_ra: np.ndarray | None  # (ntime,) ICRS radians (None: not read)
+    phase_center_dec: np.ndarray | None
     extra_keywords: dict = field(default_factory=dict)
     spw_axis: bool = False       # old UVH5 layout (Nblts, 1, Nfreqs, Npols)
     vis_kind: str = "complex"    # "complex" or "compound"
@@ -99,8 +101,10 @@ def _need(h, name, path):
     return h[name][()]
 
 
-def read_header(path) -> Header:
-    """Read and check one UVH5 file's header; raise :class:`UVH5Error` naming the file."""
+def read_header(path, *, phase_centres: bool = True) -> Header:
+    """Read and check one UVH5 file's header; raise :class:`UVH5Error` naming the file.
+    ``phase_centres=False`` skips the phase-centre catalogue (``open_group`` needs it
+    from one file of the group only)."""
     path = str(path)
     if not os.path.exists(path):
         raise UVH5Error(f"{path}: no such file")
@@ -110,14 +114,14 @@ def read_header(path) -> Header:
         raise UVH5Error(f"{path}: cannot open as HDF5 (truncated or corrupt?): {exc}") from None
     try:
         with f:
-            return _read_header(f, path)
+            return _read_header(f, path, phase_centres)
     except UVH5Error:
         raise
     except (KeyError, OSError, ValueError, TypeError) as exc:
         raise UVH5Error(f"{path}: unreadable UVH5 header: {exc}") from None
 
 
-def _read_header(f, path) -> Header:
+def _read_header(f, path, phase_centres=True) -> Header:
     if "Header" not in f:
         raise UVH5Error(f"{path}: not a UVH5 file (no 'Header' group)")
     h = f["Header"]
@@ -204,21 +208,10 @@ def _read_header(f, path) -> Header:
     a = np.where(conj_row, i2, i1)
     b = np.where(conj_row, i1, i2)
 
-    # (time, baseline) of every row
-    ut, t_idx = np.unique(time_jd, return_inverse=True)
     nant = ant_numbers.size
-    key = a * nant + b
-    ukey, bl_idx = np.unique(key, return_inverse=True)
+    ut, ukey, row_index, conj, uvw_c, t_idx = _row_layout(time_jd, a * nant + b, conj_row,
+                                                          uvw, path)
     ntime, nbl = ut.size, ukey.size
-    row_index = np.full((ntime, nbl), -1, np.int64)
-    flat = t_idx * nbl + bl_idx
-    if np.unique(flat).size != flat.size:
-        raise UVH5Error(f"{path}: duplicate (time, baseline) rows in the file")
-    row_index.reshape(-1)[flat] = np.arange(nblts)
-    conj = np.zeros((ntime, nbl), bool)
-    conj.reshape(-1)[flat] = conj_row
-    uvw_c = np.zeros((ntime, nbl, 3))
-    uvw_c.reshape(-1, 3)[flat] = np.where(conj_row[:, None], -uvw, uvw)
 
     extra = {}
     if "extra_keywords" in h:
@@ -227,7 +220,10 @@ def _read_header(f, path) -> Header:
             extra[k] = _str(val) if isinstance(val, bytes) else (
                 val.item() if isinstance(val, np.generic) else val)
 
-    ra0, dec0 = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
+    if phase_centres:
+        ra0, dec0 = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
+    else:
+        ra0 = dec0 = None
     return Header(
         path=path, nblts=nblts, nfreqs=nfreqs, npols=npols, freqs=freqs,
         channel_width=channel_width, pols=pols,
@@ -242,12 +238,53 @@ def _read_header(f, path) -> Header:
     )
 
 
+def _row_layout(time_jd, key, conj_row, uvw, path, fast=True):
+    """Map rows to (time, baseline): unique times, unique baseline keys (ascending),
+    ``row_index`` (ntime, nbl) (-1: absent), ``conj`` (ntime, nbl), ``uvw`` (ntime, nbl,
+    3) with conjugated rows flipped, and each row's time index. DSA-110 files are
+    time-major with the same ascending baseline order in every integration: that case is
+    recognised in a few vectorised comparisons; any other layout takes the general path.
+    """
+    n = time_jd.size
+    if fast and n:
+        nbl = int(np.argmax(time_jd != time_jd[0])) or n
+        if n % nbl == 0:
+            T = time_jd.reshape(-1, nbl)
+            K = key.reshape(-1, nbl)
+            k0 = K[0]
+            if (np.all(T == T[:, :1]) and np.all(np.diff(T[:, 0]) > 0)
+                    and np.all(np.diff(k0) > 0) and np.all(K == k0)):
+                ntime = n // nbl
+                return (T[:, 0].copy(), k0.copy(), np.arange(n).reshape(ntime, nbl),
+                        conj_row.reshape(ntime, nbl).copy(),
+                        np.where(conj_row[:, None], -uvw, uvw).reshape(ntime, nbl, 3),
+                        np.repeat(np.arange(ntime), nbl))
+    ut, t_idx = np.unique(time_jd, return_inverse=True)
+    ukey, bl_idx = np.unique(key, return_inverse=True)
+    ntime, nbl = ut.size, ukey.size
+    row_index = np.full((ntime, nbl), -1, np.int64)
+    flat = t_idx * nbl + bl_idx
+    if np.unique(flat).size != flat.size:
+        raise UVH5Error(f"{path}: duplicate (time, baseline) rows in the file")
+    row_index.reshape(-1)[flat] = np.arange(n)
+    conj = np.zeros((ntime, nbl), bool)
+    conj.reshape(-1)[flat] = conj_row
+    uvw_c = np.zeros((ntime, nbl, 3))
+    uvw_c.reshape(-1, 3)[flat] = np.where(conj_row[:, None], -uvw, uvw)
+    return ut, ukey, row_index, conj, uvw_c, t_idx
+
+
 def _geodetic_to_itrf(lat_deg, lon_deg, alt_m):
+    return np.array(_itrf_cached(lat_deg, lon_deg, alt_m))
+
+
+@functools.lru_cache(maxsize=64)
+def _itrf_cached(lat_deg, lon_deg, alt_m):
     from astropy import units as u
     from astropy.coordinates import EarthLocation
 
     loc = EarthLocation.from_geodetic(lon_deg * u.deg, lat_deg * u.deg, alt_m * u.m)
-    return np.array([loc.x.to_value(u.m), loc.y.to_value(u.m), loc.z.to_value(u.m)])
+    return (loc.x.to_value(u.m), loc.y.to_value(u.m), loc.z.to_value(u.m))
 
 
 def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
@@ -396,10 +433,15 @@ class _SubbandArray:
                     # them into one C-ordered block (peak: the block + one slab)
                     block = np.empty((r1 - r0, f1 - f0, d.shape[-1]), d.dtype)
                     step = max(1, (8 << 20) // max(1, block[0].nbytes))
+                    slab = np.empty((min(step, r1 - r0),) + block.shape[1:], d.dtype)
                     for a in range(r0, r1, step):
                         b = min(a + step, r1)
-                        slab = d[a:b, 0, f0:f1, :] if self.spw_axis else d[a:b, f0:f1, :]
-                        block[a - r0:b - r0] = slab[:, ::-1, :]
+                        s = slab[:b - a]
+                        if self.spw_axis:
+                            d.read_direct(s, np.s_[a:b, 0, f0:f1, :])
+                        else:
+                            d.read_direct(s, np.s_[a:b, f0:f1, :])
+                        reverse_channels(s, block[a - r0:b - r0])
                     file_f = np.arange(f0, f1)  # now in ascending order
                 elif self.spw_axis:
                     block = d[r0:r1, 0, f0:f1, :]
@@ -638,8 +680,9 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
         raise GroupError(f"{Path(files[0]).parent}: group {min(stamps):%Y-%m-%dT%H:%M:%S} is "
                          f"missing subband(s) {', '.join(f'sb{m:02d}' for m in missing)}")
 
-    headers = {sb: read_header(p) for sb, (_, p) in sorted(names.items())}
-    ref_sb = min(headers)
+    ref_sb = min(names)
+    headers = {sb: read_header(p, phase_centres=sb == ref_sb)
+               for sb, (_, p) in sorted(names.items())}
     ref = headers[ref_sb]
     for sb, h in headers.items():
         if sb == ref_sb:
