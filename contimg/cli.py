@@ -10,6 +10,7 @@
     contimg calibrate PATH.ms [--catalog FILE] [--refant N] [--db PATH|env]   B/G CASA tables
     contimg apply PATH.ms [TABLE...] [--db PATH|env]   write CORRECTED_DATA
     contimg demo [--out DIR]        the main job on embedded defaults (see README)
+    contimg image INPUT... --out PREFIX [--size N --cell ARCSEC --niter K ...]
 """
 
 from __future__ import annotations
@@ -433,7 +434,7 @@ def cmd_housekeeping(args):
 
 
 def cmd_demo(args):
-    from contimg.simulate import SimConfig, simulate
+    from contimg.simulate import SimConfig, simulate, write_calibrator_catalog
     from contimg.state import StateDB
     from contimg.stream import Stream, StreamConfig
 
@@ -448,9 +449,14 @@ def cmd_demo(args):
     t0 = time.perf_counter()
     groups = simulate(incoming, n_groups=args.groups, cfg=cfg, calibrator_group=cal_group)
     print(f"  simulated in {time.perf_counter() - t0:.1f} s", flush=True)
+    # the simulated calibrator is not a real one: tell the pipeline about it as an
+    # operator would (a CSV catalogue, as --catalog or $VLA_CATALOG)
+    catalog = write_calibrator_catalog(groups, out / "calibrators.csv")
+    print(f"  calibrator catalogue: {catalog}", flush=True)
     db = StateDB(out / "state" / "pipeline.sqlite3")
     scfg = StreamConfig(incoming=incoming, output=out / "products", db_path=db.path,
                         n_subbands=cfg.n_subbands, settle_s=0.5, poll_s=0.5,
+                        catalog=str(catalog),
                         image_options=({"npix": 1024, "cell_arcsec": 12.0} if args.small
                                        else {}))
     t1 = time.perf_counter()
@@ -622,6 +628,10 @@ def build_parser():
     s.add_argument("--small", action="store_true", help="shrunken groups, for a quick look")
     s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
     s.set_defaults(func=cmd_demo)
+
+    from contimg.imaging import add_image_parser
+
+    add_image_parser(sub)
     return p
 
 

@@ -15,6 +15,7 @@ Placement (which worker may read which file):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -107,14 +108,17 @@ class _Gathered:
         self.client.cancel(self.futures)
 
 
-def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch):
-    """Runs on a worker: stream the group's blocks (reads pinned) into one MS."""
+def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=None):
+    """Runs on a worker: stream the group's blocks (reads pinned) into one MS; with a
+    flagging strategy, the flagging graph runs on the cluster meanwhile and the MS gets
+    its final flags (no second pass over the MS)."""
     from distributed import worker_client
 
     from contimg.io.ms import write_ms
 
     ds = lazy_ds.value
     t0 = time.perf_counter()
+    info = {}
     token = uuid.uuid4().hex[:8]
     labels = [os.path.basename(f).replace(".hdf5", "") if f else "filled"
               for f in ds.attrs["chunk_files"]]
@@ -124,24 +128,57 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch):
             # on the worker that holds the file, so no read can drift elsewhere.
             ws = allowed[block[1]]
             pin = {} if ws is None else dict(workers=ws, allow_other_workers=False)
-            fut = client.submit(_compute_here, _Lazy(named), **pin, pure=False,
+            fut = client.submit(_compute_here, _Lazy(named), **pin, pure=False, priority=10,
                                 key=f"read-{labels[block[1]]}-t{block[0]}-{token}")
             return _Gathered(client, fut)
 
+        flags = None
+        history = [f"contimg convert from {len(ds.attrs['source_files'])} UVH5 files"]
+        if flag_strategy is not None:
+            flags = _flag_future(client, ds, flag_strategy, info)
+            history.append(f"contimg RFI flags: {json.dumps(info['strategy'])}")
         with _CASACORE_LOCK:
             path = write_ms(ds, ms_path, overwrite=overwrite, submit=submit,
-                            prefetch=prefetch,
-                            history=[f"contimg convert from {len(ds.attrs['source_files'])} "
-                                     "UVH5 files"])
-    return dict(ms=path, seconds=time.perf_counter() - t0,
-                nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes))
+                            prefetch=prefetch, history=history, flags=flags)
+    out = dict(ms=path, seconds=time.perf_counter() - t0,
+               nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes))
+    out.update({k: v for k, v in info.items() if k != "strategy"})
+    return out
+
+
+def _flag_future(client, ds, flag_strategy, info):
+    """Start the flagging graph of ``ds`` on the cluster (below the reads in priority);
+    return the callable ``write_ms(flags=...)`` calls for the final FLAG cube."""
+    import dask
+
+    from graphs.flag import FlagStrategy, flag_dataset
+
+    st = FlagStrategy.load(None if flag_strategy is True else flag_strategy)
+    info["strategy"] = st.to_dict()
+    t0 = time.perf_counter()
+    with dask.config.set({"array.rechunk.method": "tasks"}):
+        new = flag_dataset(ds, st)["FLAG"].data
+    fut = client.compute(new, priority=-10)
+
+    def result():
+        cube = fut.result()
+        info["flag_seconds"] = time.perf_counter() - t0
+        info["flagged"] = float(cube.mean())
+        return cube
+
+    return result
 
 
 def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=False,
-                  prefetch=2, key=None, **open_kw):
+                  prefetch=2, key=None, flag=None, **open_kw):
     """Submit the conversion of one group; return a distributed Future of its summary.
 
     ``files_or_ds``: the group's subband files (or a Dataset from ``open_group``).
+    ``flag``: RFI-flag while converting (True: the default strategy; or a
+    :class:`graphs.flag.FlagStrategy`, mapping or TOML path): the flagging graph runs
+    on the cluster alongside the writer and the MS is written with the final flags;
+    the summary then has ``flagged`` (fraction) and ``flag_seconds``. Its reads are not
+    pinned: use it with ``placement="any"`` (shared or local disks).
     ``open_kw`` go to :func:`contimg.io.uvh5.open_group` (``n_subbands``,
     ``allow_missing``...). The Future's result is ``{"ms", "seconds", "nbytes"}``;
     bad input raises :class:`contimg.io.uvh5.UVH5Error` here (headers are read now)
@@ -151,13 +188,17 @@ def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=Fal
 
     ds = files_or_ds if hasattr(files_or_ds, "data_vars") else open_group(files_or_ds,
                                                                           **open_kw)
+    if flag not in (None, False) and placement != "any":
+        raise ValueError("flagging during conversion reads files from any worker: use "
+                         "placement='any', or flag the MS afterwards (contimg flag)")
     files = [f for f in ds.attrs["chunk_files"] if f]
     place = resolve_placement(client, files, placement)
     allowed = chunk_workers(ds, place)
     stamp = ds.attrs.get("group_start", os.path.basename(str(ms_path)))
     key = key or f"write-ms-{stamp}-{time.time_ns()}"
-    return client.submit(_write_task, _Lazy(ds), os.path.abspath(str(ms_path)), allowed, overwrite,
-                         prefetch, key=key, pure=False)
+    return client.submit(_write_task, _Lazy(ds), os.path.abspath(str(ms_path)), allowed,
+                         overwrite, prefetch, None if flag is False else flag, key=key,
+                         pure=False)
 
 
 @dataclass

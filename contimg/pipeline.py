@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def _plain(obj):
     return obj
 
 
+@contextmanager
+def local_dask():
+    """Inside a Dask worker task, graphs built and computed by a stage run on local
+    threads: without this, dask would pick the worker's distributed client at graph
+    construction (P2P rechunks, tasks scheduled back onto the busy cluster) and then fail
+    or deadlock when the stage computes with the threaded scheduler."""
+    import dask
+
+    with dask.config.set({"scheduler": "threads", "array.rechunk.method": "tasks"}):
+        yield
+
+
+def _worker_threads() -> int:
+    """Threads of the Dask worker running this task (the CPU share a stage may use)."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return os.cpu_count() or 1
+
+
 def skipped(reason: str) -> dict:
     return {"status": "skipped", "reason": reason}
 
@@ -76,8 +99,9 @@ def stage_flag(ms_path: str, strategy=None) -> dict:
     from contimg.flagging import default_summary_path, flag_ms
 
     t0 = time.perf_counter()
-    s = flag_ms(ms_path, strategy=strategy, backup=False,
-                summary_path=default_summary_path(ms_path))
+    with local_dask():
+        s = flag_ms(ms_path, strategy=strategy, backup=False,
+                    summary_path=default_summary_path(ms_path))
     return {"status": "ok", "seconds": time.perf_counter() - t0,
             "flagged_before": s["before"]["overall"], "flagged": s["after"]["overall"]}
 
@@ -92,14 +116,16 @@ def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
         return skipped("calibration is not available in this installation")
     from contimg import calibrate
 
-    matches = calibrate.find_calibrator(ms_path, catalog=catalog)
+    with local_dask():
+        matches = calibrate.find_calibrator(ms_path, catalog=catalog)
     if not matches:
         return skipped("no calibrator transits in the primary beam")
     os.makedirs(cal_dir, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        res = calibrate.calibrate_ms(ms_path, out_dir=cal_dir, catalog=catalog,
-                                     refant=refant, db=db_path, name=name)
+        with local_dask():
+            res = calibrate.calibrate_ms(ms_path, out_dir=cal_dir, catalog=catalog,
+                                         refant=refant, db=db_path, name=name)
     except calibrate.CalibrationError as exc:
         log.warning("%s: calibration rejected: %s", ms_path, exc)
         return {"status": "rejected", "reason": f"{type(exc).__name__}: {exc}",
@@ -124,7 +150,8 @@ def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
         log.warning("%s: no calibration set valid at this time; using the nearest, %s "
                     "(transit %.0f s away)", ms_path, cs["name"], abs(cs["t_transit"] - t_mid))
     t0 = time.perf_counter()
-    calibrate.apply_ms(ms_path, cs["tables"])
+    with local_dask():
+        calibrate.apply_ms(ms_path, cs["tables"])
     return {"status": "ok", "seconds": time.perf_counter() - t0, "calset_id": cs["id"],
             "calset": cs["name"], "in_window": bool(cs["in_window"])}
 
@@ -136,8 +163,11 @@ def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> di
     from contimg import imaging
 
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    options = dict(options or {})
+    options.setdefault("nthreads", _worker_threads())
     t0 = time.perf_counter()
-    res = imaging.image_ms(ms_path, prefix, **(options or {}))
+    with local_dask():
+        res = imaging.image_ms(ms_path, prefix, **options)
     out = _plain(res)
     out.update(status="ok", seconds=time.perf_counter() - t0)
     return out

@@ -562,3 +562,33 @@ def simulate(outdir, n_groups=1, start="2026-01-15T08:00:00", cfg: SimConfig | N
                 _add_source(sky, cal["name"], cal["ra"], cal["dec"], cal["flux"], cal["alpha"])
         out.append(simulate_group(outdir, g_start, cfg, sky=sky, progress=progress))
     return out
+
+
+def write_calibrator_catalog(groups, path) -> Path | None:
+    """Write the simulated calibrator(s) of ``groups`` (SimulatedGroups, or paths of
+    their ``*_truth.npz`` files) as a CSV calibrator catalogue
+    (``name, ra_deg, dec_deg, flux_jy, alpha, ref_freq_hz``, the columns
+    :func:`contimg.sky.load_csv` reads), so that the pipeline can be told about a
+    fictitious calibrator as it is told about real ones (``--catalog`` / ``VLA_CATALOG``).
+    Returns the path, or None when no group has a calibrator."""
+    rows = {}
+    for g in groups:
+        t = g.load_truth() if hasattr(g, "load_truth") else dict(np.load(g))
+        name = str(t["calibrator"])
+        if not name:
+            continue
+        i = int(np.flatnonzero(t["sky_name"] == name)[0])
+        rows[name] = (name, np.degrees(t["sky_ra"][i]), np.degrees(t["sky_dec"][i]),
+                      float(t["sky_flux"][i]), float(t["sky_alpha"][i]),
+                      float(t["sky_ref_freq"][i]))
+    if not rows:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write("name,ra_deg,dec_deg,flux_jy,alpha,ref_freq_hz\n")
+        for r in rows.values():
+            fh.write(f"{r[0]},{r[1]:.9f},{r[2]:.9f},{r[3]:.6g},{r[4]:.6g},{r[5]:.6g}\n")
+    os.replace(tmp, path)
+    return path

@@ -81,6 +81,7 @@ class StreamConfig:
     skip: frozenset = field(default_factory=frozenset)   # stages not to run
     placement: object = "any"                    # see contimg.convert (None: discover)
     flag_strategy: object = None                 # graphs.flag.FlagStrategy / TOML / None
+    flag_in_convert: bool = True                 # flag while converting (placement "any")
     catalog: object = None                       # calibrator catalogue (None: built-in/env)
     refant: int | None = None
     image_options: dict = field(default_factory=dict)
@@ -595,14 +596,18 @@ class Stream:
         ms = str(self.cfg.output / "ms" / f"{stamp}.ms")
         os.makedirs(os.path.dirname(ms), exist_ok=True)
 
-        # convert (the reads run on the workers; headers are read here)
+        # convert (the reads run on the workers; headers are read here), flagging on the
+        # way when the files may be read anywhere: the MS is written once, with its flags
+        flag_here = (self.cfg.flag_in_convert and "flag" not in self.cfg.skip
+                     and self.cfg.placement == "any")
         t0 = time.time()
         try:
             ds = open_group(files, n_subbands=self.cfg.n_subbands,
                             allow_missing=len(files) < self.cfg.n_subbands,
                             name_tolerance_s=self.cfg.tolerance_s)
             fut = convert_group(self.client, ds, ms, placement=self.cfg.placement,
-                                overwrite=True, key=f"convert-{gid}-a{attempt}")
+                                overwrite=True, key=f"convert-{gid}-a{attempt}",
+                                flag=(self.cfg.flag_strategy or True) if flag_here else None)
             conv = fut.result()
         except UVH5Error as exc:
             self.db.record_stage(gid, attempt, "convert", "failed", time.time() - t0, t0,
@@ -621,7 +626,13 @@ class Stream:
         log.info("group %s: convert ok in %.1f s -> %s", gid, time.time() - t0, ms)
         out = {"ms": ms}
 
-        fl = self._stage(g, "flag", pipeline.stage_flag, ms, strategy=self.cfg.flag_strategy)
+        if flag_here:
+            fl = {"status": "ok", "flagged": conv["flagged"], "during": "convert"}
+            self.db.record_stage(gid, attempt, "flag", "ok", conv["flag_seconds"], t0,
+                                 json.dumps(fl))
+        else:
+            fl = self._stage(g, "flag", pipeline.stage_flag, ms,
+                             strategy=self.cfg.flag_strategy)
         if fl.get("status") == "ok":
             self.db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
             out["flagged"] = round(fl["flagged"], 4)

@@ -15,14 +15,29 @@ def _run(*args, timeout=900):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
+    """The README's main command (shrunken groups): three groups streamed through every
+    stage, a calibration set solved on the calibrator transit and applied to all."""
+    from contimg.state import StateDB
+
     r = _run("demo", "--small", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "converted 1 group(s)" in r.stdout
-    ms = sorted((tmp_path / "ms").glob("*.ms"))
-    assert len(ms) == 1
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "processed 3 group(s)" in r.stdout and "(0 failed)" in r.stdout
+    ms = sorted((tmp_path / "products" / "ms").glob("*.ms"))
+    assert len(ms) == 3
     ds = open_ms(ms[0])
     assert ds.sizes["frequency"] == 16 * 12 and ds.sizes["time"] == 24
     assert ds.sizes["baseline_id"] == 24 * 25 // 2
+    db = StateDB(tmp_path / "state" / "pipeline.sqlite3")
+    assert db.counts()["completed"] == 3
+    (cal,) = db.list_calsets("valid")
+    images = db.images()
+    assert len(images) == 3 and all(im["calset_id"] == cal["id"] for im in images)
+    for im in images:
+        assert (tmp_path / "products" / "images").joinpath(im["path"]).exists()
+    for g in db.groups():
+        stages = {t["stage"]: t["status"] for t in db.timings(g["group_id"])}
+        assert stages["apply"] == "ok" and stages["image"] == "ok"
+    assert "calibration sets:" in r.stdout and "valid" in r.stdout
 
 
 def test_simulate_then_info(tmp_path):

@@ -650,7 +650,7 @@ class _SubmittedBlock:
             self.handle.cancel()
 
 
-def _write_main(ms, plan, submit=None, prefetch=1):
+def _write_main(ms, plan, submit=None, prefetch=1, flags=None):
     """Fill the MAIN table block by block; up to ``prefetch`` blocks are computed ahead.
 
     ``submit(named, block)`` (optional) starts computing ``named``, a list of
@@ -700,7 +700,8 @@ def _write_main(ms, plan, submit=None, prefetch=1):
                     flag_row = np.ones(nr, dtype=bool)
                     wsum = np.zeros((nr, npol), dtype=np.float64)
                 blc, trc = [c0, 0], [c1 - 1, npol - 1]
-                for col in ("DATA", "FLAG", "WEIGHT_SPECTRUM"):
+                for col in ("DATA", "WEIGHT_SPECTRUM") if flags else (
+                        "DATA", "FLAG", "WEIGHT_SPECTRUM"):
                     ms.putcolslice(col, vals[col], blc, trc, startrow=r0, nrow=nr)
                 flag_row &= vals["_flag_row"]
                 wsum += vals["_wsum"]
@@ -724,8 +725,11 @@ def _write_main(ms, plan, submit=None, prefetch=1):
                             np.float32)
                     ms.putcol("WEIGHT", weight, startrow=r0, nrow=nr)
                     ms.putcol("SIGMA", sigma, startrow=r0, nrow=nr)
-                    ms.putcol("FLAG_ROW", flag_row, startrow=r0, nrow=nr)
+                    if not flags:
+                        ms.putcol("FLAG_ROW", flag_row, startrow=r0, nrow=nr)
                 log.debug("wrote block time %d:%d chan %d:%d", t0, t1, c0, c1)
+            if flags:
+                _write_final_flags(ms, plan, flags)
         except BaseException:
             for fut in ([future] if future is not None else []) + list(pending):
                 fut.cancel()
@@ -734,6 +738,27 @@ def _write_main(ms, plan, submit=None, prefetch=1):
                 except BaseException:  # noqa: BLE001 - the first error is the one raised
                     pass
             raise
+
+
+def _write_final_flags(ms, plan, flags):
+    """FLAG and FLAG_ROW from the final flag cube ``flags()``, block by block."""
+    t_a = _time.perf_counter()
+    cube = np.asarray(flags())
+    plan.wait_s += _time.perf_counter() - t_a
+    want = (plan.ntime, plan.nbl, plan.nchan, plan.npol)
+    if cube.shape != want or cube.dtype != bool:
+        raise ValueError(f"final flags: expected a bool array of shape {want}, got "
+                         f"{cube.dtype} {cube.shape}")
+    nbl, npol = plan.nbl, plan.npol
+    for ti in range(len(plan.tchunks)):
+        t0, t1 = int(plan.tstarts[ti]), int(plan.tstarts[ti + 1])
+        r0, nr = t0 * nbl, (t1 - t0) * nbl
+        for fi in range(len(plan.fchunks)):
+            c0, c1 = int(plan.fstarts[fi]), int(plan.fstarts[fi + 1])
+            blk = np.ascontiguousarray(cube[t0:t1, :, c0:c1, :]).reshape(nr, c1 - c0, npol)
+            ms.putcolslice("FLAG", blk, [c0, 0], [c1 - 1, npol - 1], startrow=r0, nrow=nr)
+        ms.putcol("FLAG_ROW", cube[t0:t1].all(axis=(2, 3)).reshape(nr), startrow=r0,
+                  nrow=nr)
 
 
 def _write_row_columns(ms, plan, t0, t1, uvw, a1, a2):
@@ -777,7 +802,7 @@ def _warn_if_open(path):
 
 
 def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=False,
-             history=None, submit=None, prefetch=1):
+             history=None, submit=None, prefetch=1, flags=None):
     """Write a contract Dataset to a CASA Measurement Set at ``path``.
 
     Parameters
@@ -797,11 +822,17 @@ def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=Fals
     history : str or list of str, optional
         Extra HISTORY messages.
     submit : callable, optional
-        ``submit(arrays, (ti, fi))`` starts computing one block's dask arrays and
-        returns an object with ``result()`` (see :func:`graphs.convert`, which pins a
-        block's reads to the worker that holds its file). Default: ``dask.compute``.
+        ``submit(named, (ti, fi))`` starts computing one block's ``(column, dask
+        array)`` list and returns an object with ``result()`` (see
+        :func:`contimg.convert`, which pins a block's reads to the worker that holds
+        its file, and :func:`_write_main`). Default: ``dask.compute`` in a thread.
     prefetch : int
         Blocks computed ahead of the one being written (memory: prefetch + 1 blocks).
+    flags : callable, optional
+        Called once the other columns are written; returns the final FLAG cube
+        ``(time, baseline_id, frequency, polarization)`` (e.g. the result of a flagging
+        graph that ran while the visibilities were being written), from which FLAG and
+        FLAG_ROW are written instead of from ``ds.FLAG``.
 
     Returns
     -------
@@ -829,7 +860,7 @@ def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=Fals
         ms = ct.default_ms(tmp, desc, dminfo)
         ms.addrows(plan.nrow)
         ms.putkeyword(_ATTRS_KEYWORD, plan.attrs_json)
-        _write_main(ms, plan, submit=submit, prefetch=prefetch)
+        _write_main(ms, plan, submit=submit, prefetch=prefetch, flags=flags)
         ms.flush()
         ms.close()
         ms = None
