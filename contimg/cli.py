@@ -299,7 +299,8 @@ def _install_stop(stream):
     import signal
 
     def handler(signum, frame):
-        log.warning("signal %d: finishing the groups in flight, then stopping", signum)
+        log.warning("signal %d: finishing the stage in progress, then stopping (the group "
+                    "is re-queued and resumed on the next start)", signum)
         stream.stop()
 
     signal.signal(signal.SIGTERM, handler)

@@ -335,3 +335,60 @@ def test_status_and_backfill_cli(tmp_path, sim_groups):
     r = subprocess.run([sys.executable, "-m", "contimg.cli", "status", "--db",
                         str(tmp_path / "nope.sqlite3")], capture_output=True, text=True)
     assert r.returncode == 2 and "no state database" in r.stderr
+
+
+def test_sigterm_stops_cleanly_and_the_group_resumes(tmp_path, sim_groups):
+    """SIGTERM (systemd stop): the stream stops after the stage in progress, re-queues
+    the group with the reason, exits 0; the next run completes it, once."""
+    inc = tmp_path / "in"
+    inc.mkdir()
+    for f in sim_groups[0].files:
+        shutil.copy(f, inc)
+    p = subprocess.Popen(_stream_cmd(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        db = None
+        while time.time() < deadline:
+            time.sleep(0.05)
+            try:
+                db = db or StateDB(tmp_path / "db.sqlite3")
+            except Exception:  # noqa: BLE001 - being created
+                continue
+            if db.groups("in_progress"):
+                break
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out[-3000:]
+    assert "finishing" in out
+    (g,) = db.groups()
+    assert g["state"] in ("pending", "completed"), g   # completed if the stop came late
+    if g["state"] == "pending":
+        assert "interrupted by stop" in g["error"]
+    r = subprocess.run(_stream_cmd(tmp_path, "--until-idle"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [e["to_state"] for e in db.events(g["group_id"])].count("completed") == 1
+    assert _leftover_temporaries(tmp_path / "out") == []
+
+
+def test_backfill_stages_on_an_existing_ms(tmp_path, sim_groups):
+    """``contimg backfill --ms``: the stages after conversion run on an MS made
+    elsewhere, and it is registered with its flag fraction."""
+    from contimg.io.ms import write_ms
+    from contimg.io.uvh5 import open_group
+
+    ms = tmp_path / "x.ms"
+    write_ms(open_group(sim_groups[1].files, n_subbands=4), ms)
+    r = subprocess.run([sys.executable, "-m", "contimg.cli", "backfill", "--incoming",
+                        str(tmp_path / "none"), "--output", str(tmp_path / "out"), "--db",
+                        str(tmp_path / "db.sqlite3"), "--skip", "calibrate,apply,image",
+                        "--ms", str(ms)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "flag ok" in r.stdout and "image skipped" in r.stdout
+    (m,) = StateDB(tmp_path / "db.sqlite3").measurement_sets()
+    assert m["path"] == str(ms) and m["status"] == "flagged" and m["flagged_fraction"] >= 0
+    assert (tmp_path / "x.ms.flag_summary.json").exists()
