@@ -415,12 +415,16 @@ class _SubbandArray:
         fidx = np.arange(nf)[fsl]
         file_f = (nf - 1 - fidx) if self.descending else fidx
         out_shape = rows.shape + (fidx.size, self.shape[3])
-        out = np.zeros(out_shape, self.dtype)
-        if self.var == "FLAG":
-            out[...] = True
         valid = rows >= 0
+
+        def empty():   # absent rows: zeros, flagged
+            out = np.zeros(out_shape, self.dtype)
+            if self.var == "FLAG":
+                out[...] = True
+            return out
+
         if rows.size == 0 or fidx.size == 0 or not valid.any():
-            return out[..., psl]
+            return empty()[..., psl]
         r0, r1 = int(rows[valid].min()), int(rows[valid].max()) + 1
         f0, f1 = int(file_f.min()), int(file_f.max()) + 1
         try:
@@ -472,6 +476,7 @@ class _SubbandArray:
             return out[..., psl]
         vals = block[rows[valid] - r0].astype(self.dtype, copy=False)
         self._fix_conj(vals, conj[valid])
+        out = empty()
         out[valid] = vals
         return out[..., psl]
 
