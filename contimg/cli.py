@@ -457,7 +457,7 @@ def cmd_demo(args):
     db = StateDB(out / "state" / "pipeline.sqlite3")
     scfg = StreamConfig(incoming=incoming, output=out / "products", db_path=db.path,
                         n_subbands=cfg.n_subbands, settle_s=0.5, poll_s=0.5,
-                        catalog=str(catalog),
+                        catalog=None if catalog is None else str(catalog),
                         image_options=({"npix": 1024, "cell_arcsec": 12.0} if args.small
                                        else {}))
     t1 = time.perf_counter()

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 UNIX_JD0 = 2440587.5  # JD of the unix epoch
 
 
+CALIBRATOR_NAME = "SIMCAL"   # the name of the simulator's transiting calibrator
+
+
 @dataclass
 class RFIConfig:
     """Injected interference. Amplitudes are in units of the per-visibility noise σ."""
@@ -366,7 +369,7 @@ def simulate_group(outdir, start="2026-01-15T08:00:00", cfg: SimConfig | None = 
     if calibrator:
         mid = ntime // 2
         if calibrator is True:
-            calibrator = dict(name="SIMCAL", ra=float(meta["ra_icrs"][mid]),
+            calibrator = dict(name=CALIBRATOR_NAME, ra=float(meta["ra_icrs"][mid]),
                               dec=float(meta["dec_icrs"][mid]),
                               flux=cfg.calibrator_flux_jy, alpha=cfg.calibrator_alpha)
         _add_source(sky, calibrator["name"], calibrator["ra"], calibrator["dec"],
@@ -549,7 +552,7 @@ def simulate(outdir, n_groups=1, start="2026-01-15T08:00:00", cfg: SimConfig | N
     if calibrator_group is not None:
         meta = _metadata(cfg, starts[0] + calibrator_group * group_len)
         mid = cfg.n_times // 2
-        cal = dict(name="SIMCAL", ra=float(meta["ra_icrs"][mid]),
+        cal = dict(name=CALIBRATOR_NAME, ra=float(meta["ra_icrs"][mid]),
                    dec=float(meta["dec_icrs"][mid]), flux=cfg.calibrator_flux_jy,
                    alpha=cfg.calibrator_alpha)
     out = []
@@ -574,10 +577,13 @@ def write_calibrator_catalog(groups, path) -> Path | None:
     rows = {}
     for g in groups:
         t = g.load_truth() if hasattr(g, "load_truth") else dict(np.load(g))
-        name = str(t["calibrator"])
-        if not name:
+        # the group's own transiting calibrator, or one that simulate() put in the sky
+        # every group shares (then the truth names no calibrator)
+        name = str(t["calibrator"]) or CALIBRATOR_NAME
+        hit = np.flatnonzero(t["sky_name"] == name)
+        if hit.size == 0:
             continue
-        i = int(np.flatnonzero(t["sky_name"] == name)[0])
+        i = int(hit[0])
         rows[name] = (name, np.degrees(t["sky_ra"][i]), np.degrees(t["sky_dec"][i]),
                       float(t["sky_flux"][i]), float(t["sky_alpha"][i]),
                       float(t["sky_ref_freq"][i]))

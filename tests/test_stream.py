@@ -211,12 +211,17 @@ def test_worker_killed_mid_group_completes_once(tmp_path, sim_groups, cluster):
     cluster.wait_for_workers(2, timeout=60)
 
 
-def _stream_cmd(tmp_path, *extra):
+def _stream_cmd(tmp_path, *extra, skip="calibrate,apply,image"):
     return [sys.executable, "-m", "contimg.cli", "stream", "--incoming",
             str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--db",
             str(tmp_path / "db.sqlite3"), "--subbands", "4", "--min-subbands", "3",
-            "--settle", "0.3", "--poll", "0.2", "--skip", "calibrate,apply,image",
-            "--in-flight", "1", *extra]
+            "--settle", "0.3", "--poll", "0.2", "--skip", skip, "--in-flight", "1", *extra]
+
+
+# the kill test images (a small image) so that a group stays in progress for a while
+# after its MS is written: the kill lands between the MS and the image products
+_WITH_IMAGE = dict(skip="calibrate,apply")
+_SMALL_IMAGE = ("--imsize", "256", "--cell", "20", "--niter", "20")
 
 
 def test_stream_process_killed_and_restarted(tmp_path, sim_groups):
@@ -230,8 +235,8 @@ def test_stream_process_killed_and_restarted(tmp_path, sim_groups):
             shutil.copy(f, inc)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log1 = open(tmp_path / "run1.log", "w")
-    p = subprocess.Popen(_stream_cmd(tmp_path), stdout=log1, stderr=subprocess.STDOUT,
-                         env=env, start_new_session=True)
+    p = subprocess.Popen(_stream_cmd(tmp_path, *_SMALL_IMAGE, **_WITH_IMAGE), stdout=log1,
+                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
     db = None
     victim = None
     try:
@@ -245,8 +250,8 @@ def test_stream_process_killed_and_restarted(tmp_path, sim_groups):
                     continue
             if db is not None:
                 running = db.groups("in_progress")
-                # mid-group: converted, flagging under way
-                if running and any(t["stage"] == "convert" for t in
+                # mid-group: converted and flagged, imaging under way
+                if running and any(t["stage"] == "flag" for t in
                                    db.timings(running[0]["group_id"])):
                     victim = running[0]["group_id"]
         assert victim, (tmp_path / "run1.log").read_text()[-3000:]
@@ -255,8 +260,9 @@ def test_stream_process_killed_and_restarted(tmp_path, sim_groups):
         p.wait()
     assert db.group(victim)["state"] == "in_progress"
 
-    r = subprocess.run(_stream_cmd(tmp_path, "--until-idle", "--timeout", "240"),
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(_stream_cmd(tmp_path, "--until-idle", "--timeout", "400",
+                                   *_SMALL_IMAGE, **_WITH_IMAGE),
+                       capture_output=True, text=True, env=env, timeout=450)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "3 group(s) completed" in r.stdout or db.counts()["completed"] == 3
     db = StateDB(tmp_path / "db.sqlite3")
@@ -274,6 +280,10 @@ def test_stream_process_killed_and_restarted(tmp_path, sim_groups):
         Path(m["path"]).name for m in ms)
     assert _leftover_temporaries(tmp_path / "out") == []
     assert "resumed" in r.stderr    # the operator sees it in the log
+    images = db.images()            # one image per group, each registered once
+    assert sorted(im["group_id"] for im in images) == sorted(g["group_id"]
+                                                              for g in db.groups())
+    assert all(os.path.exists(im["path"]) for im in images)
 
 
 def test_one_stream_per_output_and_housekeeping(tmp_path, sim_groups, cluster):
