@@ -401,6 +401,25 @@ class StateDB:
                                  error=None)
         return self.group(group_id) if ok else None
 
+    def annotate_group(self, group_id, *, has_calibrator: bool | None):
+        """Record facts learnt about a group while processing it (no state change)."""
+        with self.transaction() as con:
+            con.execute("UPDATE groups SET has_calibrator=?, updated_at=? WHERE group_id=?",
+                        (None if has_calibrator is None else int(has_calibrator),
+                         time.time(), group_id))
+
+    def calibrations_under_way(self, t_unix: float, *, exclude=None,
+                               window_s: float = 12 * 3600) -> list[str]:
+        """In-progress groups within ``window_s`` of ``t_unix`` that have a calibrator
+        transit and have not finished their calibrate stage yet (this attempt)."""
+        rows = self.query(
+            "SELECT g.group_id FROM groups g WHERE g.has_calibrator = 1 AND "
+            "g.state = 'in_progress' AND g.group_id != ? AND ABS(g.t_start - ?) <= ? AND "
+            "NOT EXISTS (SELECT 1 FROM stage_timings s WHERE s.group_id = g.group_id AND "
+            "s.attempt = g.attempts AND s.stage = 'calibrate')",
+            (exclude or "", t_unix, window_s))
+        return [r["group_id"] for r in rows]
+
     def next_pending(self, limit: int = 1) -> list[dict]:
         return self.groups("pending", limit=limit)
 

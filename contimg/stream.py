@@ -84,6 +84,8 @@ class StreamConfig:
     flag_in_convert: bool = True                 # flag while converting (placement "any")
     catalog: object = None                       # calibrator catalogue (None: built-in/env)
     refant: int | None = None
+    calibration_wait_s: float = 900.0            # apply waits this long at most for a
+                                                 # calibrator group in flight to solve
     image_options: dict = field(default_factory=dict)
     status_every_s: float = 30.0                 # period of the queue summary in the log
     use_notifications: bool = True
@@ -619,6 +621,7 @@ class Stream:
             raise
         times = ds.time.values
         t_mid = float(times[len(times) // 2])
+        self._note_calibrator(gid, ds)
         self.db.record_stage(gid, attempt, "convert", "ok", time.time() - t0, t0,
                              json.dumps(conv, default=str))
         self.db.register_ms(ms, group_id=gid, t_start=float(times[0]),
@@ -643,6 +646,7 @@ class Stream:
         if cal.get("status") in ("ok", "rejected"):
             out["calibration"] = cal["status"]
 
+        self._wait_for_calibration(gid, t_mid)
         ap = self._stage(g, "apply", pipeline.stage_apply, ms, db_path=str(self.db.path),
                          t_mid=t_mid)
         calset_id = ap.get("calset_id")
@@ -657,6 +661,45 @@ class Stream:
             out["image"] = register_image_result(self.db, im, group_id=gid, ms_path=ms,
                                                  calset_id=calset_id)
         return out
+
+    def _note_calibrator(self, gid, ds):
+        """Record whether a calibrator transits in this group (header data only), so
+        that groups in flight beside it can wait for its solutions."""
+        if "calibrate" in self.cfg.skip or not pipeline.stage_available("calibrate"):
+            return
+        from contimg import calibrate
+
+        try:
+            has = bool(calibrate.find_calibrator(ds, catalog=self.cfg.catalog))
+        except Exception as exc:  # noqa: BLE001 - the calibrate stage reports it properly
+            log.debug("group %s: calibrator check failed: %s", gid, exc)
+            return
+        self.db.annotate_group(gid, has_calibrator=has)
+
+    def _wait_for_calibration(self, gid, t_mid):
+        """Before applying: when no calibration set is valid at ``t_mid`` but a group in
+        flight nearby is about to solve one, wait for it (at most
+        ``calibration_wait_s``), so that the groups of a calibrator transit are not left
+        uncalibrated just because they were processed at the same time."""
+        if {"apply", "calibrate"} & self.cfg.skip:
+            return
+        deadline = time.monotonic() + self.cfg.calibration_wait_s
+        told = False
+        while not self._stop.is_set():
+            cs = self.db.find_calset(t_mid)
+            if cs is not None and cs["in_window"]:
+                return
+            busy = self.db.calibrations_under_way(t_mid, exclude=gid)
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                log.warning("group %s: gave up waiting for the calibration of %s", gid,
+                            ", ".join(busy))
+                return
+            if not told:
+                log.info("group %s: waiting for the calibration of %s", gid, ", ".join(busy))
+                told = True
+            self._stop.wait(0.5)
 
     # ------------------------------------------------------------------ reporting
     def _log_status(self, force=False):

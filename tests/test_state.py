@@ -151,3 +151,18 @@ def test_calibration_set_selection(tmp_path):
     empty = StateDB(tmp_path / "other.sqlite3")
     empty.register_calset("r", t_transit=t0, status="rejected", reason="diverged")
     assert empty.find_calset(t0) is None
+
+
+def test_calibrations_under_way(tmp_path):
+    db = _db(tmp_path)
+    a = _add_group(db, "2026-01-15T08:00:00", 1000.0)
+    b = _add_group(db, "2026-01-15T08:05:00", 1300.0)
+    for gid in (a, b):
+        db.transition(gid, "pending")
+        db.claim(gid, owner="x:1")
+    assert db.calibrations_under_way(1000.0, exclude=a) == []      # unknown: no wait
+    db.annotate_group(b, has_calibrator=True)
+    assert db.calibrations_under_way(1000.0, exclude=a) == [b]
+    assert db.calibrations_under_way(1000.0 + 13 * 3600, exclude=a) == []   # too far
+    db.record_stage(b, 1, "calibrate", "ok", 1.0)                 # solved: no more wait
+    assert db.calibrations_under_way(1000.0, exclude=a) == []
