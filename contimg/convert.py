@@ -142,8 +142,33 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
                             prefetch=prefetch, history=history, flags=flags)
     out = dict(ms=path, seconds=time.perf_counter() - t0,
                nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes))
-    out.update({k: v for k, v in info.items() if k != "strategy"})
+    if "_after" in info:
+        out["flag_summary"] = _write_flag_summary(path, ds, info)
+    out.update({k: v for k, v in info.items() if k not in ("strategy", "_after")})
     return out
+
+
+def _write_flag_summary(ms, ds, info):
+    """``<ms>.flag_summary.json``, as ``contimg flag`` writes it (no ``before``: the
+    flags were made while the MS was written)."""
+    import datetime as _dt
+
+    import numpy as np
+
+    from contimg.flagging import default_summary_path, write_flag_summary
+
+    after = info["_after"]
+    summary = {
+        "ms": ms, "group": ds.attrs.get("group_start"),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "during": "conversion", "strategy": info["strategy"],
+        "shape": {k: int(ds.sizes[k]) for k in
+                  ("time", "baseline_id", "frequency", "polarization")},
+        "frequency_hz": [float(f) for f in np.asarray(ds.frequency.values)],
+        "time_unix": [float(t) for t in np.asarray(ds.time.values)],
+        "after": after, "timing_s": {"flag": round(info["flag_seconds"], 4)},
+    }
+    return str(write_flag_summary(summary, default_summary_path(ms)))
 
 
 def _flag_future(client, ds, flag_strategy, info):
@@ -161,9 +186,14 @@ def _flag_future(client, ds, flag_strategy, info):
     fut = client.compute(new, priority=-10)
 
     def result():
+        from contimg.flagging import _summary_part
+        from graphs.flag import flag_summary
+
         cube = fut.result()
         info["flag_seconds"] = time.perf_counter() - t0
         info["flagged"] = float(cube.mean())
+        fs = flag_summary(ds.drop_vars(list(ds.data_vars)).assign(FLAG=(ds.FLAG.dims, cube)))
+        info["_after"] = _summary_part(fs.compute(scheduler="sync"))
         return cube
 
     return result

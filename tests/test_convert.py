@@ -177,3 +177,9 @@ def test_flagging_during_conversion_writes_the_flaggers_flags(small_group, tmp_p
                                       want.all(axis=(2, 3)).reshape(-1))
     with ct.table(str(ms) + "::HISTORY", ack=False) as tb:
         assert any("RFI flags" in m for m in tb.getcol("MESSAGE"))
+    import json
+
+    summ = json.loads((tmp_path / "f.ms.flag_summary.json").read_text())
+    assert summ["after"]["overall"] == pytest.approx(want.mean())
+    np.testing.assert_allclose(summ["after"]["channel"], want.mean(axis=(0, 1, 3)))
+    assert res["flag_summary"] == str(tmp_path / "f.ms.flag_summary.json")
