@@ -164,7 +164,10 @@ def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> di
 
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     options = dict(options or {})
-    options.setdefault("nthreads", _worker_threads())
+    # one gridding task per thread of this worker, each single-threaded: the stage
+    # computes on local threads (see local_dask), not on the cluster's scheduler
+    options.setdefault("grid_tasks", _worker_threads())
+    options.setdefault("nthreads", 1)
     t0 = time.perf_counter()
     with local_dask():
         res = imaging.image_ms(ms_path, prefix, **options)

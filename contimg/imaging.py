@@ -1,0 +1,704 @@
+"""Continuum imaging of one group: weighting, CLEAN with major cycles, primary beam, FITS.
+
+Entry points
+------------
+:func:`image_dataset`  a contract visibility Dataset -> :class:`ImageProducts` (arrays)
+:func:`image_ms`       an MS path, a group's UVH5 files or a Dataset -> FITS files
+                       ``<prefix>-image.fits``, ``-residual.fits``, ``-model.fits``,
+                       ``-psf.fits``, ``-image-pb.fits`` and an :class:`ImageResult`
+:func:`write_fits`     one image with a full header (WCS, beam, frequency, telescope)
+:func:`cmd_image`      the ``contimg image`` subcommand
+
+Image phase centre: a DSA-110 group is phased to the meridian at every integration, so
+its phase centres move along the equator of date by 15"/s x cos(dec) during the group.
+The image is centred on the phase centre of the *middle* integration (index
+``ntime // 2``) and every visibility is re-phased there with the exact w term
+(:func:`kernels.weighting.rephase`) and new UVW from :func:`contimg.uvw.compute_uvw`.
+
+Stokes I is ``(XX + YY) / 2``; a visibility with either feed flagged is left out.
+Autocorrelations are never imaged.
+
+Environment (operators' names, used as defaults when set)
+---------------------------------------------------------
+``IMG_IMSIZE``    image size in pixels (square), default 4096
+``IMG_ROBUST``    Briggs robust parameter, default 0.0
+``IMG_NITER``     maximum number of CLEAN components, default 1000
+``IMG_THRESHOLD`` absolute CLEAN threshold, Jy (a number, or with a unit: ``0.5mJy``,
+                  ``2e-4Jy``); default 0 (the auto threshold alone decides)
+
+CLEAN: Clark (default) or Högbom minor cycles (:mod:`kernels.clean`) between major
+cycles that degrid the model from the visibilities and grid the residual (all per
+chunk, on the Dask workers). A minor cycle stops when the peak residual falls below the
+largest of: the absolute threshold, ``auto_threshold_sigma`` x the residual's robust
+noise (MAD), ``(1 - mgain)`` x the cycle's starting peak and (Clark) the PSF's largest
+sidelobe outside the Clark patch x that peak. CLEAN ends when a major cycle starts
+below the threshold, ``niter`` components were found or ``max_major`` cycles ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from contimg import _offline  # noqa: F401
+from contimg import telescope as tel
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageProducts",
+    "ImageResult",
+    "image_dataset",
+    "image_ms",
+    "write_fits",
+    "default_options",
+    "parse_threshold",
+    "source_mask",
+    "cmd_image",
+    "add_image_parser",
+]
+
+ARCSEC = math.pi / (180.0 * 3600.0)
+DEFAULT_IMSIZE = 4096
+DEFAULT_CELL_ARCSEC = 3.0
+DEFAULT_ROBUST = 0.0
+DEFAULT_NITER = 1000
+
+
+def parse_threshold(text) -> float:
+    """``"1e-3"``, ``"0.5mJy"``, ``"2uJy"``, ``"0.001Jy"`` -> Jy (float)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(|jy|mjy|ujy|µjy)\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"threshold {text!r}: expected a number of Jy or e.g. '0.5mJy'")
+    scale = {"": 1.0, "jy": 1.0, "mjy": 1e-3, "ujy": 1e-6, "µjy": 1e-6}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def default_options() -> dict:
+    """Defaults, with the operators' ``IMG_*`` environment variables applied when set."""
+    opts = dict(npix=DEFAULT_IMSIZE, cell_arcsec=DEFAULT_CELL_ARCSEC, weighting="briggs",
+                robust=DEFAULT_ROBUST, niter=DEFAULT_NITER, threshold=0.0)
+    env = os.environ
+    try:
+        if env.get("IMG_IMSIZE"):
+            opts["npix"] = int(env["IMG_IMSIZE"])
+        if env.get("IMG_ROBUST"):
+            opts["robust"] = float(env["IMG_ROBUST"])
+        if env.get("IMG_NITER"):
+            opts["niter"] = int(env["IMG_NITER"])
+        if env.get("IMG_THRESHOLD"):
+            opts["threshold"] = parse_threshold(env["IMG_THRESHOLD"])
+    except ValueError as exc:
+        raise ValueError(f"bad IMG_* environment variable: {exc}") from exc
+    return opts
+
+
+@dataclass
+class ImageProducts:
+    """Images (numpy ``[ix west, iy north]``, float32) and what describes them."""
+
+    image: np.ndarray          # restored, Jy/beam
+    residual: np.ndarray       # Jy/beam
+    model: np.ndarray          # Jy/pixel
+    psf: np.ndarray            # peak 1
+    pb: np.ndarray             # mean primary beam (power), 1 at the pointing centre
+    image_pb: np.ndarray       # restored / pb, NaN where pb < pb_cutoff
+    dirty: np.ndarray          # Jy/beam
+    beam: tuple                # (bmaj, bmin) radians, bpa degrees east of north
+    noise: float               # robust (MAD) rms of the residual image, Jy/beam
+    peak: float                # peak of the restored image, Jy/beam
+    peak_pixel: tuple          # (ix, iy) of the peak
+    phase_center: tuple        # (ra, dec) ICRS radians
+    cell_rad: float
+    freq_hz: float             # weighted mean frequency
+    bandwidth_hz: float
+    date_obs: str              # ISO UTC start of the first integration
+    time_mid_unix: float
+    n_components: int
+    n_major: int
+    threshold: float           # the stop level CLEAN reached for, Jy/beam
+    sum_weights: float
+    weight_sums: np.ndarray = None  # (ntime, nfreq) imaging weights summed over baselines
+    options: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    plan: str = ""
+
+
+@dataclass
+class ImageResult:
+    """What :func:`image_ms` wrote and found."""
+
+    paths: dict                # kind -> Path ("image", "residual", "model", "psf", "image-pb")
+    beam: tuple                # (bmaj_arcsec, bmin_arcsec, bpa_deg)
+    noise: float               # Jy/beam
+    peak: float                # Jy/beam (restored image)
+    peak_radec: tuple          # (ra_deg, dec_deg) of the peak
+    n_components: int
+    n_major: int
+    timings: dict
+    products: ImageProducts | None = None
+
+
+# ---------------------------------------------------------------------------------
+# the imaging driver
+# ---------------------------------------------------------------------------------
+
+
+def _scheduler_threads():
+    try:
+        from distributed import get_client
+
+        return max(1, sum(get_client().nthreads().values()))
+    except (ImportError, ValueError):
+        return os.cpu_count() or 1
+
+
+def _image_centre(ds, phase_center):
+    nt = ds.sizes["time"]
+    if phase_center is not None:
+        return float(phase_center[0]), float(phase_center[1])
+    ra = np.asarray(ds.PHASE_CENTER_RA.values, dtype=np.float64)
+    dec = np.asarray(ds.PHASE_CENTER_DEC.values, dtype=np.float64)
+    return float(ra[nt // 2]), float(dec[nt // 2])
+
+
+def _target_uvw(ds, ra0, dec0):
+    from contimg.uvw import compute_uvw
+
+    loc = ds.attrs.get("telescope_location")
+    return compute_uvw(np.asarray(ds.ANTENNA_POSITION.values, dtype=np.float64),
+                       np.asarray(ds.baseline_antenna1_id.values),
+                       np.asarray(ds.baseline_antenna2_id.values),
+                       np.asarray(ds.time.values, dtype=np.float64), ra0, dec0,
+                       telescope_location=None if loc is None else np.asarray(loc, float))
+
+
+def source_mask(npix, cell_arcsec, ra0, dec0, ra, dec, radius_arcsec):
+    """Boolean ``[ix, iy]`` mask: discs of ``radius_arcsec`` around ``(ra, dec)`` (ICRS
+    radians, arrays) in an image of ``npix`` cells of ``cell_arcsec`` centred on
+    ``(ra0, dec0)`` (SIN projection, first axis west)."""
+    from kernels.beam import lmn_of
+
+    ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
+    dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
+    l, m, n = lmn_of(ra, dec, ra0, dec0)
+    cell = cell_arcsec * ARCSEC
+    ix = npix // 2 - l / cell
+    iy = npix // 2 + m / cell
+    rad = radius_arcsec / cell_arcsec
+    mask = np.zeros((npix, npix), dtype=bool)
+    h = int(math.ceil(rad))
+    for x, y, nn in zip(ix, iy, n):
+        if nn <= 0:
+            continue
+        x0, x1 = max(0, int(x) - h), min(npix, int(x) + h + 2)
+        y0, y1 = max(0, int(y) - h), min(npix, int(y) + h + 2)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1), indexing="ij")
+        mask[x0:x1, y0:y1] |= (gx - x) ** 2 + (gy - y) ** 2 <= rad * rad
+    return mask
+
+
+def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbin=16):
+    """Mean Airy beam on the image, on a coarse grid interpolated (cubic) to every pixel."""
+    from scipy import ndimage
+
+    from kernels.beam import lmn_of, mean_airy_beam
+
+    nf = freqs.size
+    edges = np.linspace(0, nf, min(nfbin, nf) + 1).astype(int)
+    wb = np.stack([wsum[:, a:b].sum(axis=1) for a, b in zip(edges[:-1], edges[1:])], axis=1)
+    fb = np.array([np.average(freqs[a:b], weights=None if not wsum[:, a:b].sum()
+                              else wsum[:, a:b].sum(axis=0)) for a, b in
+                   zip(edges[:-1], edges[1:])])
+    pl, pm, _ = lmn_of(pc_ra, pc_dec, ra0, dec0)
+    nc = min(ncoarse, npix)
+    idx = np.linspace(0, npix - 1, nc)
+    l = -(idx - npix // 2)[:, None] * cell + 0 * idx[None, :]
+    m = (idx - npix // 2)[None, :] * cell + 0 * idx[:, None]
+    coarse = mean_airy_beam(l, m, pl, pm, fb, wb, tel.DISH_DIAMETER_M)
+    if nc == npix:
+        return coarse.astype(np.float32)
+    scale = (nc - 1) / (npix - 1)
+    ii = np.arange(npix, dtype=np.float64) * scale
+    out = np.empty((npix, npix), dtype=np.float32)
+    step = 512
+    for a in range(0, npix, step):
+        gx, gy = np.meshgrid(ii[a:a + step], ii, indexing="ij")
+        out[a:a + step] = ndimage.map_coordinates(coarse, [gx, gy], order=3, mode="nearest")
+    return out
+
+
+def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=None,
+                  epsilon=1e-4, niter=None, threshold=None, auto_threshold_sigma=3.0,
+                  algorithm="clark", gain=0.1, mgain=0.8, max_major=10, mask=None,
+                  clark_patch=None, gridder="contimg", nthreads=1, phase_center=None,
+                  persist=True, pb_cutoff=0.1, double=False, uv_min_lambda=0.0,
+                  uv_max_lambda=None, psf_wterm=False, mask_sources=None,
+                  mask_radius_arcsec=60.0, grid_tasks=None) -> ImageProducts:
+    """Image a contract Dataset (Stokes I): dirty, PSF, CLEAN, restore, primary beam.
+
+    Parameters (``None`` -> :func:`default_options`, i.e. the ``IMG_*`` environment)
+    ----------
+    npix : image size (square, even), default 4096
+    cell_arcsec : pixel size, default 3
+    weighting : ``"natural"``, ``"uniform"`` or ``"briggs"`` (default)
+    robust : Briggs robust, default 0
+    epsilon : gridding accuracy (1e-4 ... 1e-7; < 1e-5 runs in double precision)
+    niter : maximum CLEAN components (0: dirty image only), default 1000
+    threshold : absolute CLEAN threshold, Jy/beam (default 0)
+    auto_threshold_sigma : CLEAN down to this many times the residual's robust rms
+        (0 disables), default 3
+    algorithm : ``"clark"`` (default) or ``"hogbom"``
+    gain, mgain : loop gain; major-cycle gain (a minor cycle removes up to this
+        fraction of the peak before the next major cycle), as WSClean's -gain/-mgain
+    max_major : at most this many major cycles
+    mask : optional boolean ``(npix, npix)`` image ``[ix, iy]``: CLEAN only there
+    mask_sources : optional ``(ra, dec)`` arrays (ICRS radians), e.g. a catalogue's
+        sources: CLEAN only within ``mask_radius_arcsec`` of them (combined with
+        ``mask`` by OR). DSA-110's T-shaped array has PSF ridges along both axes whose
+        crossings, for pairs of bright sources, look like sources to an unmasked
+        CLEAN; a mask keeps those ghosts (and the flux they steal) out of the model
+    clark_patch : half-size of the Clark PSF patch in pixels (default npix/8, >= 32)
+    gridder : ``"contimg"`` or ``"ducc0"`` (comparison; needs ducc0)
+    nthreads : threads per gridding task (dask parallelises over chunks)
+    grid_tasks : number of gridding tasks per image (default: the scheduler's thread
+        count: a distributed client's total, else the CPU count). Every task grids its
+        share of the band onto a whole image, so each w-plane is FFT'd once per task:
+        fewer tasks than chunks saves FFTs; memory per task grows with its share
+    phase_center : ``(ra, dec)`` ICRS radians; default the middle integration's
+    persist : keep the Stokes I visibilities in (distributed) memory between major
+        cycles instead of recomputing them from ``ds`` (re-reading files) each cycle
+    pb_cutoff : primary-beam level below which the PB-corrected image is NaN
+    double : grid in double precision (forced when epsilon < 1e-5)
+    uv_min_lambda, uv_max_lambda : image only baselines with projected length
+        (wavelengths) in this range (WSClean's -minuv-l / -maxuv-l). DSA-110's
+        5 m spacings see scales of degrees: in images smaller than that, a natural-
+        weighted PSF sits on a plateau that makes CLEAN ill-conditioned
+
+    Runs ``dask.compute`` (on the active distributed client if there is one) once for
+    the PSF + dirty image and once per major cycle.
+    """
+    import dask
+
+    from graphs import image as gi
+    from kernels import clean as kc
+    from kernels import weighting as kw
+
+    defaults = default_options()
+    npix = int(defaults["npix"] if npix is None else npix)
+    cell_arcsec = float(defaults["cell_arcsec"] if cell_arcsec is None else cell_arcsec)
+    weighting = defaults["weighting"] if weighting is None else weighting
+    robust = float(defaults["robust"] if robust is None else robust)
+    niter = int(defaults["niter"] if niter is None else niter)
+    threshold = float(defaults["threshold"] if threshold is None else threshold)
+    if weighting not in kw.WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {kw.WEIGHTINGS}, got {weighting!r}")
+    if algorithm not in ("clark", "hogbom"):
+        raise ValueError(f"algorithm must be 'clark' or 'hogbom', got {algorithm!r}")
+    if npix < 16 or npix % 2:
+        raise ValueError(f"npix must be even and >= 16, got {npix}")
+    if not cell_arcsec > 0:
+        raise ValueError(f"cell_arcsec must be positive, got {cell_arcsec}")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (npix, npix):
+            raise ValueError(f"mask shape {mask.shape} != ({npix}, {npix})")
+    if mask_sources is not None:
+        r0, d0 = _image_centre(ds, phase_center)
+        sm = source_mask(npix, cell_arcsec, r0, d0, mask_sources[0], mask_sources[1],
+                         mask_radius_arcsec)
+        mask = sm if mask is None else (mask | sm)
+    opts = dict(npix=npix, cell_arcsec=cell_arcsec, weighting=weighting, robust=robust,
+                epsilon=epsilon, niter=niter, threshold=threshold,
+                auto_threshold_sigma=auto_threshold_sigma, algorithm=algorithm, gain=gain,
+                mgain=mgain, max_major=max_major, gridder=gridder)
+    timings = {}
+    t_all = time.perf_counter()
+    cell = cell_arcsec * ARCSEC
+
+    # --- geometry: one phase centre, re-phased Stokes I ---------------------------
+    t0 = time.perf_counter()
+    ra0, dec0 = _image_centre(ds, phase_center)
+    uvw_t = _target_uvw(ds, ra0, dec0)
+    freqs = np.asarray(ds.frequency.values, dtype=np.float64)
+    dsi = gi.stokes_i_dataset(ds, uvw_t, uv_range=(
+        float(uv_min_lambda or 0.0), np.inf if uv_max_lambda is None else float(uv_max_lambda)))
+    if persist:
+        dsi = dsi.persist()
+    ntask = int(grid_tasks or _scheduler_threads())
+    nf = dsi.sizes["frequency"]
+    nfc = len(dsi.VIS_I.data.chunks[2])
+    if ntask < nfc or len(dsi.VIS_I.data.chunks[0]) > 1:
+        per = int(math.ceil(nf / max(1, min(ntask, nfc))))
+        dsi = dsi.chunk({"time": -1, "baseline_id": -1, "frequency": per})
+    log.info("gridding in %d task(s) per image", len(dsi.VIS_I.data.chunks[2]))
+    plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
+                           nthreads=nthreads)
+    # the PSF of the minor cycles: without the w term, so that it is a true convolution
+    # kernel (symmetric, positive definite); with it, the response to a component
+    # depends on its position (by ~1 % of the peak across a 3 deg field), the Högbom/
+    # Clark iteration is no longer a descent and can diverge. Major cycles use the
+    # exact w-stacked (de)gridder, so the residual and model stay exact.
+    psf_plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
+                               nthreads=nthreads, do_wstacking=bool(psf_wterm))
+    log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", npix, npix,
+             cell_arcsec, math.degrees(ra0), math.degrees(dec0), plan.describe())
+    timings["prepare"] = time.perf_counter() - t0
+
+    # --- weighting ------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if weighting == "natural":
+        wspec = gi.WeightSpec("natural")
+    else:
+        dens, du, dv = gi.density(dsi, npix, npix, cell)
+        dens, sum_w = dask.compute(dens, dsi.WEIGHT_I.data.sum(dtype=np.float64))
+        f2 = kw.briggs_f2(dens, float(sum_w), robust) if weighting == "briggs" else 0.0
+        wspec = gi.WeightSpec(weighting, dens, f2, du, dv)
+    timings["weights"] = time.perf_counter() - t0
+
+    # --- PSF and dirty image ------------------------------------------------------------
+    t0 = time.perf_counter()
+    wsum_l = gi.weight_sums(dsi, wspec)
+    psf_l = gi.dirty_image(dsi, psf_plan, wspec, psf=True, gridder=gridder,
+                           nthreads=nthreads)
+    dirty_l = gi.dirty_image(dsi, plan, wspec, gridder=gridder, nthreads=nthreads)
+    wsum, psf, dirty = dask.compute(wsum_l, psf_l, dirty_l)
+    norm = float(wsum.sum())
+    if not norm > 0:
+        raise ValueError("nothing to image: every visibility is flagged or has zero weight")
+    psf = (psf / norm).astype(np.float32)
+    dirty = (dirty / norm).astype(np.float32)
+    timings["dirty+psf"] = time.perf_counter() - t0
+    log.info("dirty image and PSF in %.1f s (peak %.4g Jy/beam)", timings["dirty+psf"],
+             float(np.abs(dirty).max()))
+    bmaj, bmin, bpa = kc.fit_beam(psf, cell)
+    log.info("restoring beam %.2f\" x %.2f\" PA %.1f deg", bmaj / ARCSEC, bmin / ARCSEC, bpa)
+
+    # --- CLEAN ----------------------------------------------------------------------
+    t0 = time.perf_counter()
+    residual = dirty.astype(np.float64)
+    model = np.zeros((npix, npix), dtype=np.float64)
+    psf64 = psf.astype(np.float64)
+    use_mask = mask is not None
+    mask_arr = mask if use_mask else np.zeros((1, 1), dtype=bool)
+    patch = int(clark_patch or max(32, npix // 8))
+    patch = min(patch, npix // 2 - 1)
+    sidelobe = kc.psf_sidelobe(psf64, patch) if algorithm == "clark" else 0.0
+    ncomp, nmajor, stop = 0, 0, threshold
+    prev = None  # (peak, model, residual, ncomp) before the last minor cycle
+    while ncomp < niter and nmajor < max_major:
+        sigma = kc.robust_sigma(residual, mask if use_mask else None)
+        stop = max(threshold, auto_threshold_sigma * sigma if auto_threshold_sigma else 0.0)
+        peak = float(np.abs(residual[mask] if use_mask else residual).max())
+        if prev is not None and peak > 1.5 * prev[0]:
+            # the last major cycle made the peak residual much worse: the minor cycle's
+            # PSF model failed (ill-conditioned PSF); undo it and stop
+            log.warning("major cycle %d raised the peak residual from %.4g to %.4g: "
+                        "undoing it and stopping CLEAN", nmajor, prev[0], peak)
+            peak, model, residual, ncomp = prev
+            nmajor -= 1
+            break
+        if peak <= stop:
+            break
+        prev = (peak, model.copy(), residual.copy(), ncomp)
+        where = np.unravel_index(int(np.argmax(np.abs(residual))), residual.shape)
+        level = max(stop, (1.0 - mgain) * peak, sidelobe * peak)
+        if algorithm == "clark":
+            n, last = kc.clark_minor(residual, psf64, model, gain, niter - ncomp, level,
+                                     mask_arr, use_mask, patch, 200_000)
+        else:
+            n, last = kc.hogbom_minor(residual, psf64, model, gain, niter - ncomp, level,
+                                      mask_arr, use_mask)
+        ncomp += int(n)
+        log.info("major cycle %d: peak %.4g at %s, stop %.4g, minor cycle to %.4g: "
+                 "%d components", nmajor + 1, peak, tuple(int(i) for i in where), stop,
+                 level, n)
+        if n == 0:
+            break
+        res_l = gi.dirty_image(dsi, plan, wspec, model=model.astype(plan.image_dtype),
+                               gridder=gridder, nthreads=nthreads)
+        (res,) = dask.compute(res_l)
+        residual = res.astype(np.float64) / norm
+        nmajor += 1
+    timings["clean"] = time.perf_counter() - t0
+
+    # --- restore, primary beam, noise ---------------------------------------------------
+    t0 = time.perf_counter()
+    image = kc.restore(model, residual, bmaj, bmin, bpa, cell).astype(np.float32)
+    pc_ra = np.asarray(ds.PHASE_CENTER_RA.values, dtype=np.float64)
+    pc_dec = np.asarray(ds.PHASE_CENTER_DEC.values, dtype=np.float64)
+    pb = _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        image_pb = np.where(pb >= pb_cutoff, image / pb, np.nan).astype(np.float32)
+    noise = kc.robust_sigma(residual)
+    ipk = np.unravel_index(int(np.argmax(image)), image.shape)
+    timings["restore+pb"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    times = np.asarray(ds.time.values, dtype=np.float64)
+    tint = float(ds.time.attrs.get("integration_time", tel.INTEGRATION_S))
+    date_obs = _dt.datetime.fromtimestamp(times[0] - 0.5 * tint, _dt.timezone.utc)
+    fmean = float(np.average(freqs, weights=wsum.sum(axis=0))) if wsum.sum() else float(
+        freqs.mean())
+    chw = float(ds.frequency.attrs.get("channel_width", np.median(np.diff(freqs))
+                                       if freqs.size > 1 else 0.0))
+    log.info("image done in %.1f s: %d components in %d major cycles, peak %.4g Jy/beam, "
+             "noise %.3g Jy/beam", timings["total"], ncomp, nmajor, float(image[ipk]), noise)
+    return ImageProducts(
+        image=image, residual=residual.astype(np.float32), model=model.astype(np.float32),
+        psf=psf, pb=pb, image_pb=image_pb, dirty=dirty, beam=(bmaj, bmin, bpa),
+        noise=float(noise), peak=float(image[ipk]), peak_pixel=(int(ipk[0]), int(ipk[1])),
+        phase_center=(ra0, dec0), cell_rad=cell, freq_hz=fmean,
+        bandwidth_hz=float(freqs.max() - freqs.min() + abs(chw)),
+        date_obs=date_obs.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3],
+        time_mid_unix=float(times[len(times) // 2]), n_components=ncomp, n_major=nmajor,
+        threshold=float(stop), sum_weights=norm, weight_sums=wsum, options=opts, timings=timings,
+        plan=plan.describe())
+
+
+# ---------------------------------------------------------------------------------
+# FITS
+# ---------------------------------------------------------------------------------
+
+
+def _header(prod: ImageProducts, kind: str, bunit: str):
+    from astropy.io import fits
+
+    from contimg import __version__
+
+    npix = prod.image.shape[0]
+    ra0, dec0 = prod.phase_center
+    cdeg = math.degrees(prod.cell_rad)
+    h = fits.Header()
+    h["BSCALE"] = 1.0
+    h["BZERO"] = 0.0
+    h["BUNIT"] = bunit
+    h["BTYPE"] = "Intensity"
+    h["CTYPE1"] = "RA---SIN"
+    h["CRPIX1"] = npix // 2 + 1
+    h["CRVAL1"] = math.degrees(ra0) % 360.0
+    h["CDELT1"] = -cdeg
+    h["CUNIT1"] = "deg"
+    h["CTYPE2"] = "DEC--SIN"
+    h["CRPIX2"] = npix // 2 + 1
+    h["CRVAL2"] = math.degrees(dec0)
+    h["CDELT2"] = cdeg
+    h["CUNIT2"] = "deg"
+    h["CTYPE3"] = "FREQ"
+    h["CRPIX3"] = 1.0
+    h["CRVAL3"] = prod.freq_hz
+    h["CDELT3"] = prod.bandwidth_hz
+    h["CUNIT3"] = "Hz"
+    h["CTYPE4"] = "STOKES"
+    h["CRPIX4"] = 1.0
+    h["CRVAL4"] = 1.0
+    h["CDELT4"] = 1.0
+    h["CUNIT4"] = ""
+    h["RADESYS"] = "ICRS"
+    h["EQUINOX"] = 2000.0
+    h["LONPOLE"] = 180.0
+    h["LATPOLE"] = math.degrees(dec0)
+    h["SPECSYS"] = "TOPOCENT"
+    bmaj, bmin, bpa = prod.beam
+    h["BMAJ"] = (math.degrees(bmaj), "beam major axis FWHM, deg")
+    h["BMIN"] = (math.degrees(bmin), "beam minor axis FWHM, deg")
+    h["BPA"] = (bpa, "beam PA, deg E of N")
+    h["DATE-OBS"] = prod.date_obs
+    h["MJD-OBS"] = prod.time_mid_unix / 86400.0 + 40587.0
+    h["TIMESYS"] = "UTC"
+    h["TELESCOP"] = tel.TELESCOPE_NAME
+    h["INSTRUME"] = tel.TELESCOPE_NAME
+    gx, gy, gz = (float(x) for x in tel.site_itrf())
+    h["OBSGEO-X"], h["OBSGEO-Y"], h["OBSGEO-Z"] = gx, gy, gz
+    h["OBJECT"] = "DSA-110 group"
+    h["ORIGIN"] = f"contimg {__version__}"
+    h["DATE"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    h["IMAGETYP"] = kind
+    o = prod.options
+    h["WEIGHTNG"] = o.get("weighting", "")
+    h["ROBUST"] = float(o.get("robust", 0.0))
+    h["EPSILON"] = float(o.get("epsilon", 0.0))
+    h["NITER"] = (prod.n_components, "CLEAN components")
+    h["NMAJOR"] = (prod.n_major, "major cycles")
+    h["THRESH"] = (prod.threshold, "CLEAN stop level (Jy/beam)")
+    h["NOISE"] = (prod.noise, "residual robust rms (Jy/beam)")
+    h["HISTORY"] = f"contimg {__version__} image: {kind}"
+    return h
+
+
+def write_fits(path, data, header):
+    """Write one image (``[ix, iy]`` numpy) as a 4-D FITS (RA, Dec, FREQ, STOKES).
+
+    Written to ``<path>.tmp`` and renamed, so a reader never sees half a file.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    arr = np.asarray(data, dtype=np.float32).T[None, None]  # (stokes, freq, dec, ra)
+    hdu = fits.PrimaryHDU(arr, header=header)
+    tmp = path.with_name(path.name + ".tmp")
+    hdu.writeto(tmp, overwrite=True, output_verify="exception")
+    os.replace(tmp, path)
+    return path
+
+
+def _open_source(src, data_column=None, chunks=None):
+    """An MS path, a directory/list of UVH5 files of one group, or a Dataset -> Dataset."""
+    import xarray as xr
+
+    if isinstance(src, xr.Dataset):
+        return src, "dataset"
+    if isinstance(src, (list, tuple)):
+        from contimg.io.uvh5 import open_group
+
+        paths = [Path(p) for p in src]
+        if len(paths) == 1 and (paths[0] / "table.dat").is_file():
+            src = paths[0]
+        else:
+            return open_group(paths, n_subbands=len(paths), chunks=chunks), "uvh5"
+    p = Path(src)
+    if (p / "table.dat").is_file():
+        from casacore import tables as ct
+
+        from contimg.io.ms import open_ms
+
+        if data_column is None:
+            with ct.table(str(p), ack=False) as tb:
+                cols = tb.colnames()
+            data_column = "CORRECTED_DATA" if "CORRECTED_DATA" in cols else "DATA"
+        log.info("imaging %s (%s)", p, data_column)
+        return open_ms(p, chunks=chunks, data_column=data_column), "ms"
+    if p.is_dir():
+        from contimg.io.uvh5 import open_group
+
+        files = sorted(p.glob("*_sb??.hdf5"))
+        if not files:
+            raise FileNotFoundError(f"{p}: neither a Measurement Set nor a directory of "
+                                    "UVH5 subband files")
+        return open_group(files, n_subbands=len(files), chunks=chunks), "uvh5"
+    raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat) or a group directory")
+
+
+def image_ms(src, out_prefix, *, data_column=None, keep_products=False,
+             **opts) -> ImageResult:
+    """Image an MS (``CORRECTED_DATA`` when present, else ``DATA``), a group's UVH5 files
+    or a Dataset and write ``<prefix>-image.fits``, ``-residual.fits``, ``-model.fits``,
+    ``-psf.fits``, ``-image-pb.fits`` (each via a temporary name and a rename).
+
+    ``opts`` go to :func:`image_dataset`. Returns an :class:`ImageResult` (paths,
+    restoring beam in arcsec/deg, noise, peak, timings; ``products`` with the arrays
+    when ``keep_products``).
+    """
+    t0 = time.perf_counter()
+    ds, kind = _open_source(src, data_column)
+    prod = image_dataset(ds, **opts)
+    t1 = time.perf_counter()
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, data, unit in (("image", prod.image, "JY/BEAM"),
+                             ("residual", prod.residual, "JY/BEAM"),
+                             ("model", prod.model, "JY/PIXEL"),
+                             ("psf", prod.psf, "JY/BEAM"),
+                             ("image-pb", prod.image_pb, "JY/BEAM")):
+        p = prefix.with_name(f"{prefix.name}-{name}.fits")
+        write_fits(p, data, _header(prod, name, unit))
+        paths[name] = p
+    timings = dict(prod.timings)
+    timings["write"] = time.perf_counter() - t1
+    timings["wall"] = time.perf_counter() - t0
+    ix, iy = prod.peak_pixel
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    wcs = WCS(fits.getheader(paths["image"])).celestial
+    ra_pk, dec_pk = wcs.pixel_to_world_values(ix, iy)
+    bmaj, bmin, bpa = prod.beam
+    log.info("wrote %s-*.fits in %.1f s", prefix, timings["wall"])
+    return ImageResult(paths=paths, beam=(bmaj / ARCSEC, bmin / ARCSEC, bpa),
+                       noise=prod.noise, peak=prod.peak,
+                       peak_radec=(float(ra_pk), float(dec_pk)),
+                       n_components=prod.n_components, n_major=prod.n_major,
+                       timings=timings, products=prod if keep_products else None)
+
+
+# ---------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------
+
+
+def add_image_parser(sub):
+    """Register ``contimg image`` on an argparse subparsers object."""
+    d = default_options()
+    s = sub.add_parser("image", help="make a CLEANed continuum image of an MS or a group",
+                       description="Image an MS (CORRECTED_DATA when present, else DATA) or "
+                       "the UVH5 files of one group. Defaults follow IMG_IMSIZE, "
+                       "IMG_ROBUST, IMG_NITER, IMG_THRESHOLD when set.")
+    s.add_argument("input", nargs="+", help="an MS, a group directory or its UVH5 files")
+    s.add_argument("--out", required=True, help="output prefix (<out>-image.fits, ...)")
+    s.add_argument("--size", type=int, default=d["npix"], help="pixels (square)")
+    s.add_argument("--cell", type=float, default=d["cell_arcsec"], help="arcsec per pixel")
+    s.add_argument("--weighting", choices=["natural", "uniform", "briggs"],
+                   default=d["weighting"])
+    s.add_argument("--robust", type=float, default=d["robust"])
+    s.add_argument("--niter", type=int, default=d["niter"])
+    s.add_argument("--threshold", type=parse_threshold, default=d["threshold"],
+                   help="absolute threshold, Jy or e.g. 0.5mJy")
+    s.add_argument("--auto-threshold", type=float, default=3.0, help="in sigma (0: off)")
+    s.add_argument("--algorithm", choices=["clark", "hogbom"], default="clark")
+    s.add_argument("--mgain", type=float, default=0.8)
+    s.add_argument("--gain", type=float, default=0.1)
+    s.add_argument("--epsilon", type=float, default=1e-4)
+    s.add_argument("--gridder", choices=["contimg", "ducc0"], default="contimg")
+    s.add_argument("--data-column", default=None, help="MS column (default CORRECTED_DATA "
+                   "if present, else DATA)")
+    s.add_argument("--threads", type=int, default=1, help="threads per gridding task")
+    s.add_argument("--workers", type=int, default=0,
+                   help="local Dask workers (0: the threaded scheduler in this process)")
+    s.set_defaults(func=cmd_image)
+    return s
+
+
+def cmd_image(args) -> int:
+    """Handler of ``contimg image``."""
+    src = args.input if len(args.input) > 1 else args.input[0]
+    kw = dict(npix=args.size, cell_arcsec=args.cell, weighting=args.weighting,
+              robust=args.robust, niter=args.niter, threshold=args.threshold,
+              auto_threshold_sigma=args.auto_threshold, algorithm=args.algorithm,
+              mgain=args.mgain, gain=args.gain, epsilon=args.epsilon, gridder=args.gridder,
+              nthreads=args.threads, data_column=args.data_column)
+    client = None
+    if args.workers:
+        from distributed import Client, LocalCluster
+
+        client = Client(LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                     processes=True, dashboard_address=None))
+    try:
+        res = image_ms(src, args.out, **kw)
+    finally:
+        if client is not None:
+            client.close()
+    print(f"wrote {', '.join(str(p) for p in res.paths.values())}")
+    print(f"beam {res.beam[0]:.2f}\" x {res.beam[1]:.2f}\" PA {res.beam[2]:.1f}; peak "
+          f"{res.peak:.4g} Jy/beam at RA {res.peak_radec[0]:.5f} Dec {res.peak_radec[1]:.5f}; "
+          f"noise {res.noise:.3g} Jy/beam; {res.n_components} components, {res.n_major} "
+          f"major cycles; {res.timings['wall']:.1f} s")
+    return 0
+
+
+def _asdict(res: ImageResult) -> dict:  # for JSON reports
+    d = dataclasses.asdict(dataclasses.replace(res, products=None))
+    d["paths"] = {k: str(v) for k, v in res.paths.items()}
+    return d

@@ -1,0 +1,488 @@
+"""Imaging end to end: re-phasing, distributed gridding, CLEAN, primary beam, FITS,
+and agreement with WSClean 3.1 and CASA's importfits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from contimg import telescope as tel
+from contimg.simulate import SimConfig, _metadata, simulate_group
+from contimg.uvw import compute_uvw, phase_center_basis
+
+C = 299792458.0
+ARCSEC = math.pi / (180 * 3600)
+WSCLEAN = shutil.which("wsclean")
+START = dt.datetime(2026, 1, 15, 8, 0, 0)
+
+
+def _sky(cfg, offsets, fluxes, alphas):
+    """Sources at (east, north) offsets (deg) from the middle integration's centre."""
+    meta = _metadata(cfg, START)
+    mid = cfg.n_times // 2
+    ra0, dec0 = float(meta["ra_icrs"][mid]), float(meta["dec_icrs"][mid])
+    ra, dec = [], []
+    for de, dn in offsets:
+        l, m = math.radians(de), math.radians(dn)
+        n = math.sqrt(1 - l * l - m * m)
+        dec.append(math.asin(m * math.cos(dec0) + n * math.sin(dec0)))
+        ra.append(ra0 + math.atan2(l, n * math.cos(dec0) - m * math.sin(dec0)))
+    k = len(offsets)
+    return dict(ra=np.array(ra), dec=np.array(dec), flux=np.array(fluxes, float),
+                alpha=np.array(alphas, float), name=np.array([f"S{i}" for i in range(k)]),
+                ref_freq=np.full(k, 1.4e9))
+
+
+def _true_pixel(ds, prod, ra, dec):
+    """Exact (ix, iy) of an ICRS source in our image (apparent frame at mid-time)."""
+    loc = np.asarray(ds.attrs["telescope_location"])
+    tm = np.array([prod.time_mid_unix])
+    b0 = phase_center_basis(tm, prod.phase_center[0], prod.phase_center[1], loc)[0]
+    s = phase_center_basis(tm, ra, dec, loc)[0][2]
+    n = prod.image.shape[0]
+    return n // 2 - (b0[0] @ s) / prod.cell_rad, n // 2 + (b0[1] @ s) / prod.cell_rad
+
+
+def _fit_source(img, beam, cell, x0, y0):
+    """Least-squares fit of a restoring-beam-shaped source: (amplitude, x, y)."""
+    from scipy.optimize import least_squares
+
+    from kernels.clean import gaussian_image
+
+    h = int(math.ceil(beam[0] / cell))
+    xi, yi = int(round(x0)), int(round(y0))
+    sub = img[xi - h: xi + h + 1, yi - h: yi + h + 1].astype(float)
+
+    def resid(p):
+        g = gaussian_image(sub.shape, beam[0], beam[1], beam[2], cell,
+                           centre=(h + p[1], h + p[2]))
+        return (p[0] * g - sub).ravel()
+
+    r = least_squares(resid, [sub[h, h], x0 - xi, y0 - yi])
+    return r.x[0], xi + r.x[1], yi + r.x[2]
+
+
+def _apparent_truth(truth, wsum, i):
+    """Flux the PB-corrected image should show: sum W S B / sum W B over (t, f)."""
+    from kernels.beam import airy_power, lmn_of
+
+    f = truth["freqs_hz"]
+    _, _, n = lmn_of(truth["sky_ra"][i], truth["sky_dec"][i], truth["phase_center_ra"],
+                     truth["phase_center_dec"])
+    sep = np.arccos(np.clip(n, -1, 1))
+    b = airy_power(sep[:, None], f[None, :], tel.DISH_DIAMETER_M)
+    s = truth["sky_flux"][i] * (f / truth["sky_ref_freq"][i]) ** truth["sky_alpha"][i]
+    return float((wsum * s[None] * b).sum() / (wsum * b).sum())
+
+
+# ---------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------
+
+PS_CFG = SimConfig(n_ant=64, n_subbands=2, n_chan=8, n_times=12, noise=False, gains=False,
+                   rfi=None, threads=1)
+PS_OFFSETS = [(0.0, 0.0), (0.25, 0.15), (-0.3, 0.2), (0.15, -0.35), (-0.2, -0.25)]
+PS_FLUX = [20.0, 3.0, 2.0, 4.0, 1.5]
+PS_ALPHA = [-0.7, 0.0, -0.5, -1.0, 0.3]
+
+
+@pytest.fixture(scope="module")
+def ps_group(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ps_group")
+    sky = _sky(PS_CFG, PS_OFFSETS, PS_FLUX, PS_ALPHA)
+    return simulate_group(out, START, cfg=PS_CFG, sky=sky)
+
+
+@pytest.fixture(scope="module")
+def ps_ds(ps_group):
+    from contimg.io.uvh5 import open_group
+
+    return open_group(ps_group.files, n_subbands=PS_CFG.n_subbands).compute()
+
+
+# ---------------------------------------------------------------------------------
+# re-phasing and the distributed dirty image
+# ---------------------------------------------------------------------------------
+
+
+def test_rephase_to_middle_integration_against_dft(ps_group, ps_ds):
+    """Re-phased Stokes I equals a DFT of the true sky towards the image centre."""
+    from graphs.image import stokes_i_dataset
+    from kernels.beam import airy_power, lmn_of
+
+    ds = ps_ds
+    truth = ps_group.load_truth()
+    mid = ds.sizes["time"] // 2
+    ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
+    loc = np.asarray(ds.attrs["telescope_location"])
+    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
+                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
+                      telescope_location=loc)
+    dsi = stokes_i_dataset(ds, uvw).compute()
+    f = ds.frequency.values
+    times = ds.time.values
+    sel = slice(0, 400)  # a few hundred baselines is plenty
+    model = np.zeros((len(times), 400, f.size), complex)
+    for i in range(len(truth["sky_ra"])):
+        for t in range(len(times)):
+            b = phase_center_basis(times[t:t + 1], ra0, dec0, loc)[0]
+            s = phase_center_basis(times[t:t + 1], truth["sky_ra"][i], truth["sky_dec"][i],
+                                   loc)[0][2]
+            l, m, n = b @ s
+            _, _, npt = lmn_of(truth["sky_ra"][i], truth["sky_dec"][i],
+                               truth["phase_center_ra"][t], truth["phase_center_dec"][t])
+            beam = airy_power(np.arccos(min(npt, 1.0)), f, tel.DISH_DIAMETER_M)
+            flux = truth["sky_flux"][i] * (f / 1.4e9) ** truth["sky_alpha"][i] * beam
+            ph = (uvw[t, sel, 0, None] * l + uvw[t, sel, 1, None] * m
+                  + uvw[t, sel, 2, None] * (n - 1)) * f[None] / C
+            model[t] += flux[None] * np.exp(2j * np.pi * ph)
+    cross = (ds.baseline_antenna1_id.values != ds.baseline_antenna2_id.values)[sel]
+    got = dsi.VIS_I.values[:, sel][:, cross]
+    exp = model[:, cross]
+    err = np.abs(got - exp).max() / np.abs(exp).max()
+    assert err < 1e-4, err
+    # without re-phasing the far integrations decorrelate: the test can tell
+    raw = stokes_i_dataset(ds, None).compute().VIS_I.values[:, sel][:, cross]
+    assert np.abs(raw - exp).max() / np.abs(exp).max() > 0.1
+
+
+@pytest.mark.parametrize("gridder", ["contimg", "ducc0"])
+def test_distributed_dirty_equals_direct_gridding(ps_ds, gridder):
+    """Per-chunk images summed == one vis2dirty over all the data (dask == numpy)."""
+    import dask
+
+    from graphs import image as gi
+    from kernels import gridding as kg
+    from kernels import weighting as kw
+
+    if gridder == "ducc0":
+        pytest.importorskip("ducc0")
+    ds = ps_ds
+    mid = ds.sizes["time"] // 2
+    ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
+    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
+                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
+                      telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    ds = ds.chunk({"time": 4, "frequency": 8})  # 3 x 2 chunks
+    dsi = gi.stokes_i_dataset(ds, uvw)
+    npix, cell = 256, 8 * ARCSEC
+    plan = gi.imaging_plan(uvw, ds.frequency.values, npix, cell, 1e-5, double=True)
+    dens, du, dv = gi.density(dsi, npix, npix, cell)
+    dens, sw = dask.compute(dens, dsi.WEIGHT_I.data.sum())
+    f2 = kw.briggs_f2(dens, float(sw), 0.0)
+    wspec = gi.WeightSpec("briggs", dens, f2, du, dv)
+    img = gi.dirty_image(dsi, plan, wspec, gridder=gridder).compute()
+    # direct, on all rows at once
+    full = dsi.compute()
+    nt, nb, nf = full.VIS_I.shape
+    u = uvw.reshape(-1, 3)
+    wi = kw.imaging_weights(u, full.frequency.values, full.WEIGHT_I.values.reshape(-1, nf),
+                            "briggs", dens, du, dv, f2)
+    ref = kg.vis2dirty(u, full.frequency.values,
+                       full.VIS_I.values.reshape(-1, nf).astype(np.complex128), weights=wi,
+                       npix_x=npix, npix_y=npix, pixsize_x=cell, pixsize_y=cell,
+                       epsilon=1e-5, flip_v=True, divide_by_n=False)
+    err = np.linalg.norm(img - ref) / np.linalg.norm(ref)
+    assert err < 1e-4, err
+
+
+# ---------------------------------------------------------------------------------
+# the simulated group: fluxes and positions after CLEAN and primary-beam correction
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ps_image(ps_ds, ps_group):
+    """CLEANed inside 60" discs around the catalogue positions (see ``mask_sources``)."""
+    from contimg.imaging import image_dataset
+
+    truth = ps_group.load_truth()
+    return image_dataset(ps_ds, npix=768, cell_arcsec=5.0, weighting="briggs", robust=0.0,
+                         niter=20000, auto_threshold_sigma=0.0, threshold=1e-3, gain=0.1,
+                         mgain=0.8, max_major=30,
+                         mask_sources=(truth["sky_ra"], truth["sky_dec"]),
+                         mask_radius_arcsec=60.0)
+
+
+def test_point_sources_flux_and_position(ps_group, ps_ds, ps_image):
+    prod = ps_image
+    truth = ps_group.load_truth()
+    ds = ps_ds
+    assert prod.n_components > 0 and prod.n_major >= 2
+    errs = []
+    for i in range(len(truth["sky_ra"])):
+        px, py = _true_pixel(ds, prod, truth["sky_ra"][i], truth["sky_dec"][i])
+        amp, x, y = _fit_source(prod.image, prod.beam, prod.cell_rad, px, py)
+        pb = float(prod.pb[int(round(x)), int(round(y))])
+        flux = amp / pb
+        exp = _apparent_truth(truth, prod.weight_sums, i)
+        errs.append((flux / exp - 1, x - px, y - py))
+    errs = np.array(errs)
+    print("flux rel. errors", errs[:, 0], "position errors (px)", errs[:, 1:])
+    assert np.all(np.abs(errs[:, 0]) < 0.01), errs
+    assert np.all(np.abs(errs[:, 1:]) < 0.1), errs
+    # the PB-corrected image says the same at the peak pixel of the calibrator
+    cx, cy = prod.peak_pixel
+    assert prod.image_pb[cx, cy] == pytest.approx(prod.image[cx, cy] / prod.pb[cx, cy])
+
+
+def test_unmasked_clean_stays_stable(ps_ds, ps_group):
+    """Without a mask the T array's ridge crossings attract some flux, but CLEAN must
+    neither diverge nor lose more than a few per cent of a source (Högbom and Clark)."""
+    from contimg.imaging import image_dataset
+
+    truth = ps_group.load_truth()
+    for algo in ("clark", "hogbom"):
+        prod = image_dataset(ps_ds, npix=512, cell_arcsec=6.0, niter=3000,
+                             auto_threshold_sigma=0.0, threshold=5e-3, algorithm=algo,
+                             max_major=15)
+        assert np.abs(prod.residual).max() < 0.05 * np.abs(prod.dirty).max()
+        for i in range(len(truth["sky_ra"])):
+            px, py = _true_pixel(ps_ds, prod, truth["sky_ra"][i], truth["sky_dec"][i])
+            amp, _, _ = _fit_source(prod.image, prod.beam, prod.cell_rad, px, py)
+            exp = _apparent_truth(truth, prod.weight_sums, i)
+            assert amp / float(prod.pb[int(round(px)), int(round(py))]) == pytest.approx(
+                exp, rel=0.05), (algo, i)
+
+
+def test_mirror_holds_no_source(ps_ds, ps_image, ps_group):
+    """A sign error in u, v or w would image the sky's mirror: check the orientation."""
+    prod = ps_image
+    truth = ps_group.load_truth()
+    px, py = _true_pixel(ps_ds, prod, truth["sky_ra"][3], truth["sky_dec"][3])
+    n = prod.image.shape[0]
+    mx, my = int(round(n - px)), int(round(n - py))
+    assert prod.dirty[int(round(px)), int(round(py))] > 2.0
+    assert abs(prod.dirty[mx, my]) < 0.3
+
+
+# ---------------------------------------------------------------------------------
+# FITS, image_ms, CLI
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_ms(tmp_path_factory, ps_ds):
+    from contimg.io.ms import write_ms
+
+    out = tmp_path_factory.mktemp("ms") / "group.ms"
+    # CORRECTED_DATA = 2 x DATA so the test can tell which column was imaged
+    ds = ps_ds.copy()
+    ds["CORR2"] = ds.VISIBILITY * 2
+    write_ms(ds, out, corrected_data="CORR2")
+    return out
+
+
+def test_image_ms_writes_fits_with_full_header(small_ms, tmp_path, ps_group, ps_ds):
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from contimg.imaging import image_ms
+
+    res = image_ms(small_ms, tmp_path / "g", npix=256, cell_arcsec=10.0, niter=200,
+                   keep_products=True)
+    assert set(res.paths) == {"image", "residual", "model", "psf", "image-pb"}
+    assert not list(tmp_path.glob("*.tmp"))
+    truth = ps_group.load_truth()
+    with fits.open(res.paths["image"]) as hdul:
+        h = hdul[0].header
+        data = hdul[0].data
+    assert data.shape == (1, 1, 256, 256)
+    for key in ("BMAJ", "BMIN", "BPA", "BUNIT", "DATE-OBS", "TELESCOP", "ORIGIN", "RADESYS",
+                "SPECSYS"):
+        assert key in h, key
+    assert "RESTFRQ" not in h and "RESTFREQ" not in h
+    assert h["BUNIT"] == "JY/BEAM" and h["TELESCOP"] == "DSA-110"
+    assert h["CTYPE3"] == "FREQ" and 1.3e9 < h["CRVAL3"] < 1.5e9
+    assert h["BMAJ"] * 3600 == pytest.approx(res.beam[0], rel=1e-6)
+    # CORRECTED_DATA (= 2 x DATA) was imaged: the calibrator's apparent flux doubled
+    exp = 2 * _apparent_truth(truth, res.products.weight_sums, 0) * float(
+        res.products.pb[128, 128])
+    assert res.peak == pytest.approx(exp, rel=0.03)
+    # WCS: the calibrator's sky position lands on its pixel
+    w = WCS(h).celestial
+    px, py = w.world_to_pixel_values(np.degrees(truth["sky_ra"][0]),
+                                     np.degrees(truth["sky_dec"][0]))
+    iy, ix = np.unravel_index(np.argmax(data[0, 0]), data[0, 0].shape)
+    assert abs(px - ix) < 0.5 and abs(py - iy) < 0.5
+    with fits.open(res.paths["model"]) as hdul:
+        assert hdul[0].header["BUNIT"] == "JY/PIXEL"
+    with fits.open(res.paths["image-pb"]) as hdul:
+        pbimg = hdul[0].data[0, 0]
+        assert np.isfinite(pbimg[128, 128])
+
+
+def test_bad_input_is_named(tmp_path):
+    from contimg.imaging import image_ms
+
+    with pytest.raises(FileNotFoundError, match="not a Measurement Set"):
+        image_ms(tmp_path / "nothing.ms", tmp_path / "x")
+    os.environ["IMG_NITER"] = "many"
+    try:
+        from contimg.imaging import default_options
+
+        with pytest.raises(ValueError, match="IMG_"):
+            default_options()
+    finally:
+        del os.environ["IMG_NITER"]
+
+
+def test_env_defaults(monkeypatch):
+    from contimg.imaging import default_options
+
+    monkeypatch.setenv("IMG_IMSIZE", "2048")
+    monkeypatch.setenv("IMG_ROBUST", "-0.5")
+    monkeypatch.setenv("IMG_NITER", "123")
+    monkeypatch.setenv("IMG_THRESHOLD", "0.5mJy")
+    d = default_options()
+    assert d["npix"] == 2048 and d["robust"] == -0.5 and d["niter"] == 123
+    assert d["threshold"] == pytest.approx(5e-4)
+
+
+def test_cli_image(small_ms, tmp_path):
+    env = dict(os.environ, IMG_IMSIZE="128", IMG_NITER="50")
+    res = subprocess.run([sys.executable, "-m", "contimg.cli", "image", str(small_ms),
+                          "--out", str(tmp_path / "cli"), "--cell", "20"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "cli-image.fits").is_file()
+    from astropy.io import fits
+
+    assert fits.getdata(tmp_path / "cli-image-pb.fits").shape == (1, 1, 128, 128)
+
+
+# ---------------------------------------------------------------------------------
+# interop: CASA importfits, WSClean 3.1
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.interop
+def test_casa_importfits_accepts_our_fits(small_ms, tmp_path):
+    """CASA 6.7's importfits reads our FITS: beam, unit and pixel values survive."""
+    import importlib.util
+
+    if importlib.util.find_spec("casatasks") is None:
+        pytest.skip("casatasks is not installed")
+    from conftest import casa_site_config
+
+    from contimg.imaging import image_ms
+
+    res = image_ms(small_ms, tmp_path / "c", npix=128, cell_arcsec=20.0, niter=50)
+    script = tmp_path / "imp.py"
+    script.write_text(
+        "import sys, json\n"
+        "from casatasks import importfits, imhead\n"
+        "from casatools import image\n"
+        f"importfits(fitsimage={str(res.paths['image'])!r}, imagename={str(tmp_path / 'c.im')!r})\n"
+        f"h = imhead({str(tmp_path / 'c.im')!r}, mode='list')\n"
+        "ia = image(); ia.open(" + repr(str(tmp_path / 'c.im')) + ")\n"
+        "st = ia.statistics(); ia.close()\n"
+        "print(json.dumps({'bmaj': h['beammajor']['value'], 'unit': h['beammajor']['unit'],"
+        " 'bunit': h['bunit'], 'max': float(st['max'][0])}))\n")
+    env = dict(os.environ, CASASITECONFIG=str(casa_site_config(tmp_path)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["bunit"].lower() == "jy/beam"
+    bmaj = info["bmaj"] * (1.0 if info["unit"] == "arcsec" else 3600.0)
+    assert bmaj == pytest.approx(res.beam[0], rel=1e-4)
+    assert info["max"] == pytest.approx(res.peak, rel=1e-5)
+
+
+def _rephased_ms(ds, path):
+    """The group re-phased to its middle integration's centre, as one FIELD."""
+    from contimg.io.ms import write_ms
+    from contimg import schema
+
+    ds = ds.copy()
+    mid = ds.sizes["time"] // 2
+    ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
+    uvw1 = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
+                       ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
+                       telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    dw = ds.UVW.values[..., 2] - uvw1[..., 2]
+    rot = np.exp(2j * np.pi * dw[..., None] * ds.frequency.values / C)
+    ds["VISIBILITY"] = (schema.VIS_DIMS,
+                        (ds.VISIBILITY.values * rot[..., None]).astype(np.complex64))
+    ds["UVW"] = (schema.UVW_DIMS, uvw1)
+    ds["PHASE_CENTER_RA"] = ("time", np.full(ds.sizes["time"], ra0))
+    ds["PHASE_CENTER_DEC"] = ("time", np.full(ds.sizes["time"], dec0))
+    write_ms(ds, path)
+    return ds
+
+
+@pytest.mark.interop
+def test_wsclean_agrees(tmp_path):
+    """Same MS, same parameters: peak fluxes within 2 %, image noise within 10 %."""
+    if WSCLEAN is None:
+        pytest.skip("wsclean is not installed")
+    from astropy.io import fits
+
+    from contimg.imaging import image_ms
+    from contimg.io.uvh5 import open_group
+
+    cfg = SimConfig(n_ant=48, n_subbands=2, n_chan=8, n_times=12, noise=True, gains=False,
+                    rfi=None, threads=1, sefd_jy=5800.0)
+    sky = _sky(cfg, [(0.0, 0.0), (0.3, 0.1), (-0.25, 0.2), (0.1, -0.3)],
+               [20.0, 2.0, 1.0, 3.0], [-0.7, 0.0, 0.0, -0.5])
+    g = simulate_group(tmp_path / "raw", START, cfg=cfg, sky=sky)
+    ds = open_group(g.files, n_subbands=2).compute()
+    ms = tmp_path / "g.ms"
+    _rephased_ms(ds, ms)
+    npix, cell, niter, thr = 512, 6.0, 2000, 0.02
+    name = str(tmp_path / "ws")
+    cmd = [WSCLEAN, "-j", "1", "-quiet", "-name", name, "-size", str(npix), str(npix),
+           "-scale", f"{cell}asec", "-pol", "I", "-weight", "briggs", "0", "-niter",
+           str(niter), "-threshold", str(thr), "-mgain", "0.8", "-gain", "0.1",
+           "-no-update-model-required", "-use-wgridder", str(ms)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    with fits.open(f"{name}-image.fits") as hdul, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ws = hdul[0].data[0, 0].T.astype(float)  # -> [ix, iy]
+    with fits.open(f"{name}-residual.fits") as hdul:
+        ws_res = hdul[0].data[0, 0].T.astype(float)
+    ours = image_ms(ms, tmp_path / "ours", npix=npix, cell_arcsec=cell, weighting="briggs",
+                    robust=0.0, niter=niter, threshold=thr, auto_threshold_sigma=0.0,
+                    mgain=0.8, gain=0.1, keep_products=True).products
+    from kernels.clean import robust_sigma
+
+    peaks = []
+    for i in range(len(sky["ra"])):
+        px, py = _true_pixel(ds, ours, sky["ra"][i], sky["dec"][i])
+        xi, yi = int(round(px)), int(round(py))
+        a = ours.image[xi - 3: xi + 4, yi - 3: yi + 4].max()
+        b = ws[xi - 3: xi + 4, yi - 3: yi + 4].max()
+        peaks.append((a, b))
+    peaks = np.array(peaks)
+    n_ours, n_ws = robust_sigma(ours.residual), robust_sigma(ws_res)
+    print("peaks ours / wsclean", peaks.tolist(), "noise", n_ours, n_ws)
+    assert np.all(np.abs(peaks[:, 0] / peaks[:, 1] - 1) < 0.02), peaks
+    assert n_ours == pytest.approx(n_ws, rel=0.10)
+
+
+def test_distributed_client_gives_the_same_image(ps_ds):
+    """On a distributed cluster (as the stream runs it) the image is the same."""
+    from distributed import Client, LocalCluster
+
+    from contimg.imaging import image_dataset
+
+    kw = dict(npix=256, cell_arcsec=10.0, niter=100, auto_threshold_sigma=0.0,
+              threshold=0.01, grid_tasks=3)
+    local = image_dataset(ps_ds, **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster):
+        dist = image_dataset(ps_ds, **kw)
+    np.testing.assert_allclose(dist.image, local.image, atol=1e-5 * local.peak)
+    assert dist.n_components == local.n_components
