@@ -78,10 +78,10 @@ def _compute_here(lazy):
     (conjugation, row reductions), so the writer only copies it into the MS."""
     import dask
 
-    from contimg.io.ms import prepare_ms_block, single_block
+    from contimg.io.ms import prepare_ms_block
 
     names = [n for n, _ in lazy.value]
-    values = dask.compute(*(single_block(a) for _, a in lazy.value), scheduler="sync")
+    values = dask.compute(*(a for _, a in lazy.value), scheduler="sync")
     return prepare_ms_block(dict(zip(names, values, strict=True)))
 
 
@@ -114,11 +114,12 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
     its final flags (no second pass over the MS)."""
     from distributed import worker_client
 
-    from contimg.io.ms import write_ms
+    from contimg.io.ms import single_block, write_ms
 
     ds = lazy_ds.value
     t0 = time.perf_counter()
     info = {}
+    stats = {}
     token = uuid.uuid4().hex[:8]
     labels = [os.path.basename(f).replace(".hdf5", "") if f else "filled"
               for f in ds.attrs["chunk_files"]]
@@ -128,7 +129,11 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
             # on the worker that holds the file, so no read can drift elsewhere.
             ws = allowed[block[1]]
             pin = {} if ws is None else dict(workers=ws, allow_other_workers=False)
-            fut = client.submit(_compute_here, _Lazy(named), **pin, pure=False, priority=10,
+            # culled to this block's own tasks before it is sent: the block of a
+            # concatenated array still carries the whole group's graph (every file's
+            # header arrays), which would be pickled with each read otherwise
+            culled = [(n, single_block(a)) for n, a in named]
+            fut = client.submit(_compute_here, _Lazy(culled), **pin, pure=False, priority=10,
                                 key=f"read-{labels[block[1]]}-t{block[0]}-{token}")
             return _Gathered(client, fut)
 
@@ -139,9 +144,11 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
             history.append(f"contimg RFI flags: {json.dumps(info['strategy'])}")
         with _CASACORE_LOCK:
             path = write_ms(ds, ms_path, overwrite=overwrite, submit=submit,
-                            prefetch=prefetch, history=history, flags=flags)
+                            prefetch=prefetch, history=history, flags=flags,
+                            stats=stats)
     out = dict(ms=path, seconds=time.perf_counter() - t0,
-               nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes))
+               nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes),
+               write_s=stats.get("seconds"), wait_s=stats.get("wait_s"))
     if "_after" in info:
         out["flag_summary"] = _write_flag_summary(path, ds, info)
     out.update({k: v for k, v in info.items() if k not in ("strategy", "_after")})

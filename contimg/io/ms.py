@@ -802,7 +802,7 @@ def _warn_if_open(path):
 
 
 def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=False,
-             history=None, submit=None, prefetch=1, flags=None):
+             history=None, submit=None, prefetch=1, flags=None, stats=None):
     """Write a contract Dataset to a CASA Measurement Set at ``path``.
 
     Parameters
@@ -833,6 +833,9 @@ def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=Fals
         ``(time, baseline_id, frequency, polarization)`` (e.g. the result of a flagging
         graph that ran while the visibilities were being written), from which FLAG and
         FLAG_ROW are written instead of from ``ds.FLAG``.
+    stats : dict, optional
+        Filled with ``seconds`` (the whole write) and ``wait_s`` (of it, waiting for
+        computed blocks).
 
     Returns
     -------
@@ -889,6 +892,8 @@ def write_ms(ds, path, *, overwrite=False, model_data=False, corrected_data=Fals
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if stats is not None:
+        stats.update(seconds=_time.perf_counter() - t_begin, wait_s=plan.wait_s)
     log.info("wrote %s: %d rows x %d channels x %d correlations, %d field(s) in %.2f s "
              "(%.2f s of it waiting for data)", path, plan.nrow, plan.nchan, plan.npol,
              plan.nfield, _time.perf_counter() - t_begin, plan.wait_s)
