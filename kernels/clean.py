@@ -78,11 +78,7 @@ def hogbom_minor(residual, psf, model, gain, niter, stop_level, mask, use_mask):
 @njit(nogil=True, cache=True)
 def _select(residual, mask, use_mask, level):
     nx, ny = residual.shape
-    cnt = 0
-    for i in range(nx):
-        for j in range(ny):
-            if (not use_mask or mask[i, j]) and abs(residual[i, j]) >= level:
-                cnt += 1
+    cnt = _count_above(residual, mask, use_mask, level)
     xs = np.empty(cnt, np.int64)
     ys = np.empty(cnt, np.int64)
     vals = np.empty(cnt, np.float64)
