@@ -515,8 +515,13 @@ def _header(prod: ImageProducts, kind: str, bunit: str):
     h["BMAJ"] = (math.degrees(bmaj), "beam major axis FWHM, deg")
     h["BMIN"] = (math.degrees(bmin), "beam minor axis FWHM, deg")
     h["BPA"] = (bpa, "beam PA, deg E of N")
+    # DATE-OBS/MJD-OBS: start of the data; DATE-AVG/MJD-AVG: its middle (FITS WCS)
+    start = _dt.datetime.fromisoformat(prod.date_obs).replace(tzinfo=_dt.timezone.utc)
     h["DATE-OBS"] = prod.date_obs
-    h["MJD-OBS"] = prod.time_mid_unix / 86400.0 + 40587.0
+    h["MJD-OBS"] = start.timestamp() / 86400.0 + 40587.0
+    h["DATE-AVG"] = _dt.datetime.fromtimestamp(prod.time_mid_unix, _dt.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    h["MJD-AVG"] = prod.time_mid_unix / 86400.0 + 40587.0
     h["TIMESYS"] = "UTC"
     h["TELESCOP"] = tel.TELESCOPE_NAME
     h["INSTRUME"] = tel.TELESCOPE_NAME
