@@ -275,6 +275,7 @@ def _stream_config(args, **over):
               settle_s=args.settle, bad_file_grace_s=args.bad_file_grace,
               group_timeout_s=args.group_timeout, incomplete=args.incomplete,
               min_subbands=args.min_subbands, in_flight=args.in_flight,
+              image_slots=args.image_slots,
               max_retries=args.max_retries,
               skip=frozenset(s for s in (args.skip or "").split(",") if s),
               placement="any" if placement is None and args.placement is None else placement,
@@ -565,6 +566,8 @@ def build_parser():
         s.add_argument("--min-subbands", type=int, default=12,
                        help="fewest subbands the 'process' policy accepts (12)")
         s.add_argument("--in-flight", type=int, default=2, help="groups processed at once")
+        s.add_argument("--image-slots", type=int, default=1,
+                       help="image stages run at once (imaging a full group needs ~9 GB)")
         s.add_argument("--max-retries", type=int, default=2,
                        help="failed attempts of a group re-queued before it is failed")
         s.add_argument("--skip", default="",

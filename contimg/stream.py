@@ -32,6 +32,7 @@ may serve an output directory at a time (a lock file there).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -76,6 +77,8 @@ class StreamConfig:
     incomplete: str = "process"                  # "process" (missing flagged) | "fail"
     min_subbands: int = 12                       # fewest subbands "process" accepts
     in_flight: int = 2                           # groups processed at once
+    image_slots: int = 1                         # image stages at once (the memory-
+                                                 # hungry one: ~9 GB at full size)
     max_retries: int = 2                         # failed attempts re-queued before "failed"
     stale_after_s: float = 1800.0                # no heartbeat this long → owner presumed dead
     skip: frozenset = field(default_factory=frozenset)   # stages not to run
@@ -217,6 +220,7 @@ class Stream:
         self._pool = ThreadPoolExecutor(cfg.in_flight, thread_name_prefix="group")
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._image_slots = threading.BoundedSemaphore(max(1, cfg.image_slots))
         self._last_status = 0.0
         self._lockfile = None
         self.completed: list[str] = []
@@ -490,7 +494,15 @@ class Stream:
             if g is None:
                 continue
             log.info("group %s: started (attempt %d)", g["group_id"], g["attempts"])
-            self._running[g["group_id"]] = self._pool.submit(self._process, g)
+            # headers now, in this thread: whether a calibrator transits is known before
+            # any other group in flight can reach its apply stage
+            opened = None
+            try:
+                opened = self._open(g["group_id"])
+                self._note_calibrator(g["group_id"], opened[1])
+            except Exception as exc:  # noqa: BLE001 - the pipeline reports it properly
+                log.debug("group %s: early open failed: %s", g["group_id"], exc)
+            self._running[g["group_id"]] = self._pool.submit(self._process, g, opened)
 
     def _reap(self):
         for gid, fut in list(self._running.items()):
@@ -500,11 +512,11 @@ class Stream:
                 if exc is not None:  # _process handles its own errors; this is a bug
                     log.error("group %s: internal error: %r", gid, exc)
 
-    def _process(self, g):
+    def _process(self, g, opened=None):
         gid = g["group_id"]
         t0 = time.time()
         try:
-            result = self._pipeline(g)
+            result = self._pipeline(g, opened)
         except BadInput as exc:
             self._bad_input(g, str(exc))
         except Exception as exc:  # noqa: BLE001 - recorded per group, others go on
@@ -572,9 +584,13 @@ class Stream:
         if self._stop.is_set():
             raise RuntimeError("stream stopping")
         try:
-            fut = self.client.submit(fn, *args, **kw, pure=False,
-                                     key=f"{stage}-{gid}-a{attempt}-{time.time_ns()}")
-            res = fut.result()
+            # groups in flight overlap, but at most `image_slots` images at once: the
+            # next group converts, flags and calibrates while this one images
+            with self._image_slots if stage == "image" else contextlib.nullcontext():
+                t0 = time.time()
+                fut = self.client.submit(fn, *args, **kw, pure=False,
+                                         key=f"{stage}-{gid}-a{attempt}-{time.time_ns()}")
+                res = fut.result()
         except Exception as exc:
             self.db.record_stage(gid, attempt, stage, "failed", time.time() - t0, t0,
                                  f"{type(exc).__name__}: {exc}")
@@ -586,14 +602,29 @@ class Stream:
                  time.time() - t0, f" ({res['reason']})" if "reason" in res else "")
         return res
 
-    def _pipeline(self, g) -> dict:
-        from contimg.convert import convert_group
-        from contimg.io.uvh5 import UVH5Error, open_group
+    def _open(self, gid):
+        """The group's ready files and its lazy Dataset (headers only)."""
+        from contimg.io.uvh5 import open_group
 
-        gid, attempt = g["group_id"], g["attempts"]
         files = [f["path"] for f in self.db.files(gid, status="ready")]
         if not files:
             raise BadInput(f"group {gid}: no readable subband files")
+        ds = open_group(files, n_subbands=self.cfg.n_subbands,
+                        allow_missing=len(files) < self.cfg.n_subbands,
+                        name_tolerance_s=self.cfg.tolerance_s)
+        return files, ds
+
+    def _pipeline(self, g, opened=None) -> dict:
+        from contimg.convert import convert_group
+        from contimg.io.uvh5 import UVH5Error
+
+        gid, attempt = g["group_id"], g["attempts"]
+        try:
+            files, ds = opened or self._open(gid)
+        except UVH5Error as exc:
+            self.db.record_stage(gid, attempt, "convert", "failed", 0.0, time.time(),
+                                 str(exc))
+            raise BadInput(str(exc)) from None
         stamp = min(tel.parse_subband_filename(f).stamp for f in files)
         ms = str(self.cfg.output / "ms" / f"{stamp}.ms")
         os.makedirs(os.path.dirname(ms), exist_ok=True)
@@ -604,9 +635,6 @@ class Stream:
                      and self.cfg.placement == "any")
         t0 = time.time()
         try:
-            ds = open_group(files, n_subbands=self.cfg.n_subbands,
-                            allow_missing=len(files) < self.cfg.n_subbands,
-                            name_tolerance_s=self.cfg.tolerance_s)
             fut = convert_group(self.client, ds, ms, placement=self.cfg.placement,
                                 overwrite=True, key=f"convert-{gid}-a{attempt}",
                                 flag=(self.cfg.flag_strategy or True) if flag_here else None)
@@ -621,7 +649,6 @@ class Stream:
             raise
         times = ds.time.values
         t_mid = float(times[len(times) // 2])
-        self._note_calibrator(gid, ds)
         self.db.record_stage(gid, attempt, "convert", "ok", time.time() - t0, t0,
                              json.dumps(conv, default=str))
         self.db.register_ms(ms, group_id=gid, t_start=float(times[0]),
