@@ -16,6 +16,10 @@ Typical use (what :func:`contimg.imaging.image_dataset` does)::
     psf = dirty_image(dsi, plan, wspec, psf=True)   # lazy, unnormalised
     dirty = dirty_image(dsi, plan, wspec, model=model_image)
 
+Baseline-dependent averaging (:func:`average_stokes_i`, :mod:`kernels.averaging`) turns
+the Stokes I cube into a *row* Dataset (dim ``row``: one averaged visibility each, UVW in
+wavelengths); :func:`density`, :func:`weight_sums` and :func:`dirty_image` take either.
+
 Image layout: arrays ``[ix, iy]``, ``ix`` increasing to the *west* (decreasing RA,
 FITS axis 1 with negative CDELT1) and ``iy`` to the north, ``(npix_x//2, npix_y//2)``
 at the phase centre. With the Dataset convention ``V = sum S exp(+2 pi i (u l + v m +
@@ -33,6 +37,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from kernels import averaging as ka
 from kernels import gridding as kg
 from kernels import weighting as kw
 
@@ -43,6 +48,8 @@ __all__ = [
     "density",
     "dirty_image",
     "weight_sums",
+    "average_stokes_i",
+    "grid_index",
     "GRIDDERS",
 ]
 
@@ -165,6 +172,101 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
 
 
 # ---------------------------------------------------------------------------------
+# baseline-dependent averaging: the cube -> a list of averaged visibilities
+# ---------------------------------------------------------------------------------
+
+
+def _bda_block(vis, w, uvw, freq, tf, ff, start, n, chan0):
+    out_vis = np.zeros(n, dtype=np.complex64)
+    out_w = np.zeros(n, dtype=np.float32)
+    out_uvw = np.zeros((n, 3), dtype=np.float64)
+    out_t = np.zeros(n, dtype=np.int32)
+    out_f = np.zeros(n, dtype=np.int32)
+    ka.bda_average(np.ascontiguousarray(vis), np.ascontiguousarray(w),
+                   np.ascontiguousarray(uvw, dtype=np.float64),
+                   np.ascontiguousarray(freq, dtype=np.float64), tf, ff, start, chan0,
+                   out_vis, out_w, out_uvw, out_t, out_f)
+    return out_vis, out_w, out_uvw, out_t, out_f
+
+
+def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
+    """Lazy baseline-dependent average of a Stokes I Dataset (:func:`stokes_i_dataset`).
+
+    ``tf``/``ff`` ``(nbaseline,)``: integrations and channels per bin for each baseline
+    (:func:`kernels.averaging.bda_factors`; frequency bins stay inside a chunk). Returns
+    a Dataset over dim ``row`` (one averaged visibility per row, one chunk per input
+    frequency chunk) with ``VIS_I`` complex64, ``WEIGHT_I`` float32 (summed), ``UVW_L``
+    ``(row, uvw_label)`` float64 in *wavelengths*, and ``TIME_INDEX``/``CHAN_INDEX``
+    int32 (the bin's middle integration and channel). Attributes ``ntime``, ``nfreq``
+    and ``n_input`` (visibilities averaged).
+    """
+    import dask
+
+    nt, nb, nf = dsi.VIS_I.shape
+    if len(dsi.VIS_I.data.chunks[0]) != 1 or len(dsi.VIS_I.data.chunks[1]) != 1:
+        dsi = dsi.chunk({"time": -1, "baseline_id": -1})
+    tf = np.ascontiguousarray(tf, dtype=np.int64)
+    ff = np.ascontiguousarray(ff, dtype=np.int64)
+    if tf.shape != (nb,) or ff.shape != (nb,):
+        raise ValueError(f"tf/ff must have one entry per baseline ({nb})")
+    if (tf < 1).any() or (ff < 1).any():
+        raise ValueError("averaging factors must be >= 1")
+    fchunks = dsi.VIS_I.data.chunks[2]
+    freq = np.asarray(dsi.frequency.values, dtype=np.float64)
+    vis_b = dsi.VIS_I.data.to_delayed().ravel()
+    w_b = dsi.WEIGHT_I.data.to_delayed().ravel()
+    uvw = dsi.UVW.data
+    if isinstance(uvw, da.Array):
+        uvw = uvw.rechunk((nt, nb, 3))
+        (uvw_d,) = uvw.to_delayed().ravel()
+    else:
+        uvw_d = np.asarray(uvw, dtype=np.float64)
+    parts = {k: [] for k in ("vis", "w", "uvw", "t", "f")}
+    c0 = 0
+    block = dask.delayed(_bda_block, nout=5, pure=True)
+    for k, nfk in enumerate(fchunks):
+        counts = ka.bda_count(nt, nfk, tf, ff)
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        n = int(counts.sum())
+        out = block(vis_b[k], w_b[k], uvw_d, freq[c0:c0 + nfk], tf, ff, start, n, c0,
+                    dask_key_name=f"bda-average-{dask.base.tokenize(dsi.VIS_I.data, tf, ff)}-{k}")
+        for name, arr, shape, dt in (("vis", out[0], (n,), np.complex64),
+                                     ("w", out[1], (n,), np.float32),
+                                     ("uvw", out[2], (n, 3), np.float64),
+                                     ("t", out[3], (n,), np.int32),
+                                     ("f", out[4], (n,), np.int32)):
+            parts[name].append(da.from_delayed(arr, shape=shape, dtype=dt))
+        c0 += nfk
+    cat = {k: da.concatenate(v, axis=0) for k, v in parts.items()}
+    return xr.Dataset(
+        {
+            "VIS_I": (("row",), cat["vis"]),
+            "WEIGHT_I": (("row",), cat["w"]),
+            "UVW_L": (("row", "uvw_label"), cat["uvw"]),
+            "TIME_INDEX": (("row",), cat["t"]),
+            "CHAN_INDEX": (("row",), cat["f"]),
+        },
+        attrs=dict(dsi.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)),
+    )
+
+
+def _is_rows(dsi):
+    return "row" in dsi.VIS_I.dims
+
+
+def _cube(dsi):
+    """(vis, weight, uvw, freq) as (t, b, f) dask arrays: a row Dataset is one time,
+    rows as baselines and one "channel" of frequency c (UVW already in wavelengths)."""
+    if not _is_rows(dsi):
+        return dsi.VIS_I.data, dsi.WEIGHT_I.data, _uvw_arr(dsi), _freq_arr(dsi)
+    vis = dsi.VIS_I.data[None, :, None]
+    w = dsi.WEIGHT_I.data[None, :, None]
+    uvw = dsi.UVW_L.data.rechunk((dsi.VIS_I.data.chunks[0], 3))[None]
+    freq = da.from_array(np.array([SPEED_OF_LIGHT]), chunks=1)
+    return vis, w, uvw, freq
+
+
+# ---------------------------------------------------------------------------------
 # plan, density, dirty images
 # ---------------------------------------------------------------------------------
 
@@ -229,8 +331,9 @@ def density(dsi: xr.Dataset, npix_x, npix_y, cell_x_rad, cell_y_rad=None):
     """
     cell_y_rad = cell_x_rad if cell_y_rad is None else cell_y_rad
     du, dv = 1.0 / (npix_x * cell_x_rad), 1.0 / (npix_y * cell_y_rad)
-    g = da.blockwise(_density_block, "tbfxy", dsi.WEIGHT_I.data, "tbf", _uvw_arr(dsi), "tbc",
-                     _freq_arr(dsi), "f", concatenate=True, dtype=np.float64,
+    _v, w, uvw, freq = _cube(dsi)
+    g = da.blockwise(_density_block, "tbfxy", w, "tbf", uvw, "tbc",
+                     freq, "f", concatenate=True, dtype=np.float64,
                      new_axes={"x": npix_x, "y": npix_y},
                      adjust_chunks={"t": 1, "b": 1, "f": 1}, name="uv-density",
                      nu=npix_x, nv=npix_y, du=du, dv=dv)
@@ -251,6 +354,14 @@ def _weight_sum_block(w, uvw, freq, grid, wspec):
     return wi.reshape(t, b, f).sum(axis=1, dtype=np.float64)[:, None, :]
 
 
+def _weight_sum_rows_block(w, uvw, freq, ti, fi, grid, wspec, nt, nf):
+    uvw_r, w_r = _rows(uvw, w)
+    wi = _imaging_weights(w_r, uvw_r, np.asarray(freq, np.float64), wspec, grid)
+    flat = ti.reshape(-1).astype(np.int64) * nf + fi.reshape(-1)
+    out = np.bincount(flat, weights=wi.reshape(-1).astype(np.float64), minlength=nt * nf)
+    return out.reshape(1, 1, 1, nt, nf)
+
+
 def _grid_arg(wspec):
     """(density grid as one dask block, its index) and the spec without the grid (the
     grid travels to the workers once, as a graph key, not inside every task)."""
@@ -267,19 +378,54 @@ def weight_sums(dsi: xr.Dataset, wspec: WeightSpec):
     """Lazy ``(ntime, nfreq)`` float64: imaging weights summed over baselines.
 
     Their total normalises the dirty image; per (time, channel) they weight the
-    primary beam (:func:`kernels.beam.mean_airy_beam`).
+    primary beam (:func:`kernels.beam.mean_airy_beam`). For a row Dataset
+    (:func:`average_stokes_i`) each averaged visibility counts at its bin's middle.
     """
     g, gi, wspec = _grid_arg(wspec)
+    if _is_rows(dsi):
+        nt, nf = int(dsi.attrs["ntime"]), int(dsi.attrs["nfreq"])
+        _v, w, uvw, freq = _cube(dsi)
+        ti = dsi.TIME_INDEX.data[None, :, None]
+        fi = dsi.CHAN_INDEX.data[None, :, None]
+        s = da.blockwise(_weight_sum_rows_block, "tbfxy", w, "tbf", uvw, "tbc", freq, "f",
+                         ti, "tbf", fi, "tbf", g, gi, concatenate=True, dtype=np.float64,
+                         new_axes={"x": nt, "y": nf}, adjust_chunks={"t": 1, "b": 1, "f": 1},
+                         name="weight-sums-rows", wspec=wspec, nt=nt, nf=nf)
+        return s.sum(axis=(0, 1, 2), split_every=8)
     s = da.blockwise(_weight_sum_block, "tbf", dsi.WEIGHT_I.data, "tbf", _uvw_arr(dsi),
                      "tbc", _freq_arr(dsi), "f", g, gi, concatenate=True, dtype=np.float64,
                      adjust_chunks={"b": 1}, name="weight-sums", wspec=wspec)
     return s.sum(axis=1)
 
 
-def _dirty_block(vis, w, uvw, freq, grid, model, *, plan, wspec, psf, gridder, nthreads,
-                 epsilon):
+def _index_block(w, uvw, freq, grid, *, plan, wspec, nthreads):
     uvw_r, w_r = _rows(uvw, w)
     freq = np.ascontiguousarray(freq, dtype=np.float64)
+    wi = _imaging_weights(w_r, uvw_r, freq, wspec, grid)
+    out = np.empty((1, 1, 1), dtype=object)
+    out[0, 0, 0] = kg.make_index(uvw_r, freq, plan, flags=wi == 0, nthreads=nthreads)
+    return out
+
+
+def grid_index(dsi: xr.Dataset, plan, wspec: WeightSpec = WeightSpec(), *, nthreads=1):
+    """Lazy gridding indices, one per chunk (an object array of one element per block):
+    pass as ``index=`` to :func:`dirty_image` with the same ``dsi``, ``plan`` and
+    ``wspec`` (persist it: CLEAN's major cycles then skip sorting the visibilities into
+    uv tiles and w-planes, which costs about one gridding pass each time)."""
+    g, gi, wspec = _grid_arg(wspec)
+    _v, w, uvw, freq = _cube(dsi)
+    return da.blockwise(_index_block, "tbf", w, "tbf", uvw, "tbc", freq, "f", g, gi,
+                        concatenate=True, dtype=object,
+                        adjust_chunks={"t": 1, "b": 1, "f": 1}, name="grid-index",
+                        plan=plan, wspec=wspec, nthreads=nthreads)
+
+
+def _dirty_block(vis, w, uvw, freq, grid, model, index, *, plan, wspec, psf, gridder,
+                 nthreads, epsilon):
+    uvw_r, w_r = _rows(uvw, w)
+    freq = np.ascontiguousarray(freq, dtype=np.float64)
+    if index is not None:
+        index = index.reshape(-1)[0]
     wi = _imaging_weights(w_r, uvw_r, freq, wspec, grid)
     t, b, f = vis.shape
     if psf:
@@ -305,7 +451,7 @@ def _dirty_block(vis, w, uvw, freq, grid, model, *, plan, wspec, psf, gridder, n
             pred = kg.dirty2vis(uvw_r, freq, model, flags=flags, pixsize_x=plan.pixsize_x,
                                 pixsize_y=plan.pixsize_y, epsilon=plan.epsilon,
                                 do_wstacking=plan.do_wstacking, nthreads=nthreads,
-                                plan=plan)
+                                plan=plan, index=index)
         v = v - pred
         del pred
     if gridder == "ducc0":
@@ -320,12 +466,13 @@ def _dirty_block(vis, w, uvw, freq, grid, model, *, plan, wspec, psf, gridder, n
                            flags=flags,
                            npix_x=plan.npix_x, npix_y=plan.npix_y, pixsize_x=plan.pixsize_x,
                            pixsize_y=plan.pixsize_y, epsilon=plan.epsilon,
-                           do_wstacking=plan.do_wstacking, nthreads=nthreads, plan=plan)
+                           do_wstacking=plan.do_wstacking, nthreads=nthreads, plan=plan,
+                           index=index)
     return np.asarray(img, dtype=img_dtype)[None, None, None]
 
 
 def dirty_image(dsi: xr.Dataset, plan, wspec: WeightSpec = WeightSpec(), *, model=None,
-                psf=False, gridder="contimg", nthreads=1, epsilon=None):
+                psf=False, gridder="contimg", nthreads=1, epsilon=None, index=None):
     """Lazy ``(npix_x, npix_y)`` dirty (or residual, or PSF) image, *unnormalised*.
 
     One task per chunk grids the chunk's Stokes I with its imaging weights onto a full
@@ -337,6 +484,8 @@ def dirty_image(dsi: xr.Dataset, plan, wspec: WeightSpec = WeightSpec(), *, mode
     of a major cycle. ``psf=True`` grids unit visibilities (the PSF). ``gridder``:
     ``"contimg"`` (:mod:`kernels.gridding`) or ``"ducc0"`` (``ducc0.wgridder``, same
     conventions and epsilon, for comparison). ``nthreads``: threads per task.
+    ``index``: :func:`grid_index` of the same ``dsi``, ``plan`` and ``wspec`` (contimg
+    gridder only).
     """
     if gridder not in GRIDDERS:
         raise ValueError(f"gridder must be one of {GRIDDERS}, got {gridder!r}")
@@ -357,9 +506,19 @@ def dirty_image(dsi: xr.Dataset, plan, wspec: WeightSpec = WeightSpec(), *, mode
         margs = (None, None)
         new_axes = {"x": plan.npix_x, "y": plan.npix_y}
     name = "psf" if psf else ("residual" if model is not None else "dirty")
+    vis, w, uvw, freq = _cube(dsi)
+    if index is not None:
+        if gridder != "contimg":
+            raise ValueError("index= works with the contimg gridder only")
+        if index.numblocks != vis.numblocks:
+            raise ValueError(f"index has {index.numblocks} blocks, the data {vis.numblocks}")
+        # one index per data block, matched by block position (not by chunk sizes)
+        iargs = (index, "tbf")
+    else:
+        iargs = (None, None)
     imgs = da.blockwise(
-        _dirty_block, "tbfxy", dsi.VIS_I.data, "tbf", dsi.WEIGHT_I.data, "tbf", _uvw_arr(dsi),
-        "tbc", _freq_arr(dsi), "f", g, gi, *margs, concatenate=True,
+        _dirty_block, "tbfxy", vis, "tbf", w, "tbf", uvw, "tbc", freq, "f", g, gi, *margs,
+        *iargs, concatenate=True, align_arrays=index is None,
         dtype=plan.image_dtype, new_axes=new_axes, adjust_chunks={"t": 1, "b": 1, "f": 1},
         name=f"grid-{name}", plan=plan, wspec=wspec, psf=psf, gridder=gridder,
         nthreads=nthreads, epsilon=plan.epsilon if epsilon is None else epsilon)

@@ -98,6 +98,7 @@ __all__ = [
     "degrid_chunk",
     "vis2dirty",
     "dirty2vis",
+    "make_index",
     "kernel_candidates",
 ]
 
@@ -1341,12 +1342,15 @@ def _check_inputs(uvw, freq, vis_shape, plan):
         raise ValueError("frequencies must be positive")
 
 
-def _prepare_gridding(uvw, freq, vis, weights, flags, plan, nthreads, act=None):
+def _prepare_gridding(uvw, freq, vis, weights, flags, plan, nthreads, act=None, idx=None):
     vis = np.asarray(vis)
     _check_inputs(uvw, freq, vis.shape, plan)
-    if act is None:
+    if idx is not None:
+        act = idx.active
+    elif act is None:
         act = _active_mask(vis, weights, flags, vis.shape, True)
-    idx = _build_index(uvw, freq, act, plan, nthreads)
+    if idx is None:
+        idx = _build_index(uvw, freq, act, plan, nthreads)
     vis_eff = np.empty(vis.shape, dtype=plan.grid_dtype)
     use_w = weights is not None
     wgt = (np.ascontiguousarray(weights, dtype=plan.image_dtype) if use_w
@@ -1674,6 +1678,33 @@ def _finish(raw, weights, act, idx, plan, out, nthreads=1):
 # ---------------------------------------------------------------------------------
 
 
+def make_index(uvw, freq, plan, weights=None, flags=None, nthreads=1):
+    """The sort of visibilities into uv tiles and w-planes that every (de)gridding call
+    builds first, built once to be passed as ``index=`` to :func:`vis2dirty` and
+    :func:`dirty2vis` with the same ``uvw``, ``freq`` and ``plan``.
+
+    Visibilities with a zero weight or a flag are left out (as in the calls). Worth it
+    when the same data are (de)gridded many times, as in CLEAN's major cycles: on
+    DSA-110 data building the index costs about as much as one gridding pass.
+    """
+    uvw = np.asarray(uvw, dtype=np.float64)
+    freq = np.asarray(freq, dtype=np.float64)
+    shape = (uvw.shape[0], freq.size)
+    _check_inputs(uvw, freq, shape, plan)
+    act = _active_mask(None, weights, flags, shape, False)
+    idx = _build_index(uvw, freq, act, plan, nthreads)
+    _check_extent(idx, plan)
+    return idx
+
+
+def _check_index(index, uvw, freq, plan):
+    if plan is None:
+        raise ValueError("index= needs the plan it was built with (plan=)")
+    if index.active.shape != (np.shape(uvw)[0], np.size(freq)):
+        raise ValueError(f"index built for {index.active.shape} visibilities, got "
+                         f"{(np.shape(uvw)[0], np.size(freq))}")
+
+
 def _check_plan(plan, double, npix_x, npix_y, pixsize_x, pixsize_y):
     if plan.double != double:
         raise ValueError("the plan's precision does not match the data's dtype")
@@ -1694,21 +1725,28 @@ def _dtype_of(vis):
 
 def vis2dirty(uvw, freq, vis, weights=None, flags=None, *, npix_x, npix_y, pixsize_x,
               pixsize_y, epsilon, do_wstacking=True, nthreads=1, flip_u=False, flip_v=False,
-              flip_w=False, divide_by_n=True, sigma_min=1.1, sigma_max=2.6, plan=None):
+              flip_w=False, divide_by_n=True, sigma_min=1.1, sigma_max=2.6, plan=None,
+              index=None):
     """Visibilities -> dirty image, ducc0.wgridder.vis2dirty conventions (see module doc).
 
     uvw (nrow, 3) metres; freq (nchan,) Hz; vis (nrow, nchan) complex64/128 (sets the
     precision); weights (nrow, nchan) real or None; flags (nrow, nchan) bool, True =
     flagged, or None. Returns (npix_x, npix_y) float32/float64. ``plan`` (from
     :func:`make_plan`/:func:`plan_for`) fixes kernel, grid and w-planes instead of
-    choosing them from the data; it must describe the same image geometry.
+    choosing them from the data; it must describe the same image geometry. ``index``
+    (:func:`make_index` with the same uvw, freq and plan) skips building the index;
+    its mask replaces ``weights``/``flags`` as the choice of visibilities.
     """
     vis = np.asarray(vis)
     uvw = np.asarray(uvw, dtype=np.float64)
     freq = np.asarray(freq, dtype=np.float64)
     double = _dtype_of(vis)
     _check_inputs(uvw, freq, vis.shape, None)
-    act = _active_mask(vis, weights, flags, vis.shape, True)
+    if index is not None:
+        _check_index(index, uvw, freq, plan)
+        act = index.active
+    else:
+        act = _active_mask(vis, weights, flags, vis.shape, True)
     if plan is None:
         plan = _plan_active(uvw, freq, act, npix_x, npix_y, pixsize_x, pixsize_y, epsilon,
                             do_wstacking=do_wstacking, double=double, sigma_min=sigma_min,
@@ -1716,7 +1754,8 @@ def vis2dirty(uvw, freq, vis, weights=None, flags=None, *, npix_x, npix_y, pixsi
                             flip_v=flip_v, flip_w=flip_w, divide_by_n=divide_by_n)
     else:
         _check_plan(plan, double, npix_x, npix_y, pixsize_x, pixsize_y)
-    idx, vis_eff = _prepare_gridding(uvw, freq, vis, weights, flags, plan, nthreads, act)
+    idx, vis_eff = _prepare_gridding(uvw, freq, vis, weights, flags, plan, nthreads, act,
+                                     idx=index)
     if idx.nvis == 0:
         return np.zeros((plan.npix_x, plan.npix_y), dtype=plan.image_dtype)
     coeffs = _coeffs(plan)
@@ -1734,8 +1773,9 @@ def vis2dirty(uvw, freq, vis, weights=None, flags=None, *, npix_x, npix_y, pixsi
 
 def dirty2vis(uvw, freq, dirty, weights=None, flags=None, *, pixsize_x, pixsize_y, epsilon,
               do_wstacking=True, nthreads=1, flip_u=False, flip_v=False, flip_w=False,
-              divide_by_n=True, sigma_min=1.1, sigma_max=2.6, plan=None):
-    """Dirty image -> visibilities: the exact adjoint of :func:`vis2dirty`.
+              divide_by_n=True, sigma_min=1.1, sigma_max=2.6, plan=None, index=None):
+    """Dirty image -> visibilities: the exact adjoint of :func:`vis2dirty` (``index``:
+    as there).
 
     dirty (npix_x, npix_y) float32/float64 (sets the precision). Returns (nrow, nchan)
     complex64/complex128; flagged or zero-weight visibilities are 0.
@@ -1748,7 +1788,11 @@ def dirty2vis(uvw, freq, dirty, weights=None, flags=None, *, pixsize_x, pixsize_
     freq = np.asarray(freq, dtype=np.float64)
     shape = (uvw.shape[0], freq.size)
     _check_inputs(uvw, freq, shape, None)
-    act = _active_mask(None, weights, flags, shape, False)
+    if index is not None:
+        _check_index(index, uvw, freq, plan)
+        act = index.active
+    else:
+        act = _active_mask(None, weights, flags, shape, False)
     if plan is None:
         plan = _plan_active(uvw, freq, act, dirty.shape[0], dirty.shape[1], pixsize_x,
                             pixsize_y, epsilon, do_wstacking=do_wstacking, double=double,
@@ -1757,7 +1801,7 @@ def dirty2vis(uvw, freq, dirty, weights=None, flags=None, *, pixsize_x, pixsize_
                             divide_by_n=divide_by_n)
     else:
         _check_plan(plan, double, dirty.shape[0], dirty.shape[1], pixsize_x, pixsize_y)
-    idx = _build_index(uvw, freq, act, plan, nthreads)
+    idx = index if index is not None else _build_index(uvw, freq, act, plan, nthreads)
     raw = np.zeros(shape, dtype=plan.grid_dtype)
     if idx.nvis:
         coeffs = _coeffs(plan)

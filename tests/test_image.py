@@ -486,3 +486,71 @@ def test_distributed_client_gives_the_same_image(ps_ds):
         dist = image_dataset(ps_ds, **kw)
     np.testing.assert_allclose(dist.image, local.image, atol=1e-5 * local.peak)
     assert dist.n_components == local.n_components
+
+
+# ---------------------------------------------------------------------------------
+# baseline-dependent averaging and the reused gridding index
+# ---------------------------------------------------------------------------------
+
+
+def test_averaging_keeps_fluxes_within_its_budget(ps_ds, ps_group):
+    """Dirty images with and without averaging: at every source the averaged image
+    keeps the flux to within the budget (all sources lie inside the budget's radius);
+    a budget 20x larger visibly smears the outer sources (the test can tell)."""
+    from contimg.imaging import image_dataset
+
+    truth = ps_group.load_truth()
+    kw = dict(npix=512, cell_arcsec=6.0, niter=0, weighting="natural")
+    ref = image_dataset(ps_ds, average=False, **kw)
+    avg = image_dataset(ps_ds, average=True, smear_loss=0.01, smear_radius_deg=0.5, **kw)
+    big = image_dataset(ps_ds, average=True, smear_loss=0.2, smear_radius_deg=0.5, **kw)
+    assert avg.options["n_vis_gridded"] < ref.options["n_vis_gridded"] / 2
+    for prod in (ref, avg, big):
+        prod.pix = [_true_pixel(ps_ds, prod, truth["sky_ra"][i], truth["sky_dec"][i])
+                    for i in range(len(truth["sky_ra"]))]
+    ratios_avg, ratios_big = [], []
+    for i in range(len(truth["sky_ra"])):
+        a0, x, y = _fit_source(ref.dirty, ref.beam, ref.cell_rad, *ref.pix[i])
+        a1, *_ = _fit_source(avg.dirty, ref.beam, ref.cell_rad, *avg.pix[i])
+        a2, *_ = _fit_source(big.dirty, ref.beam, ref.cell_rad, *big.pix[i])
+        ratios_avg.append(a1 / a0)
+        ratios_big.append(a2 / a0)
+    ratios_avg, ratios_big = np.array(ratios_avg), np.array(ratios_big)
+    print("averaged / full:", ratios_avg, "with a 20 % budget:", ratios_big)
+    assert np.all(np.abs(ratios_avg - 1) < 0.01), ratios_avg
+    # (bins are capped by this small group: 12 integrations x 8 channels per chunk)
+    assert np.min(ratios_big) < 0.99 and np.min(ratios_big) < np.min(ratios_avg) - 0.005, \
+        ratios_big
+
+
+def test_grid_index_reused_gives_the_same_images(ps_ds):
+    """Residual and dirty images with a persisted gridding index == without one."""
+    import dask
+
+    from graphs import image as gi
+    from kernels import averaging as ka
+
+    ds = ps_ds
+    mid = ds.sizes["time"] // 2
+    ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
+    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
+                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
+                      telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    npix, cell = 256, 8 * ARCSEC
+    freq = ds.frequency.values
+    plan = gi.imaging_plan(uvw, freq, npix, cell, 1e-4)
+    dsi = gi.stokes_i_dataset(ds.chunk({"frequency": 8}), uvw)
+    tf, ff = ka.bda_factors(uvw, freq, float(np.diff(freq)[0]), math.radians(0.5), 0.01, 8)
+    for data in (dsi, gi.average_stokes_i(dsi, tf, ff).chunk({"row": 20000})):
+        data = data.persist()
+        dens, du, dv = gi.density(data, npix, npix, cell)
+        (dens,) = dask.compute(dens)
+        wspec = gi.WeightSpec("uniform", dens, 0.0, du, dv)
+        index = gi.grid_index(data, plan, wspec).persist()
+        model = np.zeros((npix, npix), np.float32)
+        model[100, 140] = 2.0
+        model[128, 128] = 5.0
+        for m in (None, model):
+            a = gi.dirty_image(data, plan, wspec, model=m).compute()
+            b = gi.dirty_image(data, plan, wspec, model=m, index=index).compute()
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())
