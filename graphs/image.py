@@ -49,6 +49,7 @@ __all__ = [
     "dirty_image",
     "weight_sums",
     "average_stokes_i",
+    "average_dataset",
     "grid_index",
     "GRIDDERS",
 ]
@@ -250,6 +251,96 @@ def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
     )
 
 
+def _bda_xxyy_block(vis, flag, weight, uvw_old, uvw_new, freq, cross, tf, ff, start, n,
+                    chan0, uv_min, uv_max):
+    out_vis = np.zeros(n, dtype=np.complex64)
+    out_w = np.zeros(n, dtype=np.float32)
+    out_uvw = np.zeros((n, 3), dtype=np.float64)
+    out_t = np.zeros(n, dtype=np.int32)
+    out_f = np.zeros(n, dtype=np.int32)
+    uvw_old = np.asarray(uvw_old, dtype=np.float64)
+    ka.bda_stokes_i(np.ascontiguousarray(vis), np.ascontiguousarray(flag),
+                    np.ascontiguousarray(weight), np.ascontiguousarray(uvw_old[..., 2]),
+                    np.ascontiguousarray(uvw_new, dtype=np.float64),
+                    np.ascontiguousarray(freq, dtype=np.float64), cross, uv_min, uv_max,
+                    tf, ff, start, chan0, out_vis, out_w, out_uvw, out_t, out_f)
+    return out_vis, out_w, out_uvw, out_t, out_f
+
+
+def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
+                    uv_range=(0.0, np.inf)) -> xr.Dataset:
+    """Stokes I, re-phased to one phase centre and averaged per baseline, in one pass:
+    :func:`stokes_i_dataset` followed by :func:`average_stokes_i` without the Stokes I
+    cube in between (one task per frequency chunk; the same row Dataset, to rounding).
+
+    ``uvw_target`` ``(ntime, nbaseline, 3)`` metres towards the image's phase centre;
+    ``tf``/``ff`` per-baseline factors; ``uv_range`` as in :func:`stokes_i_dataset`.
+    """
+    import dask
+
+    pols = [str(p) for p in ds.polarization.values]
+    if pols[:2] != ["XX", "YY"] or len(pols) != 2:
+        raise ValueError(f"Stokes I imaging needs polarizations ['XX', 'YY'], got {pols}")
+    nt, nb, nf, _ = ds.VISIBILITY.shape
+    uvw_target = np.asarray(uvw_target, dtype=np.float64)
+    if uvw_target.shape != (nt, nb, 3):
+        raise ValueError(f"uvw_target shape {uvw_target.shape} != UVW {(nt, nb, 3)}")
+    tf = np.ascontiguousarray(tf, dtype=np.int64)
+    ff = np.ascontiguousarray(ff, dtype=np.int64)
+    if tf.shape != (nb,) or ff.shape != (nb,):
+        raise ValueError(f"tf/ff must have one entry per baseline ({nb})")
+    if (tf < 1).any() or (ff < 1).any():
+        raise ValueError("averaging factors must be >= 1")
+    arrs = []
+    for name in ("VISIBILITY", "FLAG", "WEIGHT"):
+        a = ds[name].data
+        if not isinstance(a, da.Array):
+            a = da.from_array(np.asarray(a), chunks=(-1, -1, 48, -1))
+        arrs.append(a.rechunk({0: -1, 1: -1, 3: -1}))
+    fchunks = arrs[0].chunks[2]
+    arrs = [a.rechunk({2: fchunks}) for a in arrs]
+    blocks = [a.to_delayed().reshape(-1) for a in arrs]
+    uvw_old = ds.UVW.data
+    if isinstance(uvw_old, da.Array):
+        (uvw_old,) = uvw_old.rechunk((nt, nb, 3)).to_delayed().reshape(-1)
+    else:
+        uvw_old = np.asarray(uvw_old, dtype=np.float64)
+    uvw_new = dask.delayed(uvw_target)
+    cross = np.asarray(ds.baseline_antenna1_id.values != ds.baseline_antenna2_id.values)
+    freq = np.asarray(ds.frequency.values, dtype=np.float64)
+    uv_min, uv_max = float(uv_range[0]), float(uv_range[1])
+    parts = {k: [] for k in ("vis", "w", "uvw", "t", "f")}
+    block = dask.delayed(_bda_xxyy_block, nout=5, pure=True)
+    tok = dask.base.tokenize(ds.VISIBILITY.data, ds.FLAG.data, ds.WEIGHT.data, uvw_target,
+                             tf, ff, uv_min, uv_max)
+    c0 = 0
+    for k, nfk in enumerate(fchunks):
+        counts = ka.bda_count(nt, nfk, tf, ff)
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        n = int(counts.sum())
+        out = block(blocks[0][k], blocks[1][k], blocks[2][k], uvw_old, uvw_new,
+                    freq[c0:c0 + nfk], cross, tf, ff, start, n, c0, uv_min, uv_max,
+                    dask_key_name=f"bda-stokes-i-{tok}-{k}")
+        for name, arr, shape, dt in (("vis", out[0], (n,), np.complex64),
+                                     ("w", out[1], (n,), np.float32),
+                                     ("uvw", out[2], (n, 3), np.float64),
+                                     ("t", out[3], (n,), np.int32),
+                                     ("f", out[4], (n,), np.int32)):
+            parts[name].append(da.from_delayed(arr, shape=shape, dtype=dt))
+        c0 += nfk
+    cat = {k: da.concatenate(v, axis=0) for k, v in parts.items()}
+    return xr.Dataset(
+        {
+            "VIS_I": (("row",), cat["vis"]),
+            "WEIGHT_I": (("row",), cat["w"]),
+            "UVW_L": (("row", "uvw_label"), cat["uvw"]),
+            "TIME_INDEX": (("row",), cat["t"]),
+            "CHAN_INDEX": (("row",), cat["f"]),
+        },
+        attrs=dict(ds.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)),
+    )
+
+
 def _is_rows(dsi):
     return "row" in dsi.VIS_I.dims
 
@@ -403,7 +494,8 @@ def _index_block(w, uvw, freq, grid, *, plan, wspec, nthreads):
     freq = np.ascontiguousarray(freq, dtype=np.float64)
     wi = _imaging_weights(w_r, uvw_r, freq, wspec, grid)
     out = np.empty((1, 1, 1), dtype=object)
-    out[0, 0, 0] = kg.make_index(uvw_r, freq, plan, flags=wi == 0, nthreads=nthreads)
+    # the imaging weights travel with the index: both stay fixed over the major cycles
+    out[0, 0, 0] = (kg.make_index(uvw_r, freq, plan, flags=wi == 0, nthreads=nthreads), wi)
     return out
 
 
@@ -425,8 +517,9 @@ def _dirty_block(vis, w, uvw, freq, grid, model, index, *, plan, wspec, psf, gri
     uvw_r, w_r = _rows(uvw, w)
     freq = np.ascontiguousarray(freq, dtype=np.float64)
     if index is not None:
-        index = index.reshape(-1)[0]
-    wi = _imaging_weights(w_r, uvw_r, freq, wspec, grid)
+        index, wi = index.reshape(-1)[0]
+    else:
+        wi = _imaging_weights(w_r, uvw_r, freq, wspec, grid)
     t, b, f = vis.shape
     if psf:
         v = (wi > 0).astype(np.complex128 if plan.double else np.complex64)
@@ -452,7 +545,8 @@ def _dirty_block(vis, w, uvw, freq, grid, model, index, *, plan, wspec, psf, gri
                                 pixsize_y=plan.pixsize_y, epsilon=plan.epsilon,
                                 do_wstacking=plan.do_wstacking, nthreads=nthreads,
                                 plan=plan, index=index)
-        v = v - pred
+        np.subtract(v, pred, out=pred)  # pred is a fresh array: reuse it
+        v = pred
         del pred
     if gridder == "ducc0":
         from ducc0.wgridder.experimental import vis2dirty as v2d

@@ -33,7 +33,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["bda_factors", "bda_count", "bda_average", "smearing_loss", "SPEED_OF_LIGHT"]
+__all__ = ["bda_factors", "bda_count", "bda_average", "bda_stokes_i", "smearing_loss",
+           "SPEED_OF_LIGHT"]
 
 SPEED_OF_LIGHT = 299792458.0
 
@@ -165,6 +166,108 @@ def bda_average(vis, wgt, uvw, freq, tf, ff, start, chan0,
                             su += s * u
                             sv += s * v
                             sz += s * z
+                if sw > 0.0:
+                    out_vis[k] = complex(sr / sw, si / sw)
+                    out_w[k] = sw
+                    out_uvw[k, 0] = su / sw
+                    out_uvw[k, 1] = sv / sw
+                    out_uvw[k, 2] = sz / sw
+                else:
+                    tm = (t0 + t1 - 1) // 2
+                    fm = (f0 + f1 - 1) // 2
+                    s = freq[fm] / SPEED_OF_LIGHT
+                    out_vis[k] = 0.0
+                    out_w[k] = 0.0
+                    out_uvw[k, 0] = uvw[tm, b, 0] * s
+                    out_uvw[k, 1] = uvw[tm, b, 1] * s
+                    out_uvw[k, 2] = uvw[tm, b, 2] * s
+                out_t[k] = (t0 + t1 - 1) // 2
+                out_f[k] = chan0 + (f0 + f1 - 1) // 2
+                k += 1
+
+
+@njit(nogil=True, cache=True)
+def bda_stokes_i(vis, flag, weight, w_old, uvw, freq, cross, uv_min, uv_max, tf, ff,
+                 start, chan0, out_vis, out_w, out_uvw, out_t, out_f):
+    """Stokes I, re-phasing and :func:`bda_average` in one pass over XX/YY data.
+
+    ``vis``/``flag``/``weight`` ``(nt, nb, nf, 2)`` (XX, YY); ``w_old`` ``(nt, nb)`` the
+    w (metres) towards each row's own phase centre, ``uvw`` ``(nt, nb, 3)`` towards the
+    image's (the visibilities are rotated by ``exp(2 pi i (w_old - w) f / c)``, the exact
+    re-phasing of :func:`kernels.weighting.rephase`); ``cross`` ``(nb,)`` bool (False:
+    autocorrelation, left out); ``uv_min``/``uv_max``: projected length range kept
+    (wavelengths). Stokes I and its weight follow :func:`kernels.weighting.stokes_i`
+    (``(XX + YY) / 2``, weight ``4 / (1/w_XX + 1/w_YY)``, a sample with either feed
+    flagged, zero-weight or not finite left out). The rest as :func:`bda_average`.
+    """
+    nt, nb, nf, _ = vis.shape
+    uniform = True
+    if nf > 2:
+        d0 = freq[1] - freq[0]
+        for f in range(2, nf):
+            if abs((freq[f] - freq[f - 1]) - d0) > 1e-9 * abs(freq[f]):
+                uniform = False
+    df = freq[1] - freq[0] if nf > 1 else 0.0
+    twopi_c = 2.0 * math.pi / SPEED_OF_LIGHT
+    for b in range(nb):
+        k = start[b]
+        tfb = tf[b]
+        ffb = ff[b]
+        ntb = (nt + tfb - 1) // tfb
+        nfb = (nf + ffb - 1) // ffb
+        for it in range(ntb):
+            t0 = it * tfb
+            t1 = min(nt, t0 + tfb)
+            for jf in range(nfb):
+                f0 = jf * ffb
+                f1 = min(nf, f0 + ffb)
+                sw = 0.0
+                sr = 0.0
+                si = 0.0
+                su = 0.0
+                sv = 0.0
+                sz = 0.0
+                if cross[b]:
+                    for t in range(t0, t1):
+                        u = uvw[t, b, 0]
+                        v = uvw[t, b, 1]
+                        z = uvw[t, b, 2]
+                        uvlen = math.sqrt(u * u + v * v)
+                        a = twopi_c * (w_old[t, b] - z)
+                        cr = math.cos(a * freq[f0])
+                        ci = math.sin(a * freq[f0])
+                        stc = math.cos(a * df)
+                        sts = math.sin(a * df)
+                        for f in range(f0, f1):
+                            if not uniform:
+                                cr = math.cos(a * freq[f])
+                                ci = math.sin(a * freq[f])
+                            wx = weight[t, b, f, 0]
+                            wy = weight[t, b, f, 1]
+                            ok = not (flag[t, b, f, 0] or flag[t, b, f, 1]) and wx > 0.0 \
+                                and wy > 0.0
+                            if ok:
+                                x = 0.5 * (vis[t, b, f, 0] + vis[t, b, f, 1])
+                                xr = x.real
+                                xi = x.imag
+                                ok = math.isfinite(xr) and math.isfinite(xi)
+                            if ok:
+                                s = freq[f] / SPEED_OF_LIGHT
+                                lam_len = uvlen * s
+                                ok = lam_len >= uv_min and lam_len <= uv_max
+                            if ok:
+                                w = 4.0 / (1.0 / wx + 1.0 / wy)
+                                sw += w
+                                sr += w * (xr * cr - xi * ci)
+                                si += w * (xr * ci + xi * cr)
+                                ws = w * s
+                                su += ws * u
+                                sv += ws * v
+                                sz += ws * z
+                            if uniform:
+                                tmp = cr * stc - ci * sts
+                                ci = cr * sts + ci * stc
+                                cr = tmp
                 if sw > 0.0:
                     out_vis[k] = complex(sr / sw, si / sw)
                     out_w[k] = sw

@@ -554,3 +554,35 @@ def test_grid_index_reused_gives_the_same_images(ps_ds):
             a = gi.dirty_image(data, plan, wspec, model=m).compute()
             b = gi.dirty_image(data, plan, wspec, model=m, index=index).compute()
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())
+
+
+def test_fused_averaging_equals_stokes_i_then_average(ps_ds):
+    """average_dataset (one pass from XX/YY) == stokes_i_dataset + average_stokes_i,
+    with flags, a uv range and autocorrelations in the data."""
+    from graphs import image as gi
+    from kernels import averaging as ka
+
+    ds = ps_ds.copy()
+    rng = np.random.default_rng(11)
+    flag = ds.FLAG.values.copy()
+    flag[rng.uniform(size=flag.shape) < 0.1] = True
+    ds["FLAG"] = (ds.FLAG.dims, flag)
+    ds = ds.chunk({"frequency": 8})
+    mid = ds.sizes["time"] // 2
+    ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]) + 0.01, float(ds.PHASE_CENTER_DEC[mid])
+    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
+                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
+                      telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    freq = ds.frequency.values
+    tf, ff = ka.bda_factors(uvw, freq, float(np.diff(freq)[0]), math.radians(1.0), 0.02, 8)
+    assert tf.max() > 1 and ff.max() > 1
+    uv_range = (30.0, 2000.0)
+    ref = gi.average_stokes_i(gi.stokes_i_dataset(ds, uvw, uv_range=uv_range), tf, ff).compute()
+    got = gi.average_dataset(ds, uvw, tf, ff, uv_range=uv_range).compute()
+    np.testing.assert_array_equal(got.TIME_INDEX.values, ref.TIME_INDEX.values)
+    np.testing.assert_array_equal(got.CHAN_INDEX.values, ref.CHAN_INDEX.values)
+    np.testing.assert_allclose(got.WEIGHT_I.values, ref.WEIGHT_I.values, rtol=1e-6)
+    assert (got.WEIGHT_I.values == 0).sum() == (ref.WEIGHT_I.values == 0).sum()
+    scale = np.abs(ref.VIS_I.values).max()
+    np.testing.assert_allclose(got.VIS_I.values, ref.VIS_I.values, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_allclose(got.UVW_L.values, ref.UVW_L.values, rtol=1e-10, atol=1e-8)
