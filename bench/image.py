@@ -5,13 +5,16 @@ subband files), re-phased to its middle integration and written once as an MS:
 
 1. gridder throughput: ``kernels.gridding.vis2dirty`` against
    ``ducc0.wgridder.experimental.vis2dirty`` on the same Stokes I visibilities, Briggs
-   weights, image (default 4096^2 at 3"), epsilon and precision, one thread each;
+   weights, image (default 2048^2 at 6"), epsilon and precision, one thread each;
 2. the whole image (dirty + PSF + CLEAN + restore + PB + FITS):
    :func:`contimg.imaging.image_ms` on the MS against ``wsclean`` with matching
    parameters (size, scale, Briggs robust, niter, mgain, gain, auto-threshold), both on
-   the same cores; wall times, peak memory (max RSS), peak fluxes and noise.
+   the same cores; wall times, peak memory (max RSS), peak fluxes and noise. Both
+   average before gridding at the same smearing budget (1 % at the primary beam's
+   half-power radius): ours per baseline in time and frequency, WSClean with
+   ``-baseline-averaging`` (time only); ``--no-average`` switches both off.
 
-    python bench/image.py                          # full-size group, 4096^2 at 3"
+    python bench/image.py                          # full-size group, 2048^2 at 6"
     python bench/image.py --group DIR --size 2048 --niter 500
 
 Each figure is from one run (``--repeats`` for the gridder). Timings on a shared
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -170,7 +174,15 @@ def bench_image(ms, workdir, args):
                str(args.size), str(args.size), "-scale", f"{args.cell}asec", "-pol", "I",
                "-weight", "briggs", str(args.robust), "-niter", str(args.niter),
                "-auto-threshold", str(args.auto_threshold), "-mgain", "0.8", "-gain", "0.1",
-               "-no-update-model-required", "-use-wgridder", str(ms)]
+               "-no-update-model-required", "-use-wgridder"]
+        if args.average:
+            # WSClean's baseline-dependent averaging (time only) at our smearing budget:
+            # the uv distance a bin may span, in wavelengths, for a 1 % loss at the
+            # primary beam's half-power radius (kernels.averaging)
+            theta = 0.5 * 1.029 * 299792458.0 / 1.4986e9 / 4.65
+            bda = math.sqrt(6 * 0.01) / (math.pi * theta)
+            cmd += ["-baseline-averaging", f"{bda:.3f}"]
+        cmd.append(str(ms))
         t0 = time.perf_counter()
         rc, rss, err = _run_peak_memory(cmd)
         t_ws = time.perf_counter() - t0
@@ -187,7 +199,7 @@ def bench_image(ms, workdir, args):
     a = dict(ms=str(ms), prefix=str(workdir / "ours"), npix=args.size,
              cell_arcsec=args.cell, weighting="briggs", robust=args.robust, niter=args.niter,
              auto_threshold_sigma=args.auto_threshold, mgain=0.8, gain=0.1,
-             epsilon=args.epsilon, nthreads=1, workers=args.threads)
+             epsilon=args.epsilon, nthreads=1, workers=args.threads, average=args.average)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", _OURS, json.dumps(a)], capture_output=True,
                        text=True)
@@ -218,8 +230,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group", help="directory of one group's UVH5 files (default: simulate)")
     ap.add_argument("--workdir", help="where to put the MS and images (default: a temp dir)")
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--cell", type=float, default=3.0, help="arcsec")
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--cell", type=float, default=6.0, help="arcsec")
+    ap.add_argument("--no-average", dest="average", action="store_false",
+                    help="no baseline-dependent averaging on either side (default: ours "
+                    "at a 1 %% loss budget, WSClean's -baseline-averaging at the same)")
     ap.add_argument("--robust", type=float, default=0.0)
     ap.add_argument("--niter", type=int, default=1000)
     ap.add_argument("--auto-threshold", type=float, default=3.0)
