@@ -770,6 +770,29 @@ def _finish_vis(raw, wgt, use_wgt, active, uvw, conj, fovc, nshift, uniform, out
 
 
 @njit(nogil=True, cache=True)
+def _counting_sort(key, a, b, c, nkeys):
+    """Stable sort of ``key`` (integers in [0, nkeys)) carrying ``a``, ``b``, ``c``."""
+    n = key.shape[0]
+    start = np.zeros(nkeys + 1, dtype=np.int64)
+    for i in range(n):
+        start[key[i] + 1] += 1
+    for k in range(nkeys):
+        start[k + 1] += start[k]
+    ko = np.empty_like(key)
+    ao = np.empty_like(a)
+    bo = np.empty_like(b)
+    co = np.empty_like(c)
+    for i in range(n):
+        j = start[key[i]]
+        start[key[i]] = j + 1
+        ko[j] = key[i]
+        ao[j] = a[i]
+        bo[j] = b[i]
+        co[j] = c[i]
+    return ko, ao, bo, co
+
+
+@njit(nogil=True, cache=True)
 def _phasors(uvw, fovc, nshift, out, lo, hi):
     """out = exp(2 pi i w' nshift f/c) per visibility (rows [lo, hi)), for reuse."""
     nchan = fovc.shape[0]
@@ -1159,11 +1182,17 @@ def _build_index(uvw, freq, active, plan, nthreads):
               run_key, counts, pixx, pixy, *args)
 
     _map(nthreads, fill, list(range(len(bounds) - 1)))
-    order = np.argsort(run_key, kind="stable")
-    run_key = run_key[order]
-    run_row = run_row[order]
-    run_c0 = run_c0[order]
-    run_c1 = run_c1[order]
+    nkeys = ((nu - 1 + nsafe) // T + 1) * ntv * nkp
+    if nruns and nkeys <= max(1 << 22, 4 * nruns):
+        # keys are small integers: a stable counting sort, O(n), scattering in place
+        run_key, run_row, run_c0, run_c1 = _counting_sort(run_key, run_row, run_c0, run_c1,
+                                                          nkeys)
+    else:
+        order = np.argsort(run_key, kind="stable")
+        run_key = run_key[order]
+        run_row = run_row[order]
+        run_c0 = run_c0[order]
+        run_c1 = run_c1[order]
     nch = (run_c1 - run_c0).astype(np.int64)
     if nruns:
         starts = np.flatnonzero(np.r_[True, run_key[1:] != run_key[:-1]])
