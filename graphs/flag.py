@@ -7,12 +7,15 @@ file or any simple mapping.
 The graph, per group::
 
     VISIBILITY, FLAG (chunked one subband per chunk)
-      -> rechunk to baseline blocks (time: all, baseline_id: block, frequency: all)
+      -> flag-band-*       baseline blocks (time: all, baseline_id: block, frequency:
+                           all), each cut out of every subband chunk in one copy
       -> flag-block-*      kernels.flagging.flag_block per block (per-plane RFI flags)
       -> flag-noise-*      kernels.flagging.plane_noise per block (tiny: (nbl, npol))
+      -> flag-count-*      new flags / available samples per baseline and per (time,
+                           channel) of each block (one numba pass each)
       -> flag-antennas-*   antenna decisions from the noise and flagged fractions
       -> flag-combine-*    block flags | bad antennas | array-wide (time, channel) votes
-      -> rechunk back to the input FLAG chunks
+      -> flag-unblock-*    back to the input FLAG chunks (one copy)
 
 Why the whole band per block (``frequency_chunking="band"``, the default): the
 frequency-direction SumThreshold, the Gaussian background and the per-channel noise
@@ -22,16 +25,21 @@ broadband RFI) does not fit and the noise running median has 48 channels to work
 Measured on synthetic groups (tests/test_flagging.py, /tmp sweeps of this issue): with
 RFI of 5-50 sigma both are equivalent (precision 0.994 vs 0.990, recall 1.0 both);
 with 2-3 sigma RFI the whole band finds broadband bursts far better (burst recall 0.999
-vs 0.941, overall recall 0.971 vs 0.916). The price is one rechunk of VISIBILITY to
-(time: all, baseline_id: block, frequency: all), ~75 MB per 256-baseline block, which
-also makes the result independent of the chunking (dask == numpy, exactly).
+vs 0.941, overall recall 0.971 vs 0.916). The price is one copy of VISIBILITY into
+(time: all, baseline_id: block, frequency: all) blocks, ~75 MB per 256-baseline block,
+which also makes the result independent of the chunking (dask == numpy, exactly). The
+copy is made by hand (:func:`_baseline_blocks`): dask's ``rechunk`` plans this change
+of both chunk axes in three stages (three copies, ~3-4 CPU-s of a group).
 ``frequency_chunking="subband"`` keeps the input frequency chunks (no rechunk: useful
 when the subbands of a group live on different workers and the network is the
 bottleneck).
 
 Antenna-, channel- and integration-wide decisions use every baseline of the group;
 they are small reductions of the block results, so the graph stays one pass over the
-data. Task names start with ``flag-`` (``flag-block``, ``flag-noise``, ``flag-combine``).
+data. Task names start with ``flag-`` (``flag-block``, ``flag-noise``, ``flag-combine``,
+...). Cost of a full DSA-110 group (4656 baselines x 24 x 768 x 2, in memory, two
+threads): ~16-18 CPU-s, ~80 % of it in ``flag_block`` (reading the UVH5 files adds
+~2.5 CPU-s).
 """
 
 from __future__ import annotations
@@ -292,12 +300,40 @@ def _plane_noise(vis, flag):
     return kf.plane_noise(np.ascontiguousarray(vis), np.ascontiguousarray(flag, dtype=bool))
 
 
+def _one(parts):
+    """The only block of a (nested) list of blocks of a contracted index. (dask's
+    ``concatenate=True`` would copy even a single block.)"""
+    flat = _flatten(parts)
+    if len(flat) != 1:
+        raise ValueError(f"expected one block, got {len(flat)}")
+    return flat[0]
+
+
+def _plane_noise_parts(vis, flag):
+    return _plane_noise(_one(vis), _one(flag))
+
+
+def _codes(codes):
+    return np.ascontiguousarray(codes, dtype=np.uint8)
+
+
+def _bl_counts(codes):
+    """(nbl, 2): new flags and available samples per baseline of a block (given as the
+    list of its chunks along time, frequency and polarization)."""
+    return sum(kf.code_counts_baseline(_codes(c)) for c in _flatten(codes))
+
+
+def _tf_counts(codes):
+    """(1, nt, nf, 2): new flags and available samples per (time, channel) of a block,
+    with a leading axis of one per baseline block (summed over blocks afterwards)."""
+    return kf.code_counts_tf(_codes(_one(codes)))[None]
+
+
 def _counts(codes):
     """New flags and available samples per baseline and per (time, channel)."""
-    new = codes == kf.CODE_RFI
-    avail = codes != kf.CODE_MISSING
-    return (new.sum(axis=(0, 2, 3)), avail.sum(axis=(0, 2, 3)),
-            new.sum(axis=(1, 3)), avail.sum(axis=(1, 3)))
+    bl = kf.code_counts_baseline(_codes(codes))
+    tf = kf.code_counts_tf(_codes(codes))
+    return bl[:, 0], bl[:, 1], tf[..., 0], tf[..., 1]
 
 
 def _ratio(n, a):
@@ -329,7 +365,8 @@ def _decide(noise, n_bl, a_bl, n_tf, a_tf, ant1, ant2, n_ant, strategy):
 
 
 def _combine(codes, bad_bl, bad_tf):
-    return (codes != kf.CODE_OK) | bad_bl[None, :, None, None] | bad_tf[:, None, :, None]
+    return kf.combine_codes(_codes(codes), np.ascontiguousarray(bad_bl, dtype=bool),
+                            np.ascontiguousarray(bad_tf, dtype=bool))
 
 
 # ---------------------------------------------------------------------------------
@@ -362,6 +399,64 @@ def _as_dask(x):
     return x if isinstance(x, da.Array) else da.from_array(np.asarray(x), chunks=-1)
 
 
+def _flatten(parts):
+    if isinstance(parts, (list, tuple)):
+        return [q for p in parts for q in _flatten(p)]
+    return [parts]
+
+
+def _cut_band(idx, parts):
+    """Baselines ``idx[0] .. idx[-1]`` of the frequency chunks ``parts`` (in order),
+    as one new C-contiguous (time, block, frequency, polarization) array."""
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    return np.concatenate([p[:, lo:hi] for p in _flatten(parts)], axis=2)
+
+
+def _cut_channels(idx, parts):
+    """Channels ``idx[0] .. idx[-1]`` of the baseline blocks ``parts`` (in order), as
+    one new (time, baseline, channels, polarization) array."""
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    return np.concatenate([p[:, :, lo:hi] for p in _flatten(parts)], axis=1)
+
+
+def _baseline_blocks(x, block):
+    """``x`` (time, baseline, frequency, polarization) in chunks of (all, ``block``,
+    all, all), every element copied once.
+
+    ``x.rechunk`` would do the same, but dask plans a change of both the baseline and
+    the frequency chunking (one subband per chunk -> baseline blocks) in three stages,
+    i.e. three copies of VISIBILITY (and a split would copy again): ~3-4 CPU-s per
+    group, as much as a quarter of the flagger. Here each block is one task that cuts
+    its baselines out of every frequency chunk and concatenates them. (Inputs chunked
+    along time, baseline or polarization take the ``rechunk`` path.)
+    """
+    if any(len(x.chunks[i]) != 1 for i in (0, 1, 3)) or x.shape[1] == 0:
+        return x.rechunk({0: -1, 1: block, 2: -1, 3: -1})
+    idx = da.arange(x.shape[1], chunks=block)
+    # align_arrays=False: nothing to align (idx and x share no index), and dask's
+    # alignment would warn about "more chunks", counting the contracted ones.
+    return da.blockwise(_cut_band, "tbgp", idx, "b", x, "tBfp",
+                        new_axes={"g": x.shape[2]}, concatenate=False, dtype=x.dtype,
+                        align_arrays=False, name=f"flag-band-{tokenize(x, block)}")
+
+
+def _to_chunks(x, chunks):
+    """Baseline blocks (all, block, all, all) back to ``chunks``, copying once when
+    ``chunks`` keeps time, baseline and polarization whole (e.g. one subband per
+    chunk: one task per output chunk concatenates its channels of every block); any
+    other chunking by ``rechunk``."""
+    chunks = tuple(tuple(c) for c in chunks)
+    if x.chunks == chunks:
+        return x
+    if (all(len(chunks[i]) == 1 for i in (0, 1, 3))
+            and all(len(x.chunks[i]) == 1 for i in (0, 2, 3)) and x.shape[2] > 0):
+        idx = da.from_array(np.arange(x.shape[2]), chunks=(chunks[2],))
+        return da.blockwise(_cut_channels, "thfp", idx, "f", x, "tbFp",
+                            new_axes={"h": x.shape[1]}, concatenate=False, dtype=x.dtype,
+                            align_arrays=False, name=f"flag-unblock-{tokenize(x, chunks)}")
+    return x.rechunk(chunks)
+
+
 def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
     """Lazily flag RFI in a visibility Dataset; returns ``ds`` with FLAG = old | new.
 
@@ -385,10 +480,15 @@ def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
     n_ant = int(ds.sizes.get("antenna_id", 0) or (max(ant1.max(), ant2.max()) + 1 if nbl else 0))
 
     block = min(st.baseline_block, max(nbl, 1))
-    fchunks = -1 if st.frequency_chunking == "band" else vis.chunks[2]
-    target = {0: -1, 1: block, 2: fchunks, 3: -1}
-    vis_b = vis.rechunk(target)
-    flag_b = flag_in.astype(bool).rechunk(vis_b.chunks)
+    band = st.frequency_chunking == "band"
+    vis_band = _baseline_blocks(vis, block)
+    flag_band = _baseline_blocks(flag_in.astype(bool), block)
+    if band:
+        vis_b, flag_b = vis_band, flag_band
+    else:
+        target = {0: -1, 1: block, 2: vis.chunks[2], 3: -1}
+        vis_b = vis.rechunk(target)
+        flag_b = flag_in.astype(bool).rechunk(vis_b.chunks)
     is_auto = da.from_array(ant1 == ant2, chunks=(vis_b.chunks[1],))
     args = st.kernel_args()
     tok = tokenize(vis_b, flag_b, st.to_json())
@@ -399,18 +499,24 @@ def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
     )
 
     # per-plane noise over the whole band of each block (reduces t and f)
-    vis_n = vis.rechunk({0: -1, 1: block, 2: -1, 3: -1})
-    flag_n = flag_in.astype(bool).rechunk(vis_n.chunks)
     noise = da.blockwise(
-        _plane_noise, "bp", vis_n, "tbfp", flag_n, "tbfp",
-        dtype=np.float64, name=f"flag-noise-{tok}", concatenate=True,
+        _plane_noise_parts, "bp", vis_band, "tbfp", flag_band, "tbfp",
+        dtype=np.float64, name=f"flag-noise-{tok}", concatenate=False,
     )
-    new_ = codes == kf.CODE_RFI
-    avail = codes != kf.CODE_MISSING
-    n_bl = new_.sum(axis=(0, 2, 3))
-    a_bl = avail.sum(axis=(0, 2, 3))
-    n_tf = new_.sum(axis=(1, 3))
-    a_tf = avail.sum(axis=(1, 3))
+    # new flags / available samples per baseline and per (time, channel): one pass
+    # over each block of codes for each (numba), then small sums
+    bl_counts = da.blockwise(
+        _bl_counts, "bk", codes, "tbfp", new_axes={"k": 2}, dtype=np.int64,
+        concatenate=False, name=f"flag-count-bl-{tok}",
+    )
+    tf_counts = da.blockwise(
+        _tf_counts, "btfk", codes, "tbfp", new_axes={"k": 2}, adjust_chunks={"b": 1},
+        dtype=np.int64, concatenate=False, name=f"flag-count-tf-{tok}",
+    ).sum(axis=0)
+    n_bl = bl_counts[:, 0]
+    a_bl = bl_counts[:, 1]
+    n_tf = tf_counts[..., 0]
+    a_tf = tf_counts[..., 1]
 
     def decide(noise_, n_bl_, a_bl_, n_tf_, a_tf_):
         bad_bl, bad_tf = _decide(noise_, n_bl_, a_bl_, n_tf_, a_tf_, ant1, ant2, n_ant, st)
@@ -423,10 +529,10 @@ def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
     )
     bad_bl = small[:nbl].rechunk((codes.chunks[1],))
     bad_tf = small[nbl:].reshape(nt, nf).rechunk((codes.chunks[0], codes.chunks[2]))
-    new = da.blockwise(
+    new = _to_chunks(da.blockwise(
         _combine, "tbfp", codes, "tbfp", bad_bl, "b", bad_tf, "tf",
         dtype=bool, name=f"flag-combine-{tok}",
-    ).rechunk(out_chunks)
+    ), out_chunks)
 
     out = ds.copy()
     out["FLAG"] = xr.DataArray(new, dims=VIS_DIMS, coords=ds["FLAG"].coords,

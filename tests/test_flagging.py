@@ -281,6 +281,143 @@ def test_median_helper_matches_numpy():
         assert kf._median(v.copy(), n) == np.median(v)
 
 
+def _median_inputs(rng):
+    """Arrays that stress an exact median: ties, outliers, signs, +-inf, scales."""
+    for n in (1, 2, 3, 255, 256, 257, 1000, 1001, 4096, 18001, 18432):
+        for kind in range(8):
+            v = np.abs(rng.standard_normal(n)) * rng.choice([1e-3, 1.0, 1e5])
+            if kind == 1:
+                v[rng.random(n) < 0.3] = v[0]                 # many ties
+            elif kind == 2:
+                v[rng.random(n) < 0.05] *= 1e4                # RFI-like outliers
+            elif kind == 3:
+                v -= rng.uniform(0, 3)                        # negative values too
+            elif kind == 4:
+                v = np.round(v, 1)
+            elif kind == 5:
+                v[:] = 2.0
+                v[: n // 2] = 1.0                             # median at the step
+            elif kind == 6:
+                v[rng.integers(n)] = np.inf                   # non-finite: plain path
+                v[rng.integers(n)] = -np.inf
+            elif kind == 7:
+                v = np.exp(rng.uniform(-600, 600, n))         # huge dynamic range
+            yield v
+
+
+def test_median_bucket_matches_numpy():
+    rng = np.random.default_rng(11)
+    cnt = np.empty(4096, np.int64)
+    for v in _median_inputs(rng):
+        aux = np.empty(v.size)
+        buf = v.copy()
+        got = kf._median_bucket(buf, v.size, cnt, aux)
+        assert got == np.median(v), (v.size, got, np.median(v))
+        # only the first n samples count
+        big = np.concatenate([v, rng.standard_normal(7) * 1e9])
+        assert kf._median_bucket(big, v.size, cnt, np.empty(big.size)) == np.median(v)
+
+
+def test_sort_network_sorts_columns():
+    rng = np.random.default_rng(12)
+    for n in range(1, 70):
+        pairs = kf._sort_pairs(n)
+        assert np.all(pairs[:, 0] < pairs[:, 1]) and np.all(pairs < n)
+        for _ in range(5):
+            x = rng.standard_normal((n, 9))
+            x[rng.random(x.shape) < 0.2] = 0.5          # ties
+            x[rng.random(x.shape) < 0.2] = np.inf       # what flagged samples become
+            y = x.copy()
+            kf._sort_columns(y, pairs)
+            assert np.array_equal(y, np.sort(x, axis=0)), n
+
+
+def ref_column_abs_medians(r, mask):
+    out = np.full(r.shape[1], np.nan)
+    for f in range(r.shape[1]):
+        v = np.abs(r[~mask[:, f], f])
+        if v.size:
+            out[f] = np.median(v)
+    return out
+
+
+def ref_channel_noise(r, mask, h):
+    """The documented algorithm, in plain numpy: per-channel median of |r|, running
+    median of the finite ones over 2h+1 channels every max(1, h//2) channels and at the
+    last, the band median where a window is empty, linear interpolation between."""
+    s = ref_column_abs_medians(r, mask)
+    F = s.size
+    if not np.isfinite(s).any():
+        return np.full(F, np.nan)
+    glob = np.median(s[np.isfinite(s)])
+    stride = max(1, h // 2)
+    at = list(range(0, F, stride))
+    if at[-1] != F - 1:
+        at.append(F - 1)
+    sig = np.empty(F)
+    prev_f, prev_v = -1, 0.0
+    for f in at:
+        w = s[max(0, f - h):min(F, f + h + 1)]
+        w = w[np.isfinite(w)]
+        v = kf.MAD_TO_SIGMA * (np.median(w) if w.size else glob)
+        sig[f] = v
+        for k in range(prev_f + 1, f):
+            x = (k - prev_f) / (f - prev_f)
+            sig[k] = prev_v + x * (v - prev_v)
+        prev_f, prev_v = f, v
+    return sig
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 24, 64, 65])   # 65: the quickselect path
+def test_channel_noise_matches_reference(T):
+    rng = np.random.default_rng(T)
+    F = 300
+    r = rng.standard_normal((T, F)) * np.linspace(1, 3, F)
+    r[:, 40] += 50.0
+    mask = rng.random((T, F)) < 0.2
+    mask[:, 100:150] = True                        # a flagged run wider than a window
+    mask[:, 7] = True
+    s = np.empty(F)
+    pairs = kf._sort_pairs(T) if T <= kf._NET_MAX else np.empty((0, 2), np.int64)
+    kf._column_abs_medians(r, mask, s, np.empty(max(T, F)), pairs, np.empty((T, F)),
+                           np.empty(F, np.int64))
+    np.testing.assert_array_equal(s, ref_column_abs_medians(r, mask))
+    for h in (0, 1, 16):
+        np.testing.assert_array_equal(kf.channel_noise(r, mask, h),
+                                      ref_channel_noise(r, mask, h))
+    np.testing.assert_array_equal(kf.channel_noise(r, np.ones_like(mask), 16),
+                                  np.full(F, np.nan))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sir_time_lanes_match_reference(seed):
+    """The vectorised time pass (channels without missing samples) and the per-channel
+    path (channels with some) against the O(n^3) definition."""
+    rng = np.random.default_rng(50 + seed)
+    flags = rng.random((24, 24)) < rng.uniform(0.1, 0.6)
+    flags[:, 5] = True
+    flags[:, 6] = False
+    for missing in (np.zeros(flags.shape, bool), rng.random(flags.shape) < 0.03):
+        missing[:, 9] = True                             # a fully missing channel
+        fl = flags & ~missing
+        for eta_t, eta_f in ((0.05, 0.0), (0.2, 0.0), (0.3, 0.15)):
+            got = kf.sir_dilate_2d(fl, eta_t, eta_f, missing)
+            want = ref_sir_2d(fl, eta_t, eta_f, missing)
+            assert np.array_equal(got, want), (eta_t, eta_f)
+
+
+def test_masked_smooth_tiny_shapes_match_reference():
+    """Planes narrower / shorter than the kernel (the zero-padded rows and the partial
+    time windows of the separable filter)."""
+    rng = np.random.default_rng(8)
+    for T, F in ((1, 1), (2, 5), (3, 19), (24, 7), (5, 40)):
+        x = rng.standard_normal((T, F))
+        m = rng.random((T, F)) < 0.25
+        got = kf.masked_gaussian_smooth(x, m, 3.0, 3.0, 3.0)
+        want = ref_smooth(x, m, 3.0, 3.0, 3.0)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_masked_smooth_matches_reference():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((10, 30))
@@ -386,6 +523,23 @@ def test_extend_by_fraction_matches_numpy():
     assert np.array_equal(got, want)
 
 
+def test_code_counts_and_combine_match_numpy():
+    rng = np.random.default_rng(9)
+    codes = rng.choice(np.array([kf.CODE_OK, kf.CODE_RFI, kf.CODE_MISSING], np.uint8),
+                       size=(5, 7, 33, 2), p=[0.7, 0.2, 0.1])
+    new, avail = codes == kf.CODE_RFI, codes != kf.CODE_MISSING
+    bl = kf.code_counts_baseline(codes)
+    tf = kf.code_counts_tf(codes)
+    assert np.array_equal(bl[:, 0], new.sum(axis=(0, 2, 3)))
+    assert np.array_equal(bl[:, 1], avail.sum(axis=(0, 2, 3)))
+    assert np.array_equal(tf[..., 0], new.sum(axis=(1, 3)))
+    assert np.array_equal(tf[..., 1], avail.sum(axis=(1, 3)))
+    bad_bl = rng.random(7) < 0.3
+    bad_tf = rng.random((5, 33)) < 0.2
+    want = (codes != kf.CODE_OK) | bad_bl[None, :, None, None] | bad_tf[:, None, :, None]
+    assert np.array_equal(kf.combine_codes(codes, bad_bl, bad_tf), want)
+
+
 def test_nonfinite_zero():
     v = np.array([1 + 1j, 0, np.nan, complex(1, np.inf), complex(0, 1e-30), -np.inf],
                  np.complex64)
@@ -451,6 +605,31 @@ def test_tiny_shapes(shape):
     v = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     out = kf.flag_block(v, np.zeros(shape, bool), np.zeros(shape[1], bool), *ARGS)
     assert out.shape == shape
+
+
+def test_block_equals_baseline_by_baseline():
+    """flag_block keeps per-block state (scratch, the smoothed weights of a repeated
+    mask): a block must give exactly what its baselines give one at a time."""
+    rng = np.random.default_rng(21)
+    T, B, F, P = 24, 7, 160, 2
+    v = (rng.standard_normal((T, B, F, P)) + 1j * rng.standard_normal((T, B, F, P)))
+    v[:, :, 60:64] += 12.0                    # a line on every baseline
+    v[5, :, 20:140] += 6.0                    # a burst
+    v[:, 0] = 1000.0 + np.abs(v[:, 0])        # autocorrelations
+    v[:, 4] = 1000.0 + np.abs(v[:, 4])
+    v = v.astype(np.complex64)
+    flag = np.zeros(v.shape, bool)
+    flag[:, 2, 96:128] = True                 # an upstream-flagged subband ...
+    flag[:, 3, 96:128] = True                 # ... on two baselines in a row
+    flag[3, 5, :, 1] = True
+    auto = np.zeros(B, bool)
+    auto[[0, 4]] = True
+    got = kf.flag_block(v, flag, auto, *ARGS)
+    for b in range(B):
+        one = kf.flag_block(np.ascontiguousarray(v[:, b:b + 1]),
+                            np.ascontiguousarray(flag[:, b:b + 1]), auto[b:b + 1], *ARGS)
+        assert np.array_equal(got[:, b:b + 1], one), b
+    assert (got == kf.CODE_RFI).any()
 
 
 def test_constant_plane_does_not_crash():
@@ -640,6 +819,26 @@ def test_dask_equals_numpy(synthetic):
     want = flag_arrays(d["vis"], np.zeros(d["vis"].shape, bool), d["a1"], d["a2"], strategy=st)
     assert np.array_equal(got, want)
     assert out["VISIBILITY"] is not None and out["FLAG"].attrs["flag_strategy"]
+
+
+@pytest.mark.parametrize("chunks", [
+    ((6,), (37,), (8,) * 5, (2,)),            # one subband per chunk (the pipeline's)
+    ((6,), (37,), (40,), (2,)),               # numpy-backed: one chunk
+    ((3, 3), (37,), (8,) * 5, (2,)),          # chunked along time: the rechunk path
+    ((6,), (20, 17), (16, 24), (1, 1)),
+])
+def test_baseline_blocks_and_back(chunks):
+    from graphs.flag import _baseline_blocks, _to_chunks
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 37, 40, 2)) + 1j * rng.standard_normal((6, 37, 40, 2))
+    d = da.from_array(x, chunks=chunks)
+    bb = _baseline_blocks(d, 8)
+    assert bb.chunks == ((6,), (8, 8, 8, 8, 5), (40,), (2,))
+    got = bb.compute()
+    assert np.array_equal(got, x)
+    back = _to_chunks(bb, d.chunks)
+    assert back.chunks == d.chunks
+    assert np.array_equal(back.compute(), x)
 
 
 def test_graph_is_lazy_and_keeps_old_flags():
