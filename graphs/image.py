@@ -177,12 +177,43 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
 # ---------------------------------------------------------------------------------
 
 
+_ROW_OUTPUTS = (("vis", (), np.complex64), ("w", (), np.float32), ("uvw", (3,), np.float64),
+                ("t", (), np.int32), ("f", (), np.int32))
+
+
+def _row_outputs(n):
+    """Empty arrays for n averaged visibilities: vis, weight, uvw, time and channel."""
+    return tuple(np.zeros((n,) + shape, dtype=dt) for _, shape, dt in _ROW_OUTPUTS)
+
+
+def _rows_dataset(fchunks, nt, tf, ff, block_of, attrs):
+    """The row Dataset from one delayed 5-tuple per frequency chunk:
+    ``block_of(k, chan0, nchan, start, n)`` (see :func:`kernels.averaging.bda_average`)."""
+    parts = {name: [] for name, _, _ in _ROW_OUTPUTS}
+    c0 = 0
+    for k, nfk in enumerate(fchunks):
+        counts = ka.bda_count(nt, nfk, tf, ff)
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        n = int(counts.sum())
+        out = block_of(k, c0, nfk, start, n)
+        for i, (name, shape, dt) in enumerate(_ROW_OUTPUTS):
+            parts[name].append(da.from_delayed(out[i], shape=(n,) + shape, dtype=dt))
+        c0 += nfk
+    cat = {k: da.concatenate(v, axis=0) for k, v in parts.items()}
+    return xr.Dataset(
+        {
+            "VIS_I": (("row",), cat["vis"]),
+            "WEIGHT_I": (("row",), cat["w"]),
+            "UVW_L": (("row", "uvw_label"), cat["uvw"]),
+            "TIME_INDEX": (("row",), cat["t"]),
+            "CHAN_INDEX": (("row",), cat["f"]),
+        },
+        attrs=attrs,
+    )
+
+
 def _bda_block(vis, w, uvw, freq, tf, ff, start, n, chan0):
-    out_vis = np.zeros(n, dtype=np.complex64)
-    out_w = np.zeros(n, dtype=np.float32)
-    out_uvw = np.zeros((n, 3), dtype=np.float64)
-    out_t = np.zeros(n, dtype=np.int32)
-    out_f = np.zeros(n, dtype=np.int32)
+    out_vis, out_w, out_uvw, out_t, out_f = _row_outputs(n)
     ka.bda_average(np.ascontiguousarray(vis), np.ascontiguousarray(w),
                    np.ascontiguousarray(uvw, dtype=np.float64),
                    np.ascontiguousarray(freq, dtype=np.float64), tf, ff, start, chan0,
@@ -222,42 +253,20 @@ def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
         (uvw_d,) = uvw.to_delayed().ravel()
     else:
         uvw_d = np.asarray(uvw, dtype=np.float64)
-    parts = {k: [] for k in ("vis", "w", "uvw", "t", "f")}
-    c0 = 0
     block = dask.delayed(_bda_block, nout=5, pure=True)
-    for k, nfk in enumerate(fchunks):
-        counts = ka.bda_count(nt, nfk, tf, ff)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        n = int(counts.sum())
-        out = block(vis_b[k], w_b[k], uvw_d, freq[c0:c0 + nfk], tf, ff, start, n, c0,
-                    dask_key_name=f"bda-average-{dask.base.tokenize(dsi.VIS_I.data, tf, ff)}-{k}")
-        for name, arr, shape, dt in (("vis", out[0], (n,), np.complex64),
-                                     ("w", out[1], (n,), np.float32),
-                                     ("uvw", out[2], (n, 3), np.float64),
-                                     ("t", out[3], (n,), np.int32),
-                                     ("f", out[4], (n,), np.int32)):
-            parts[name].append(da.from_delayed(arr, shape=shape, dtype=dt))
-        c0 += nfk
-    cat = {k: da.concatenate(v, axis=0) for k, v in parts.items()}
-    return xr.Dataset(
-        {
-            "VIS_I": (("row",), cat["vis"]),
-            "WEIGHT_I": (("row",), cat["w"]),
-            "UVW_L": (("row", "uvw_label"), cat["uvw"]),
-            "TIME_INDEX": (("row",), cat["t"]),
-            "CHAN_INDEX": (("row",), cat["f"]),
-        },
-        attrs=dict(dsi.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)),
-    )
+    tok = dask.base.tokenize(dsi.VIS_I.data, tf, ff)
+
+    def block_of(k, c0, nfk, start, n):
+        return block(vis_b[k], w_b[k], uvw_d, freq[c0:c0 + nfk], tf, ff, start, n, c0,
+                     dask_key_name=f"bda-average-{tok}-{k}")
+
+    return _rows_dataset(fchunks, nt, tf, ff, block_of,
+                         dict(dsi.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)))
 
 
 def _bda_xxyy_block(vis, flag, weight, uvw_old, uvw_new, freq, cross, tf, ff, start, n,
                     chan0, uv_min, uv_max):
-    out_vis = np.zeros(n, dtype=np.complex64)
-    out_w = np.zeros(n, dtype=np.float32)
-    out_uvw = np.zeros((n, 3), dtype=np.float64)
-    out_t = np.zeros(n, dtype=np.int32)
-    out_f = np.zeros(n, dtype=np.int32)
+    out_vis, out_w, out_uvw, out_t, out_f = _row_outputs(n)
     uvw_old = np.asarray(uvw_old, dtype=np.float64)
     ka.bda_stokes_i(np.ascontiguousarray(vis), np.ascontiguousarray(flag),
                     np.ascontiguousarray(weight), np.ascontiguousarray(uvw_old[..., 2]),
@@ -309,36 +318,17 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
     cross = np.asarray(ds.baseline_antenna1_id.values != ds.baseline_antenna2_id.values)
     freq = np.asarray(ds.frequency.values, dtype=np.float64)
     uv_min, uv_max = float(uv_range[0]), float(uv_range[1])
-    parts = {k: [] for k in ("vis", "w", "uvw", "t", "f")}
     block = dask.delayed(_bda_xxyy_block, nout=5, pure=True)
     tok = dask.base.tokenize(ds.VISIBILITY.data, ds.FLAG.data, ds.WEIGHT.data, uvw_target,
                              tf, ff, uv_min, uv_max)
-    c0 = 0
-    for k, nfk in enumerate(fchunks):
-        counts = ka.bda_count(nt, nfk, tf, ff)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        n = int(counts.sum())
-        out = block(blocks[0][k], blocks[1][k], blocks[2][k], uvw_old, uvw_new,
-                    freq[c0:c0 + nfk], cross, tf, ff, start, n, c0, uv_min, uv_max,
-                    dask_key_name=f"bda-stokes-i-{tok}-{k}")
-        for name, arr, shape, dt in (("vis", out[0], (n,), np.complex64),
-                                     ("w", out[1], (n,), np.float32),
-                                     ("uvw", out[2], (n, 3), np.float64),
-                                     ("t", out[3], (n,), np.int32),
-                                     ("f", out[4], (n,), np.int32)):
-            parts[name].append(da.from_delayed(arr, shape=shape, dtype=dt))
-        c0 += nfk
-    cat = {k: da.concatenate(v, axis=0) for k, v in parts.items()}
-    return xr.Dataset(
-        {
-            "VIS_I": (("row",), cat["vis"]),
-            "WEIGHT_I": (("row",), cat["w"]),
-            "UVW_L": (("row", "uvw_label"), cat["uvw"]),
-            "TIME_INDEX": (("row",), cat["t"]),
-            "CHAN_INDEX": (("row",), cat["f"]),
-        },
-        attrs=dict(ds.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)),
-    )
+
+    def block_of(k, c0, nfk, start, n):
+        return block(blocks[0][k], blocks[1][k], blocks[2][k], uvw_old, uvw_new,
+                     freq[c0:c0 + nfk], cross, tf, ff, start, n, c0, uv_min, uv_max,
+                     dask_key_name=f"bda-stokes-i-{tok}-{k}")
+
+    return _rows_dataset(fchunks, nt, tf, ff, block_of,
+                         dict(ds.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)))
 
 
 def _is_rows(dsi):

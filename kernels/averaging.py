@@ -120,6 +120,29 @@ def bda_factors(uvw, freq, chan_width_hz, theta_rad, max_loss, nf_chunk, *,
 
 
 @njit(nogil=True, cache=True)
+def _store(k, b, t0, t1, f0, f1, chan0, sw, sr, si, su, sv, sz, uvw, freq,
+           out_vis, out_w, out_uvw, out_t, out_f):
+    """Write bin k of baseline b from its weighted sums (weight 0: the bin's middle uvw)."""
+    if sw > 0.0:
+        out_vis[k] = complex(sr / sw, si / sw)
+        out_w[k] = sw
+        out_uvw[k, 0] = su / sw
+        out_uvw[k, 1] = sv / sw
+        out_uvw[k, 2] = sz / sw
+    else:
+        tm = (t0 + t1 - 1) // 2
+        fm = (f0 + f1 - 1) // 2
+        s = freq[fm] / SPEED_OF_LIGHT
+        out_vis[k] = 0.0
+        out_w[k] = 0.0
+        out_uvw[k, 0] = uvw[tm, b, 0] * s
+        out_uvw[k, 1] = uvw[tm, b, 1] * s
+        out_uvw[k, 2] = uvw[tm, b, 2] * s
+    out_t[k] = (t0 + t1 - 1) // 2
+    out_f[k] = chan0 + (f0 + f1 - 1) // 2
+
+
+@njit(nogil=True, cache=True)
 def bda_average(vis, wgt, uvw, freq, tf, ff, start, chan0,
                 out_vis, out_w, out_uvw, out_t, out_f):
     """Average one chunk; see the module docstring.
@@ -166,23 +189,8 @@ def bda_average(vis, wgt, uvw, freq, tf, ff, start, chan0,
                             su += s * u
                             sv += s * v
                             sz += s * z
-                if sw > 0.0:
-                    out_vis[k] = complex(sr / sw, si / sw)
-                    out_w[k] = sw
-                    out_uvw[k, 0] = su / sw
-                    out_uvw[k, 1] = sv / sw
-                    out_uvw[k, 2] = sz / sw
-                else:
-                    tm = (t0 + t1 - 1) // 2
-                    fm = (f0 + f1 - 1) // 2
-                    s = freq[fm] / SPEED_OF_LIGHT
-                    out_vis[k] = 0.0
-                    out_w[k] = 0.0
-                    out_uvw[k, 0] = uvw[tm, b, 0] * s
-                    out_uvw[k, 1] = uvw[tm, b, 1] * s
-                    out_uvw[k, 2] = uvw[tm, b, 2] * s
-                out_t[k] = (t0 + t1 - 1) // 2
-                out_f[k] = chan0 + (f0 + f1 - 1) // 2
+                _store(k, b, t0, t1, f0, f1, chan0, sw, sr, si, su, sv, sz, uvw, freq,
+                       out_vis, out_w, out_uvw, out_t, out_f)
                 k += 1
 
 
@@ -268,21 +276,6 @@ def bda_stokes_i(vis, flag, weight, w_old, uvw, freq, cross, uv_min, uv_max, tf,
                                 tmp = cr * stc - ci * sts
                                 ci = cr * sts + ci * stc
                                 cr = tmp
-                if sw > 0.0:
-                    out_vis[k] = complex(sr / sw, si / sw)
-                    out_w[k] = sw
-                    out_uvw[k, 0] = su / sw
-                    out_uvw[k, 1] = sv / sw
-                    out_uvw[k, 2] = sz / sw
-                else:
-                    tm = (t0 + t1 - 1) // 2
-                    fm = (f0 + f1 - 1) // 2
-                    s = freq[fm] / SPEED_OF_LIGHT
-                    out_vis[k] = 0.0
-                    out_w[k] = 0.0
-                    out_uvw[k, 0] = uvw[tm, b, 0] * s
-                    out_uvw[k, 1] = uvw[tm, b, 1] * s
-                    out_uvw[k, 2] = uvw[tm, b, 2] * s
-                out_t[k] = (t0 + t1 - 1) // 2
-                out_f[k] = chan0 + (f0 + f1 - 1) // 2
+                _store(k, b, t0, t1, f0, f1, chan0, sw, sr, si, su, sv, sz, uvw, freq,
+                       out_vis, out_w, out_uvw, out_t, out_f)
                 k += 1

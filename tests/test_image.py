@@ -51,6 +51,13 @@ def _true_pixel(ds, prod, ra, dec):
     return n // 2 - (b0[0] @ s) / prod.cell_rad, n // 2 + (b0[1] @ s) / prod.cell_rad
 
 
+def _uvw_towards(ds, ra0, dec0):
+    """UVW (metres) of every row of ``ds`` towards (ra0, dec0)."""
+    return compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
+                       ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
+                       telescope_location=np.asarray(ds.attrs["telescope_location"]))
+
+
 def _fit_source(img, beam, cell, x0, y0):
     """Least-squares fit of a restoring-beam-shaped source: (amplitude, x, y)."""
     from scipy.optimize import least_squares
@@ -168,9 +175,7 @@ def test_distributed_dirty_equals_direct_gridding(ps_ds, gridder):
     ds = ps_ds
     mid = ds.sizes["time"] // 2
     ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
-    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
-                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
-                      telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    uvw = _uvw_towards(ds, ra0, dec0)
     ds = ds.chunk({"time": 4, "frequency": 8})  # 3 x 2 chunks
     dsi = gi.stokes_i_dataset(ds, uvw)
     npix, cell = 256, 8 * ARCSEC
@@ -533,9 +538,7 @@ def test_grid_index_reused_gives_the_same_images(ps_ds):
     ds = ps_ds
     mid = ds.sizes["time"] // 2
     ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
-    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
-                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
-                      telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    uvw = _uvw_towards(ds, ra0, dec0)
     npix, cell = 256, 8 * ARCSEC
     freq = ds.frequency.values
     plan = gi.imaging_plan(uvw, freq, npix, cell, 1e-4)
@@ -570,9 +573,7 @@ def test_fused_averaging_equals_stokes_i_then_average(ps_ds):
     ds = ds.chunk({"frequency": 8})
     mid = ds.sizes["time"] // 2
     ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]) + 0.01, float(ds.PHASE_CENTER_DEC[mid])
-    uvw = compute_uvw(ds.ANTENNA_POSITION.values, ds.baseline_antenna1_id.values,
-                      ds.baseline_antenna2_id.values, ds.time.values, ra0, dec0,
-                      telescope_location=np.asarray(ds.attrs["telescope_location"]))
+    uvw = _uvw_towards(ds, ra0, dec0)
     freq = ds.frequency.values
     tf, ff = ka.bda_factors(uvw, freq, float(np.diff(freq)[0]), math.radians(1.0), 0.02, 8)
     assert tf.max() > 1 and ff.max() > 1
