@@ -397,15 +397,26 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
         opts.update(n_vis_in=nvis_in, n_vis_gridded=nvis_in)
     log.info("gridding in %d task(s) per image", ntask if average else
              len(dsi.VIS_I.data.chunks[2]))
-    plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
-                           nthreads=nthreads, nvis=nvis)
+    if average:
+        # the plan from the averaged rows themselves: a bin's mean w can lie below every
+        # sample's |w| (w changes sign inside it, e.g. east-west baselines at transit)
+        plan = gi.imaging_plan_rows(dsi, npix, cell, epsilon, double=double,
+                                    nthreads=nthreads)
+    else:
+        plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
+                               nthreads=nthreads, nvis=nvis)
     # the PSF of the minor cycles: without the w term, so that it is a true convolution
     # kernel (symmetric, positive definite); with it, the response to a component
     # depends on its position (by ~1 % of the peak across a 3 deg field), the Högbom/
     # Clark iteration is no longer a descent and can diverge. Major cycles use the
     # exact w-stacked (de)gridder, so the residual and model stay exact.
-    psf_plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
-                               nthreads=nthreads, do_wstacking=bool(psf_wterm), nvis=nvis)
+    if average:
+        psf_plan = gi.imaging_plan_rows(dsi, npix, cell, epsilon, double=double,
+                                        nthreads=nthreads, do_wstacking=bool(psf_wterm))
+    else:
+        psf_plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
+                                   nthreads=nthreads, do_wstacking=bool(psf_wterm),
+                                   nvis=nvis)
     log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", npix, npix,
              cell_arcsec, math.degrees(ra0), math.degrees(dec0), plan.describe())
     timings["prepare"] = time.perf_counter() - t0

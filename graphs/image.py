@@ -50,6 +50,7 @@ __all__ = [
     "weight_sums",
     "average_stokes_i",
     "average_dataset",
+    "imaging_plan_rows",
     "grid_index",
     "GRIDDERS",
 ]
@@ -377,6 +378,25 @@ def imaging_plan(uvw, freq, npix, cell_rad, epsilon=1e-4, *, double=False, nthre
         nvis = int(cross.sum()) * freq.size
     return kg.make_plan(npix, npix, cell_rad, cell_rad, epsilon, wmin=wmin, wmax=wmax,
                         umax=umax, vmax=vmax, nvis=max(nvis, 1), double=double,
+                        nthreads=nthreads, flip_v=True, divide_by_n=False,
+                        do_wstacking=do_wstacking)
+
+
+def imaging_plan_rows(dsr: xr.Dataset, npix, cell_rad, epsilon=1e-4, *, double=False,
+                      nthreads=1, do_wstacking=True):
+    """:func:`imaging_plan` for a row Dataset (:func:`average_dataset`): the w range and
+    uv extent of its rows (UVW in wavelengths). Computes four small reductions."""
+    import dask
+
+    uvw = dsr.UVW_L.data
+    aw = abs(uvw[:, 2])
+    wmin, wmax, umax, vmax = dask.compute(aw.min(), aw.max(), abs(uvw[:, 0]).max(),
+                                          abs(uvw[:, 1]).max())
+    if epsilon < 1e-5:
+        double = True
+    return kg.make_plan(npix, npix, cell_rad, cell_rad, epsilon, wmin=float(wmin),
+                        wmax=float(wmax), umax=float(umax), vmax=float(vmax),
+                        nvis=max(int(dsr.sizes["row"]), 1), double=double,
                         nthreads=nthreads, flip_v=True, divide_by_n=False,
                         do_wstacking=do_wstacking)
 

@@ -587,3 +587,20 @@ def test_fused_averaging_equals_stokes_i_then_average(ps_ds):
     scale = np.abs(ref.VIS_I.values).max()
     np.testing.assert_allclose(got.VIS_I.values, ref.VIS_I.values, rtol=0, atol=2e-6 * scale)
     np.testing.assert_allclose(got.UVW_L.values, ref.UVW_L.values, rtol=1e-10, atol=1e-8)
+
+
+def test_plan_of_averaged_rows_holds_a_w_that_changes_sign():
+    """A bin whose samples' w straddle 0 averages to a |w| below every sample's |w|: the
+    plan of the averaged rows must still hold it (a full group failed on this)."""
+    import xarray as xr
+
+    from graphs import image as gi
+
+    uvw = np.array([[100.0, 50.0, -3.0], [100.0, 50.0, 3.0], [120.0, 40.0, 5.0]]) / 0.2
+    dsr = xr.Dataset({"UVW_L": (("row", "uvw_label"), np.array(
+        [uvw[:2].mean(0), uvw[2]]))}).chunk({"row": 1})
+    dsr["VIS_I"] = (("row",), np.ones(2, np.complex64))
+    plan = gi.imaging_plan_rows(dsr, 256, 8 * ARCSEC, 1e-4)
+    assert plan.wmin <= 0.0 + 1e-12 and plan.wmax >= 25.0
+    # the samples' own range (what the plan used to be made from) misses the mean
+    assert np.abs(uvw[:, 2]).min() > abs(dsr.UVW_L.values[0, 2])
