@@ -15,10 +15,13 @@ valid calibration set nearest in time) → ``image``.
 
 from __future__ import annotations
 
+import functools
+import gc
 import importlib
 import logging
 import os
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -94,6 +97,54 @@ def skipped(reason: str) -> dict:
     return {"status": "skipped", "reason": reason}
 
 
+class StageError(RuntimeError):
+    """A stage failed on a worker. Carries the original error as text only: no
+    traceback, so nothing the stage opened stays alive after it (see ``_stage``)."""
+
+
+def open_tables(path) -> list[str]:
+    """dask-ms table proxies this process still holds on ``path`` (tables or subtables)."""
+    try:
+        from daskms.table_proxy import _table_cache
+    except ImportError:  # pragma: no cover - private dask-ms detail
+        return []
+    prefix = os.path.abspath(str(path)).rstrip("/")
+    return [repr(p) for p in list(_table_cache.values()) if prefix in repr(p)]
+
+
+def _stage(fn):
+    """Run a stage so that it leaves nothing open behind it, whether it succeeds or not.
+
+    dask-ms keeps a table proxy (and casacore its table cache entry) alive for as long
+    as anything references it. A failed task's exception and traceback are kept by the
+    Dask worker, and the traceback's frames reference the stage's Datasets: a retry of
+    the group in the same worker process would then see the old tables through
+    casacore's cache. So the failure is re-raised as a :class:`StageError` that holds
+    only text (the full traceback goes to this worker's log), and reference cycles are
+    collected before the stage returns.
+    """
+
+    @functools.wraps(fn)
+    def run(ms_path, *args, **kw):
+        failure = None
+        try:
+            return fn(ms_path, *args, **kw)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, as text
+            # as text: a log record holding exc_info would keep the frames alive
+            log.error("%s(%s) failed:\n%s", fn.__name__, ms_path, traceback.format_exc())
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            gc.collect()
+            left = open_tables(ms_path)
+            if left:
+                log.warning("%s(%s): %d dask-ms table(s) still open after the stage",
+                            fn.__name__, ms_path, len(left))
+        raise StageError(failure)
+
+    return run
+
+
+@_stage
 def stage_flag(ms_path: str, strategy=None) -> dict:
     """RFI-flag the MS in place (``contimg.flagging.flag_ms``); the flag fraction."""
     from contimg.flagging import default_summary_path, flag_ms
@@ -106,6 +157,7 @@ def stage_flag(ms_path: str, strategy=None) -> dict:
             "flagged_before": s["before"]["overall"], "flagged": s["after"]["overall"]}
 
 
+@_stage
 def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
                     catalog=None, refant=None) -> dict:
     """Solve bandpass and gains if a calibrator transits in the MS; the solutions are
@@ -135,6 +187,7 @@ def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
     return out
 
 
+@_stage
 def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
     """Apply the valid calibration set nearest in time (CORRECTED_DATA)."""
     if not stage_available("apply"):
@@ -156,6 +209,7 @@ def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
             "calset": cs["name"], "in_window": bool(cs["in_window"])}
 
 
+@_stage
 def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> dict:
     """Image the MS (CORRECTED_DATA when present) to FITS files ``<prefix>-*.fits``."""
     if not stage_available("image"):

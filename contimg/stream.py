@@ -114,6 +114,13 @@ class BadInput(Exception):
     """A group's input turned out unusable (names the file)."""
 
 
+def _why(exc) -> str:
+    """An error as recorded in the database: a stage's error already names its type."""
+    if isinstance(exc, pipeline.StageError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 class StreamBusy(RuntimeError):
     """Another stream process already serves this output directory."""
 
@@ -520,7 +527,7 @@ class Stream:
         except BadInput as exc:
             self._bad_input(g, str(exc))
         except Exception as exc:  # noqa: BLE001 - recorded per group, others go on
-            self._failed_attempt(g, f"{type(exc).__name__}: {exc}")
+            self._failed_attempt(g, _why(exc))
         else:
             # a worker that died mid-write leaves its temporary MS behind: clear it now
             remove_stale_temporaries(self.cfg.output)
@@ -574,10 +581,53 @@ class Stream:
             self.failed.append(gid)
 
     # ------------------------------------------------------------------ the stages
-    def _stage(self, g, stage, fn, *args, **kw):
-        """Run one stage as a Dask task; record its timing; return its result dict."""
+    def _reusable(self, g, ms) -> dict:
+        """Stages of the previous attempt whose results this attempt keeps.
+
+        A retry resumes where the previous attempt stopped: the stages it finished (a
+        prefix of convert → flag → calibrate → apply, the MS still on disk) are not run
+        again; their records are carried over. The last allowed attempt starts again
+        from the raw files, in case the MS itself was what went wrong.
+        """
+        gid, attempt = g["group_id"], g["attempts"]
+        if attempt <= 1 or g["retries"] >= self.cfg.max_retries:
+            return {}
+        if not os.path.isfile(os.path.join(ms, "table.dat")):
+            return {}
+        prev = {r["stage"]: r for r in self.db.timings(gid) if r["attempt"] == attempt - 1}
+        keep = {}
+        for stage in pipeline.STAGES[:-1]:
+            r = prev.get(stage)
+            if r is not None and r["detail"] == "disabled":
+                continue            # skipped by configuration: decided again below
+            if r is None or r["status"] == "failed":
+                break
+            keep[stage] = r
+        return keep if "convert" in keep else {}
+
+    def _reuse(self, g, stage, rec) -> dict:
+        """Carry a stage's result over from an earlier attempt (see ``_reusable``)."""
+        try:
+            res = json.loads(rec["detail"] or "{}")
+        except ValueError:
+            res = {}
+        if not isinstance(res, dict):
+            res = {}
+        res.setdefault("status", rec["status"])
+        res["reused_from_attempt"] = res.get("reused_from_attempt", rec["attempt"])
+        self.db.record_stage(g["group_id"], g["attempts"], stage, rec["status"], 0.0,
+                             time.time(), json.dumps(res, default=str))
+        log.info("group %s: %s kept from attempt %d", g["group_id"], stage,
+                 res["reused_from_attempt"])
+        return res
+
+    def _stage(self, g, stage, fn, *args, reuse=None, **kw):
+        """Run one stage as a Dask task; record its timing; return its result dict.
+        ``reuse``: the stage records this attempt keeps (see ``_reusable``)."""
         gid, attempt = g["group_id"], g["attempts"]
         t0 = time.time()
+        if reuse and stage in reuse:
+            return self._reuse(g, stage, reuse[stage])
         if stage in self.cfg.skip:
             self.db.record_stage(gid, attempt, stage, "skipped", 0.0, t0, "disabled")
             return pipeline.skipped("disabled")
@@ -593,7 +643,7 @@ class Stream:
                 res = fut.result()
         except Exception as exc:
             self.db.record_stage(gid, attempt, stage, "failed", time.time() - t0, t0,
-                                 f"{type(exc).__name__}: {exc}")
+                                 _why(exc))
             raise
         status = "skipped" if res.get("status") == "skipped" else "ok"
         self.db.record_stage(gid, attempt, stage, status, time.time() - t0, t0,
@@ -615,7 +665,6 @@ class Stream:
         return files, ds
 
     def _pipeline(self, g, opened=None) -> dict:
-        from contimg.convert import convert_group
         from contimg.io.uvh5 import UVH5Error
 
         gid, attempt = g["group_id"], g["attempts"]
@@ -628,9 +677,53 @@ class Stream:
         stamp = min(tel.parse_subband_filename(f).stamp for f in files)
         ms = str(self.cfg.output / "ms" / f"{stamp}.ms")
         os.makedirs(os.path.dirname(ms), exist_ok=True)
+        times = ds.time.values
+        t_mid = float(times[len(times) // 2])
+        out = {"ms": ms}
 
-        # convert (the reads run on the workers; headers are read here), flagging on the
-        # way when the files may be read anywhere: the MS is written once, with its flags
+        reuse = self._reusable(g, ms)
+        flagged = None
+        if reuse:
+            self._reuse(g, "convert", reuse["convert"])
+        else:
+            flagged = self._convert(g, ds, ms)
+        fl = flagged or self._stage(g, "flag", pipeline.stage_flag, ms, reuse=reuse,
+                                    strategy=self.cfg.flag_strategy)
+        if fl.get("status") == "ok":
+            self.db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
+            out["flagged"] = round(fl["flagged"], 4)
+
+        cal = self._stage(g, "calibrate", pipeline.stage_calibrate, ms, reuse=reuse,
+                          db_path=str(self.db.path), cal_dir=str(self.cfg.output / "cal"),
+                          name=stamp, catalog=self.cfg.catalog, refant=self.cfg.refant)
+        if cal.get("status") in ("ok", "rejected"):
+            out["calibration"] = cal["status"]
+
+        if "apply" not in reuse:
+            self._wait_for_calibration(gid, t_mid)
+        ap = self._stage(g, "apply", pipeline.stage_apply, ms, reuse=reuse,
+                         db_path=str(self.db.path), t_mid=t_mid)
+        calset_id = ap.get("calset_id")
+        if ap.get("status") == "ok":
+            self.db.register_ms(ms, calset_id=calset_id, status="calibrated")
+            out["applied"] = ap["calset"]
+
+        im = self._stage(g, "image", pipeline.stage_image, ms,
+                         prefix=str(self.cfg.output / "images" / stamp),
+                         options=self.cfg.image_options)
+        if im.get("status") == "ok":
+            out["image"] = register_image_result(self.db, im, group_id=gid, ms_path=ms,
+                                                 calset_id=calset_id)
+        return out
+
+    def _convert(self, g, ds, ms):
+        """Write the group's MS (the reads run on the workers; headers were read here),
+        flagging on the way when the files may be read anywhere, so that the MS is
+        written once, with its flags. Returns the flag stage's record in that case."""
+        from contimg.convert import convert_group
+        from contimg.io.uvh5 import UVH5Error
+
+        gid, attempt = g["group_id"], g["attempts"]
         flag_here = (self.cfg.flag_in_convert and "flag" not in self.cfg.skip
                      and self.cfg.placement == "any")
         t0 = time.time()
@@ -645,49 +738,20 @@ class Stream:
             raise BadInput(str(exc)) from None
         except Exception as exc:
             self.db.record_stage(gid, attempt, "convert", "failed", time.time() - t0, t0,
-                                 f"{type(exc).__name__}: {exc}")
+                                 _why(exc))
             raise
         times = ds.time.values
-        t_mid = float(times[len(times) // 2])
         self.db.record_stage(gid, attempt, "convert", "ok", time.time() - t0, t0,
                              json.dumps(conv, default=str))
         self.db.register_ms(ms, group_id=gid, t_start=float(times[0]),
                             t_end=float(times[-1]), nbytes=conv["nbytes"], status="converted")
         log.info("group %s: convert ok in %.1f s -> %s", gid, time.time() - t0, ms)
-        out = {"ms": ms}
-
-        if flag_here:
-            fl = {"status": "ok", "flagged": conv["flagged"], "during": "convert"}
-            self.db.record_stage(gid, attempt, "flag", "ok", conv["flag_seconds"], t0,
-                                 json.dumps(fl))
-        else:
-            fl = self._stage(g, "flag", pipeline.stage_flag, ms,
-                             strategy=self.cfg.flag_strategy)
-        if fl.get("status") == "ok":
-            self.db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
-            out["flagged"] = round(fl["flagged"], 4)
-
-        cal = self._stage(g, "calibrate", pipeline.stage_calibrate, ms,
-                          db_path=str(self.db.path), cal_dir=str(self.cfg.output / "cal"),
-                          name=stamp, catalog=self.cfg.catalog, refant=self.cfg.refant)
-        if cal.get("status") in ("ok", "rejected"):
-            out["calibration"] = cal["status"]
-
-        self._wait_for_calibration(gid, t_mid)
-        ap = self._stage(g, "apply", pipeline.stage_apply, ms, db_path=str(self.db.path),
-                         t_mid=t_mid)
-        calset_id = ap.get("calset_id")
-        if ap.get("status") == "ok":
-            self.db.register_ms(ms, calset_id=calset_id, status="calibrated")
-            out["applied"] = ap["calset"]
-
-        im = self._stage(g, "image", pipeline.stage_image, ms,
-                         prefix=str(self.cfg.output / "images" / stamp),
-                         options=self.cfg.image_options)
-        if im.get("status") == "ok":
-            out["image"] = register_image_result(self.db, im, group_id=gid, ms_path=ms,
-                                                 calset_id=calset_id)
-        return out
+        if not flag_here:
+            return None
+        fl = {"status": "ok", "flagged": conv["flagged"], "during": "convert"}
+        self.db.record_stage(gid, attempt, "flag", "ok", conv["flag_seconds"], t0,
+                             json.dumps(fl))
+        return fl
 
     def _note_calibrator(self, gid, ds):
         """Record whether a calibrator transits in this group (header data only), so

@@ -402,3 +402,74 @@ def test_backfill_stages_on_an_existing_ms(tmp_path, sim_groups):
     (m,) = StateDB(tmp_path / "db.sqlite3").measurement_sets()
     assert m["path"] == str(ms) and m["status"] == "flagged" and m["flagged_fraction"] >= 0
     assert (tmp_path / "x.ms.flag_summary.json").exists()
+
+
+def test_a_failed_stage_is_retried_from_that_stage(tmp_path, sim_groups, cluster):
+    """The image stage fails twice, each time after it opened the MS through dask-ms.
+    The second attempt keeps the first one's MS, flags and calibration and only re-runs
+    the image; the third (the last allowed) starts again from the raw files, re-writing
+    the MS in worker processes where the failed stages had it open. The group completes
+    once, and no worker keeps a table of the MS open afterwards."""
+    marker = tmp_path / "failures"
+
+    def install(marker, fails):
+        import contimg.imaging as im
+
+        orig = getattr(im, "_unpatched_image_ms", im.image_ms)
+        im._unpatched_image_ms = orig
+
+        def flaky(ms_path, prefix, **kw):
+            from contimg.io.ms import open_ms
+
+            ds = open_ms(ms_path)                     # held by this frame when it fails
+            ds.VISIBILITY.data[:1].compute()
+            with open(marker, "a") as f:
+                f.write("x")
+            if os.path.getsize(marker) <= fails:
+                raise RuntimeError(f"injected failure in {ms_path}")
+            return orig(ms_path, prefix, **kw)
+
+        im.image_ms = flaky
+
+    def uninstall():
+        import contimg.imaging as im
+
+        im.image_ms = getattr(im, "_unpatched_image_ms", im.image_ms)
+
+    def open_tables(path):
+        from contimg.pipeline import open_tables
+
+        return open_tables(path)
+
+    cfg = _cfg(tmp_path, in_flight=1, max_retries=2, skip=frozenset({"calibrate", "apply"}),
+               image_options=dict(npix=256, cell_arcsec=20.0, niter=20))
+    cfg.incoming.mkdir()
+    for f in sim_groups[0].files:
+        shutil.copy(f, cfg.incoming)
+    cluster.run(install, str(marker), 2)
+    try:
+        stream = Stream(cfg, cluster)
+        counts = stream.run(until_idle=True, timeout=300)
+    finally:
+        cluster.run(uninstall)
+    assert counts["completed"] == 1 and counts["failed"] == 0, stream.db.groups()
+    db = stream.db
+    (g,) = db.groups()
+    assert g["retries"] == 2 and g["attempts"] == 3
+    rec = {(r["attempt"], r["stage"]): r for r in db.timings(g["group_id"])}
+    assert rec[1, "image"]["status"] == "failed"
+    assert "RuntimeError: injected failure" in rec[1, "image"]["detail"]
+    # attempt 2 resumed at the image: convert and flag carried over, not re-run
+    for stage in ("convert", "flag"):
+        assert rec[2, stage]["status"] == "ok" and rec[2, stage]["seconds"] == 0.0
+        assert '"reused_from_attempt": 1' in rec[2, stage]["detail"]
+    assert rec[2, "image"]["status"] == "failed"
+    # attempt 3, the last allowed, re-converted and then imaged
+    assert rec[3, "convert"]["seconds"] > 0 and "reused" not in rec[3, "convert"]["detail"]
+    assert rec[3, "image"]["status"] == "ok"
+    assert marker.stat().st_size == 3
+    (img,) = db.images()
+    assert Path(img["path"]).exists()
+    ms = db.measurement_sets()[0]["path"]
+    assert all(v == [] for v in cluster.run(open_tables, ms).values())
+    assert _leftover_temporaries(cfg.output) == []
