@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -41,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--cell", type=float, default=None)
     ap.add_argument("--niter", type=int, default=None)
     ap.add_argument("--work", default=None, help="scratch directory (default: system temp)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the scratch directory (MS, images, database)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the stream's log")
     args = ap.parse_args(argv)
 
@@ -105,6 +108,11 @@ def main(argv=None):
             cells = [f"{k}=" + ("skip" if t["status"] == "skipped" else f"{t['seconds']:.1f}")
                      for k, t in st.items() if k != "total"]
             print(f"{g['group_id']:<20} {total:8.1f}  " + " ".join(cells))
+            im = st.get("image")
+            if im is not None and im["status"] == "ok":
+                tim = json.loads(im["detail"]).get("timings", {})
+                print(f"{'':<30}image: " + " ".join(
+                    f"{k}={v:.1f}" for k, v in tim.items() if isinstance(v, (int, float))))
         print("\nmedian per stage: " + ", ".join(
             f"{k} {statistics.median(v):.1f} s" for k, v in per_stage.items()))
         med = statistics.median(totals)
@@ -115,7 +123,10 @@ def main(argv=None):
         print(f"current pipeline 8-12 min per group (5-7.5 groups/hour): "
               f"{480 / med:.0f}-{720 / med:.0f}x faster per group")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ class ImageProducts:
     options: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     plan: str = ""
+    slant: tuple = (0.0, 0.0)  # FITS SIN (PV2_1, PV2_2): a w-snapshot's projection
 
 
 @dataclass
@@ -184,15 +185,30 @@ def _target_uvw(ds, ra0, dec0):
                        telescope_location=None if loc is None else np.asarray(loc, float))
 
 
-def source_mask(npix, cell_arcsec, ra0, dec0, ra, dec, radius_arcsec):
+def unslant(lp, mp, slant):
+    """True direction cosines ``(l, m)`` of image coordinates ``(l', m')`` in the SIN
+    projection with ``(PV2_1, PV2_2) = slant``: ``l' = l + xi (1 - n)``,
+    ``m' = m + eta (1 - n)`` (a fixed-point iteration; ``xi (1 - n)`` is small)."""
+    xi, eta = (float(x) for x in slant)
+    if not (xi or eta):
+        return lp, mp
+    l, m = lp, mp
+    for _ in range(4):
+        n = np.sqrt(np.maximum(1.0 - l * l - m * m, 0.0))
+        l, m = lp - xi * (1.0 - n), mp - eta * (1.0 - n)
+    return l, m
+
+
+def source_mask(npix, cell_arcsec, ra0, dec0, ra, dec, radius_arcsec, slant=(0.0, 0.0)):
     """Boolean ``[ix, iy]`` mask: discs of ``radius_arcsec`` around ``(ra, dec)`` (ICRS
     radians, arrays) in an image of ``npix`` cells of ``cell_arcsec`` centred on
-    ``(ra0, dec0)`` (SIN projection, first axis west)."""
+    ``(ra0, dec0)`` (SIN projection with ``(PV2_1, PV2_2) = slant``, first axis west)."""
     from kernels.beam import lmn_of
 
     ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
     dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
     l, m, n = lmn_of(ra, dec, ra0, dec0)
+    l, m = l + slant[0] * (1.0 - n), m + slant[1] * (1.0 - n)
     cell = cell_arcsec * ARCSEC
     ix = npix // 2 - l / cell
     iy = npix // 2 + m / cell
@@ -211,8 +227,10 @@ def source_mask(npix, cell_arcsec, ra0, dec0, ra, dec, radius_arcsec):
     return mask
 
 
-def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbin=16):
-    """Mean Airy beam on the image, on a coarse grid interpolated (cubic) to every pixel."""
+def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbin=16,
+            slant=(0.0, 0.0)):
+    """Mean Airy beam on the image, on a coarse grid interpolated (cubic) to every pixel
+    (``slant``: the image's SIN ``PV2_1``, ``PV2_2``, see :func:`unslant`)."""
     from scipy import ndimage
 
     from kernels.beam import lmn_of, mean_airy_beam
@@ -228,6 +246,7 @@ def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbi
     idx = np.linspace(0, npix - 1, nc)
     l = -(idx - npix // 2)[:, None] * cell + 0 * idx[None, :]
     m = (idx - npix // 2)[None, :] * cell + 0 * idx[:, None]
+    l, m = unslant(l, m, slant)
     coarse = mean_airy_beam(l, m, pl, pm, fb, wb, tel.DISH_DIAMETER_M)
     if nc == npix:
         return coarse.astype(np.float32)
@@ -241,6 +260,31 @@ def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbi
     return out
 
 
+W_MODES = ("auto", "snapshot", "wstack")
+
+
+def _w_choice(gi, uvw, scale, w_mode, w_loss, radius, width, opts):
+    """(snapshot?, slant) for :func:`image_dataset`'s ``w_mode``; notes it in ``opts``."""
+    if w_mode == "wstack":
+        opts.update(w_stacking=True)
+        return False, (0.0, 0.0)
+    cop = gi.coplanar_fit(uvw, radius, scale=scale)
+    corner = 2 * math.pi * cop.max_w * (1.0 - math.cos(width / math.sqrt(2.0)))
+    ok = w_mode == "snapshot" or (cop.loss <= w_loss and corner <= 1.0)
+    what = (f"baselines fit w = {cop.a:.5f} u + {cop.b:.5f} v to {cop.rms_w:.3g} wavelengths "
+            f"rms (max {cop.max_w:.3g}); dropping the rest loses {cop.loss:.2g} of a point "
+            f"source at {math.degrees(radius):.2f} deg, {corner:.2f} rad of phase at most in "
+            "the corners")
+    if ok:
+        log.info("w-snapshot: %s: imaging in 2-D, SIN projection PV2 = (%.5f, %.5f)", what,
+                 *cop.slant)
+    else:
+        log.info("w-stacking: %s (budget %.2g, 1 rad)", what, w_loss)
+    opts.update(w_stacking=not ok, w_plane=(cop.a, cop.b), w_resid_rms=cop.rms_w,
+                w_resid_max=cop.max_w, w_snapshot_loss=cop.loss)
+    return ok, (cop.slant if ok else (0.0, 0.0))
+
+
 def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=None,
                   epsilon=1e-4, niter=None, threshold=None, auto_threshold_sigma=3.0,
                   algorithm="clark", gain=0.1, mgain=0.8, max_major=10, mask=None,
@@ -248,7 +292,8 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
                   persist=True, pb_cutoff=0.1, double=False, uv_min_lambda=0.0,
                   uv_max_lambda=None, psf_wterm=False, mask_sources=None,
                   mask_radius_arcsec=60.0, grid_tasks=None, average=True,
-                  smear_loss=0.01, smear_radius_deg=None) -> ImageProducts:
+                  smear_loss=0.01, smear_radius_deg=None, w_mode="auto",
+                  w_loss=1e-3) -> ImageProducts:
     """Image a contract Dataset (Stokes I): dirty, PSF, CLEAN, restore, primary beam.
 
     Parameters (``None`` -> :func:`default_options`, i.e. the ``IMG_*`` environment)
@@ -300,6 +345,17 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
         half-power radius at the top of the band or the image's half-width, whichever
         is smaller (sources further out lose more: ~3 % in the corners of a 3.4 deg
         image, where the primary beam is below 0.15)
+    w_mode : how the w term is handled. ``"snapshot"``: fit the plane ``w = a u + b v``
+        to the baselines and image in 2-D in that plane (:class:`graphs.image.Coplanar`):
+        the image is in the slant orthographic projection, recorded in the FITS header
+        as ``SIN`` with ``PV2_1``/``PV2_2`` (WCS readers place sources exactly); only
+        the residual ``w'`` is dropped. ``"wstack"``: exact w-stacking. ``"auto"``
+        (default): the snapshot when dropping ``w'`` costs a point source at most
+        ``w_loss`` of its peak at the smear radius (and at most 1 rad of phase in the
+        image's corners), else w-stacking. A DSA-110 group (the T is flat to a few
+        metres, 5 minutes of rotation) is a snapshot: ``|w'|`` ~ 4 wavelengths rms,
+        loss ~ 2e-5, and (de)gridding costs ~5x less than over 13 w-planes
+    w_loss : the snapshot's loss budget for ``w_mode="auto"``, default 1e-3
     uv_min_lambda, uv_max_lambda : image only baselines with projected length
         (wavelengths) in this range (WSClean's -minuv-l / -maxuv-l). DSA-110's
         5 m spacings see scales of degrees: in images smaller than that, a natural-
@@ -323,6 +379,8 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
     threshold = float(defaults["threshold"] if threshold is None else threshold)
     if weighting not in kw.WEIGHTINGS:
         raise ValueError(f"weighting must be one of {kw.WEIGHTINGS}, got {weighting!r}")
+    if w_mode not in W_MODES:
+        raise ValueError(f"w_mode must be one of {W_MODES}, got {w_mode!r}")
     if algorithm not in ("clark", "hogbom"):
         raise ValueError(f"algorithm must be 'clark' or 'hogbom', got {algorithm!r}")
     if npix < 16 or npix % 2:
@@ -333,16 +391,11 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (npix, npix):
             raise ValueError(f"mask shape {mask.shape} != ({npix}, {npix})")
-    if mask_sources is not None:
-        r0, d0 = _image_centre(ds, phase_center)
-        sm = source_mask(npix, cell_arcsec, r0, d0, mask_sources[0], mask_sources[1],
-                         mask_radius_arcsec)
-        mask = sm if mask is None else (mask | sm)
     opts = dict(npix=npix, cell_arcsec=cell_arcsec, weighting=weighting, robust=robust,
                 epsilon=epsilon, niter=niter, threshold=threshold,
                 auto_threshold_sigma=auto_threshold_sigma, algorithm=algorithm, gain=gain,
                 mgain=mgain, max_major=max_major, gridder=gridder, average=bool(average),
-                smear_loss=smear_loss)
+                smear_loss=smear_loss, w_mode=w_mode, w_loss=w_loss)
     timings = {}
     t_all = time.perf_counter()
     cell = cell_arcsec * ARCSEC
@@ -358,17 +411,17 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
         dsi = gi.stokes_i_dataset(ds, uvw_t, uv_range=uv_range)
     ntask = int(grid_tasks or _scheduler_threads())
     nvis_in = int(np.prod(ds.VISIBILITY.shape[:3]))
+    if smear_radius_deg is None:
+        pb_half = 0.5 * 1.029 * tel.SPEED_OF_LIGHT / float(freqs.max()) / (
+            tel.DISH_DIAMETER_M)
+        theta = min(pb_half, 0.5 * npix * cell)
+    else:
+        theta = math.radians(float(smear_radius_deg))
     if average:
         from kernels import averaging as ka
 
         chw = abs(float(ds.frequency.attrs.get(
             "channel_width", np.median(np.diff(freqs)) if freqs.size > 1 else 0.0)))
-        if smear_radius_deg is None:
-            pb_half = 0.5 * 1.029 * tel.SPEED_OF_LIGHT / float(freqs.max()) / (
-                tel.DISH_DIAMETER_M)
-            theta = min(pb_half, 0.5 * npix * cell)
-        else:
-            theta = math.radians(float(smear_radius_deg))
         vchunks = getattr(ds.VISIBILITY.data, "chunks", None)
         nfchunk = int(max(vchunks[2])) if vchunks else min(48, freqs.size)
         tf, ff = ka.bda_factors(uvw_t, freqs, chw, theta, float(smear_loss), nfchunk)
@@ -397,26 +450,31 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
         opts.update(n_vis_in=nvis_in, n_vis_gridded=nvis_in)
     log.info("gridding in %d task(s) per image", ntask if average else
              len(dsi.VIS_I.data.chunks[2]))
-    if average:
-        # the plan from the averaged rows themselves: a bin's mean w can lie below every
-        # sample's |w| (w changes sign inside it, e.g. east-west baselines at transit)
-        plan = gi.imaging_plan_rows(dsi, npix, cell, epsilon, double=double,
-                                    nthreads=nthreads)
-    else:
-        plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
-                               nthreads=nthreads, nvis=nvis)
+    snapshot, slant = _w_choice(gi, dsi.UVW_L.data if average else uvw_t.reshape(-1, 3),
+                                1.0 if average else float(freqs.max()) / tel.SPEED_OF_LIGHT,
+                                w_mode, w_loss, theta, npix * cell, opts)
+
+    def make_plan(wstack):
+        if average:
+            # the plan from the averaged rows themselves: a bin's mean w can lie below
+            # every sample's |w| (w changes sign inside it, e.g. east-west baselines)
+            return gi.imaging_plan_rows(dsi, npix, cell, epsilon, double=double,
+                                        nthreads=nthreads, do_wstacking=wstack)
+        return gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
+                               nthreads=nthreads, nvis=nvis, do_wstacking=wstack)
+
+    plan = make_plan(not snapshot)
     # the PSF of the minor cycles: without the w term, so that it is a true convolution
     # kernel (symmetric, positive definite); with it, the response to a component
     # depends on its position (by ~1 % of the peak across a 3 deg field), the Högbom/
     # Clark iteration is no longer a descent and can diverge. Major cycles use the
-    # exact w-stacked (de)gridder, so the residual and model stay exact.
-    if average:
-        psf_plan = gi.imaging_plan_rows(dsi, npix, cell, epsilon, double=double,
-                                        nthreads=nthreads, do_wstacking=bool(psf_wterm))
-    else:
-        psf_plan = gi.imaging_plan(uvw_t, freqs, npix, cell, epsilon, double=double,
-                                   nthreads=nthreads, do_wstacking=bool(psf_wterm),
-                                   nvis=nvis)
+    # exact w-stacked (de)gridder, so the residual and model stay exact. A snapshot's
+    # plan is already 2-D: the PSF shares it (and its gridding index)
+    psf_plan = plan if (snapshot or psf_wterm) else make_plan(False)
+    if mask_sources is not None:
+        sm = source_mask(npix, cell_arcsec, ra0, dec0, mask_sources[0], mask_sources[1],
+                         mask_radius_arcsec, slant=slant)
+        mask = sm if mask is None else (mask | sm)
     log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", npix, npix,
              cell_arcsec, math.degrees(ra0), math.degrees(dec0), plan.describe())
     timings["prepare"] = time.perf_counter() - t0
@@ -435,12 +493,12 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
     # --- PSF and dirty image ------------------------------------------------------------
     t0 = time.perf_counter()
     wsum_l = gi.weight_sums(dsi, wspec)
-    psf_l = gi.dirty_image(dsi, psf_plan, wspec, psf=True, gridder=gridder,
-                           nthreads=nthreads)
     index = None
-    if gridder == "contimg" and persist and niter > 0:
+    if gridder == "contimg" and persist and (niter > 0 or psf_plan is plan):
         # sort the visibilities into uv tiles and w-planes once, for every major cycle
         index = gi.grid_index(dsi, plan, wspec, nthreads=nthreads).persist()
+    psf_l = gi.dirty_image(dsi, psf_plan, wspec, psf=True, gridder=gridder,
+                           nthreads=nthreads, index=index if psf_plan is plan else None)
     dirty_l = gi.dirty_image(dsi, plan, wspec, gridder=gridder, nthreads=nthreads,
                              index=index)
     wsum, psf, dirty = dask.compute(wsum_l, psf_l, dirty_l)
@@ -508,7 +566,7 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
     image = kc.restore(model, residual, bmaj, bmin, bpa, cell).astype(np.float32)
     pc_ra = np.asarray(ds.PHASE_CENTER_RA.values, dtype=np.float64)
     pc_dec = np.asarray(ds.PHASE_CENTER_DEC.values, dtype=np.float64)
-    pb = _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum)
+    pb = _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, slant=slant)
     with np.errstate(invalid="ignore", divide="ignore"):
         image_pb = np.where(pb >= pb_cutoff, image / pb, np.nan).astype(np.float32)
     noise = kc.robust_sigma(residual)
@@ -533,7 +591,7 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
         date_obs=date_obs.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3],
         time_mid_unix=float(times[len(times) // 2]), n_components=ncomp, n_major=nmajor,
         threshold=float(stop), sum_weights=norm, weight_sums=wsum, options=opts, timings=timings,
-        plan=plan.describe())
+        plan=plan.describe(), slant=slant)
 
 
 # ---------------------------------------------------------------------------------
@@ -564,6 +622,10 @@ def _header(prod: ImageProducts, kind: str, bunit: str):
     h["CRVAL2"] = math.degrees(dec0)
     h["CDELT2"] = cdeg
     h["CUNIT2"] = "deg"
+    if any(prod.slant):
+        # a w-snapshot image (see image_dataset's w_mode): slant orthographic
+        h["PV2_1"] = (float(prod.slant[0]), "SIN xi: w-snapshot plane")
+        h["PV2_2"] = (float(prod.slant[1]), "SIN eta: w-snapshot plane")
     h["CTYPE3"] = "FREQ"
     h["CRPIX3"] = 1.0
     h["CRVAL3"] = prod.freq_hz
@@ -743,6 +805,12 @@ def add_image_parser(sub):
     s.add_argument("--smear-radius", type=float, default=None,
                    help="degrees; default the primary beam's half-power radius or the "
                    "image's half-width, whichever is smaller")
+    s.add_argument("--w-mode", choices=list(W_MODES), default="auto",
+                   help="snapshot: 2-D in the baselines' best-fit plane (slant SIN "
+                   "projection); wstack: exact w-stacking; auto (default): the snapshot "
+                   "when it loses at most --w-loss of a source at the smear radius")
+    s.add_argument("--w-loss", type=float, default=1e-3,
+                   help="the snapshot's loss budget for --w-mode auto (1e-3)")
     s.add_argument("--data-column", default=None, help="MS column (default CORRECTED_DATA "
                    "if present, else DATA)")
     s.add_argument("--threads", type=int, default=1, help="threads per gridding task")
@@ -760,7 +828,8 @@ def cmd_image(args) -> int:
               auto_threshold_sigma=args.auto_threshold, algorithm=args.algorithm,
               mgain=args.mgain, gain=args.gain, epsilon=args.epsilon, gridder=args.gridder,
               nthreads=args.threads, data_column=args.data_column, average=args.average,
-              smear_loss=args.smear_loss, smear_radius_deg=args.smear_radius)
+              smear_loss=args.smear_loss, smear_radius_deg=args.smear_radius,
+              w_mode=args.w_mode, w_loss=args.w_loss)
     client = None
     if args.workers:
         from distributed import Client, LocalCluster

@@ -51,6 +51,8 @@ __all__ = [
     "average_stokes_i",
     "average_dataset",
     "imaging_plan_rows",
+    "Coplanar",
+    "coplanar_fit",
     "grid_index",
     "GRIDDERS",
 ]
@@ -380,6 +382,59 @@ def imaging_plan(uvw, freq, npix, cell_rad, epsilon=1e-4, *, double=False, nthre
                         umax=umax, vmax=vmax, nvis=max(nvis, 1), double=double,
                         nthreads=nthreads, flip_v=True, divide_by_n=False,
                         do_wstacking=do_wstacking)
+
+
+@dataclass(frozen=True)
+class Coplanar:
+    """The plane ``w = a u + b v`` that best fits the baselines, and what dropping the
+    rest of ``w`` costs (:func:`coplanar_fit`).
+
+    Imaged in 2-D, ``V = sum S exp(2 pi i (u l + v m + w (n - 1)))`` with ``w = a u + b v
+    + w'`` puts a source at ``l' = l + a (n - 1)``, ``m' = m + b (n - 1)``: the slant
+    orthographic projection, FITS ``SIN`` with ``PV2_1 = -a``, ``PV2_2 = -b``, which WCS
+    readers undo exactly. What is left is the phase ``2 pi w' (n - 1)``. A snapshot of a
+    flat array (DSA-110's T over one 5-minute group: ``|w'|`` of a few wavelengths) is
+    nearly all plane; a long track is not.
+    """
+
+    a: float
+    b: float
+    rms_w: float        # rms of the residual w' over the rows, wavelengths
+    max_w: float        # largest |w'|, wavelengths
+    radius: float       # radius (rad) at which the loss is evaluated
+    loss: float         # peak loss of a point source at ``radius`` from dropping w'
+
+    @property
+    def slant(self) -> tuple:
+        """FITS ``(PV2_1, PV2_2)`` of the 2-D image."""
+        return (-self.a, -self.b)
+
+
+def coplanar_fit(uvw, radius, *, scale=1.0) -> Coplanar:
+    """Least-squares plane ``w = a u + b v`` through rows ``uvw`` ``(n, 3)`` (numpy or
+    dask; times ``scale`` gives wavelengths) and the peak loss that ignoring the residual
+    costs a point source ``radius`` radians from the centre: ``1 - <cos phi>`` with
+    ``phi = 2 pi w' (1 - cos radius)``, bounded by ``2 pi^2 (1 - cos radius)^2
+    <w'^2>``. Rows of zeros (autocorrelations) do not move the fit."""
+    import dask
+
+    u, v, w = uvw[:, 0], uvw[:, 1], uvw[:, 2]
+    sums = [(u * u).sum(), (u * v).sum(), (v * v).sum(), (u * w).sum(), (v * w).sum(),
+            (w * w).sum(), (abs(u) + abs(v) + abs(w) > 0).sum()]
+    suu, suv, svv, suw, svw, sww, n = (float(x) for x in dask.compute(*sums))
+    det = suu * svv - suv * suv
+    if n < 3 or not det > 0:
+        a = b = 0.0
+    else:
+        a = (suw * svv - svw * suv) / det
+        b = (svw * suu - suw * suv) / det
+    (wmax,) = dask.compute(abs(w - a * u - b * v).max())
+    ss = max(sww - 2 * a * suw - 2 * b * svw + a * a * suu + 2 * a * b * suv + b * b * svv,
+             0.0)
+    rms = scale * float(np.sqrt(ss / max(n, 1.0)))
+    x = 1.0 - np.cos(radius)
+    return Coplanar(a=float(a), b=float(b), rms_w=rms, max_w=scale * float(wmax),
+                    radius=float(radius), loss=float(2 * np.pi ** 2 * x * x * rms * rms))
 
 
 def imaging_plan_rows(dsr: xr.Dataset, npix, cell_rad, epsilon=1e-4, *, double=False,

@@ -47,8 +47,11 @@ def _true_pixel(ds, prod, ra, dec):
     tm = np.array([prod.time_mid_unix])
     b0 = phase_center_basis(tm, prod.phase_center[0], prod.phase_center[1], loc)[0]
     s = phase_center_basis(tm, ra, dec, loc)[0][2]
+    l, m, nn = b0 @ s
+    # a w-snapshot image is in the slant SIN projection: l' = l + xi (1 - n), m' likewise
+    l, m = l + prod.slant[0] * (1 - nn), m + prod.slant[1] * (1 - nn)
     n = prod.image.shape[0]
-    return n // 2 - (b0[0] @ s) / prod.cell_rad, n // 2 + (b0[1] @ s) / prod.cell_rad
+    return n // 2 - l / prod.cell_rad, n // 2 + m / prod.cell_rad
 
 
 def _uvw_towards(ds, ra0, dec0):
@@ -429,7 +432,9 @@ def _rephased_ms(ds, path):
 
 @pytest.mark.interop
 def test_wsclean_agrees(tmp_path):
-    """Same MS, same parameters: peak fluxes within 2 %, image noise within 10 %."""
+    """Same MS, same parameters: peak fluxes within 2 %, image noise within 10 %.
+    WSClean grids w exactly, so here we do too (``w_mode="wstack"``); the w-snapshot is
+    compared with w-stacking in ``test_snapshot_images_where_its_wcs_says``."""
     if WSCLEAN is None:
         pytest.skip("wsclean is not installed")
     from astropy.io import fits
@@ -460,7 +465,7 @@ def test_wsclean_agrees(tmp_path):
         ws_res = hdul[0].data[0, 0].T.astype(float)
     ours = image_ms(ms, tmp_path / "ours", npix=npix, cell_arcsec=cell, weighting="briggs",
                     robust=0.0, niter=niter, threshold=thr, auto_threshold_sigma=0.0,
-                    mgain=0.8, gain=0.1, keep_products=True).products
+                    mgain=0.8, gain=0.1, keep_products=True, w_mode="wstack").products
     from kernels.clean import robust_sigma
 
     peaks = []
@@ -604,3 +609,106 @@ def test_plan_of_averaged_rows_holds_a_w_that_changes_sign():
     assert plan.wmin <= 0.0 + 1e-12 and plan.wmax >= 25.0
     # the samples' own range (what the plan used to be made from) misses the mean
     assert np.abs(uvw[:, 2]).min() > abs(dsr.UVW_L.values[0, 2])
+
+
+# ---------------------------------------------------------------------------------
+# w-snapshot imaging: 2-D in the baselines' plane, slant SIN projection
+# ---------------------------------------------------------------------------------
+
+
+def test_coplanar_fit_against_lstsq_and_the_brute_force_loss():
+    import dask.array as da
+
+    from graphs.image import coplanar_fit
+
+    rng = np.random.default_rng(7)
+    uv = rng.uniform(-3000, 3000, (20000, 2))
+    wres = rng.normal(0, 6.0, 20000)
+    uvw = np.c_[uv, 0.002 * uv[:, 0] + 0.31 * uv[:, 1] + wres]
+    uvw[:50] = 0.0                                     # autocorrelations
+    radius = math.radians(1.3)
+    for arr in (uvw, da.from_array(uvw, chunks=(3000, 3))):
+        cop = coplanar_fit(arr, radius, scale=2.0)
+        (a, b), *_ = np.linalg.lstsq(uvw[:, :2], uvw[:, 2], rcond=None)
+        assert cop.a == pytest.approx(a, abs=1e-12) and cop.b == pytest.approx(b, abs=1e-12)
+        r = 2.0 * (uvw[:, 2] - a * uvw[:, 0] - b * uvw[:, 1])[50:]
+        assert cop.max_w == pytest.approx(np.abs(r).max(), rel=1e-9)
+        assert cop.rms_w == pytest.approx(np.sqrt((r ** 2).sum() / r.size), rel=1e-6)
+        assert cop.slant == (-cop.a, -cop.b)
+        brute = 1 - np.cos(2 * np.pi * r * (1 - np.cos(radius))).mean()
+        assert brute <= cop.loss and cop.loss == pytest.approx(brute, rel=0.01)
+
+
+WIDE_CFG = SimConfig(n_ant=64, n_subbands=2, n_chan=8, n_times=12, noise=False, gains=False,
+                     rfi=None, threads=1)
+WIDE_OFFSETS = [(0.0, 0.0), (1.2, 0.3), (-0.4, 1.25), (0.9, -1.0), (-1.1, -0.8)]
+
+
+@pytest.fixture(scope="module")
+def wide_ds(tmp_path_factory):
+    """Sources up to 1.35 deg out, where a snapshot's slant moves them by ~1 pixel."""
+    from contimg.io.uvh5 import open_group
+
+    sky = _sky(WIDE_CFG, WIDE_OFFSETS, [10.0, 4.0, 4.0, 5.0, 4.0], [0.0] * 5)
+    g = simulate_group(tmp_path_factory.mktemp("wide"), START, cfg=WIDE_CFG, sky=sky)
+    return open_group(g.files, n_subbands=2).compute(), g.load_truth(), g.files
+
+
+def test_snapshot_images_where_its_wcs_says(wide_ds, tmp_path):
+    """The same sky imaged with exact w-stacking and as a w-snapshot: every source sits
+    at its exact (apparent-frame) position in each image's projection, the snapshot's
+    sources are displaced as its SIN PV2 keywords say (a WCS reader moves them back),
+    and their fluxes agree. Dirty images: the comparison is of the two operators, not
+    of two CLEAN runs (unmasked CLEAN of a T array wanders by several per cent on this
+    sky whichever operator it uses)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from contimg.imaging import image_ms
+
+    ds, truth, _files = wide_ds
+    res = {}
+    for mode in ("wstack", "snapshot"):
+        res[mode] = image_ms(ds, tmp_path / mode, npix=1600, cell_arcsec=6.0, niter=0,
+                             w_mode=mode, keep_products=True)
+    snap, ws = res["snapshot"].products, res["wstack"].products
+    assert ws.slant == (0.0, 0.0) and ws.options["w_stacking"]
+    assert not snap.options["w_stacking"] and abs(snap.slant[1]) > 0.1
+    hdr = {m: fits.getheader(res[m].paths["image"]) for m in res}
+    assert "PV2_1" not in hdr["wstack"]
+    assert (hdr["snapshot"]["PV2_1"], hdr["snapshot"]["PV2_2"]) == pytest.approx(snap.slant)
+    wcs = {m: WCS(h).celestial for m, h in hdr.items()}
+    shifts = []
+    for i in range(len(WIDE_OFFSETS)):
+        fit = {}
+        for m, prod in (("wstack", ws), ("snapshot", snap)):
+            px, py = _true_pixel(ds, prod, truth["sky_ra"][i], truth["sky_dec"][i])
+            amp, x, y = _fit_source(prod.dirty, prod.beam, prod.cell_rad, px, py)
+            assert abs(x - px) < 0.15 and abs(y - py) < 0.15, (m, i, x - px, y - py)
+            fit[m] = (amp, x, y)
+        # the FITS WCS: the shift between the two images is what their headers say
+        # (FITS pixel axes: x = ix, y = iy, 0-based)
+        wx = {m: np.array(w.world_to_pixel_values(np.degrees(truth["sky_ra"][i]),
+                                                  np.degrees(truth["sky_dec"][i])))
+              for m, w in wcs.items()}
+        d_img = np.array(fit["snapshot"][1:]) - np.array(fit["wstack"][1:])
+        d_wcs = wx["snapshot"] - wx["wstack"]
+        assert np.all(np.abs(d_img - d_wcs) < 0.1), (i, d_img, d_wcs)
+        shifts.append(np.hypot(*d_img))
+        assert fit["snapshot"][0] == pytest.approx(fit["wstack"][0], rel=0.005), i
+    assert max(shifts) > 0.5, shifts    # the slant is visible: the test can tell
+
+
+def test_auto_w_mode_takes_the_snapshot_only_within_its_budget(wide_ds):
+    from contimg.imaging import image_dataset
+
+    ds, _truth, _files = wide_ds
+    kw = dict(npix=1600, cell_arcsec=6.0, niter=0)
+    auto = image_dataset(ds, **kw)
+    assert not auto.options["w_stacking"]
+    assert auto.options["w_snapshot_loss"] < 1e-3 and auto.slant != (0.0, 0.0)
+    strict = image_dataset(ds, w_loss=auto.options["w_snapshot_loss"] / 2, **kw)
+    assert strict.options["w_stacking"] and strict.slant == (0.0, 0.0)
+    assert "planes" in strict.plan and "planes" not in auto.plan
+    with pytest.raises(ValueError, match="w_mode"):
+        image_dataset(ds, w_mode="faceted", **kw)
