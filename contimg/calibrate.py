@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import time as _time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,6 +387,22 @@ def _jsonable(d):
 # applying to an MS
 # ---------------------------------------------------------------------------------
 
+def _apply_step(tb, nchan, npol, target=64 << 20):
+    """Rows per read/write of :func:`apply_ms`: ~``target`` bytes of visibilities, in
+    whole tiles of DATA when it is tiled (the MS has no tile cache: a chunk that ends
+    inside a tile makes the next one read and write that tile again)."""
+    step = max(1, target // max(1, nchan * npol * 8))
+    try:
+        spec = tb.getdminfo("DATA").get("SPEC", {})
+        cubes = list(spec.get("HYPERCUBES", {}).values())
+        rows = int(cubes[0]["TileShape"][-1]) if cubes else 0
+    except (RuntimeError, KeyError, IndexError, TypeError):
+        rows = 0
+    if rows > 0:
+        step = max(1, round(step / rows)) * rows
+    return step
+
+
 def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None):
     """Write CORRECTED_DATA = DATA corrected by bandpass and gain tables.
 
@@ -476,19 +493,38 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
               "SPEC": dm.get("SPEC", {})}
         tb.addcols(ct.maketabdesc(ct.makecoldesc(tmpcol, desc)), dm)
         nchan = freqs.size
-        step = rows_per_chunk or max(1, (64 << 20) // max(1, nchan * npol * 8))
-        for r0 in range(0, nrow, step):
-            n = min(step, nrow - r0)
-            data = tb.getcol("DATA", r0, n)
-            flg = tb.getcol("FLAG", r0, n)
+        step = rows_per_chunk or _apply_step(tb, nchan, npol)
+        tidx = tidx.astype(np.int64)
+
+        def correct(r0, data, flg):
+            n = data.shape[0]
             out = np.empty(data.shape, np.complex64)
             oflag = np.empty(data.shape, bool)
             apply_jones(np.ascontiguousarray(data, np.complex64), np.ascontiguousarray(flg),
-                        a1[r0:r0 + n], a2[r0:r0 + n], tidx[r0:r0 + n].astype(np.int64),
-                        gt, gtf, bf, bff, out, oflag)
-            tb.putcol(tmpcol, out, r0, n)
+                        a1[r0:r0 + n], a2[r0:r0 + n], tidx[r0:r0 + n], gt, gtf, bf, bff,
+                        out, oflag)
+            return r0, out, oflag
+
+        def write(res):
+            r0, out, oflag = res
+            tb.putcol(tmpcol, out, r0, out.shape[0])
             if flag:
-                tb.putcol("FLAG", oflag, r0, n)
+                tb.putcol("FLAG", oflag, r0, out.shape[0])
+
+        # every table call stays in this thread (casacore is not thread-safe); the
+        # correction of one chunk (numba, no GIL) runs while the next is read and the
+        # previous one written
+        with ThreadPoolExecutor(1, thread_name_prefix="applycal") as pool:
+            pending = None
+            for r0 in range(0, nrow, step):
+                n = min(step, nrow - r0)
+                fut = pool.submit(correct, r0, tb.getcol("DATA", r0, n),
+                                  tb.getcol("FLAG", r0, n))
+                if pending is not None:
+                    write(pending.result())
+                pending = fut
+            if pending is not None:
+                write(pending.result())
         if "CORRECTED_DATA" in tb.colnames():
             tb.removecols(["CORRECTED_DATA"])
         tb.renamecol(tmpcol, "CORRECTED_DATA")

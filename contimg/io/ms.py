@@ -117,6 +117,18 @@ MS_TELESCOPE_NAMES = {"DSA-110": "DSA_110"}
 _FROM_MS_TELESCOPE = {v: k for k, v in MS_TELESCOPE_NAMES.items()}
 
 _TILE_BYTES = 1 << 20  # ~1 MiB tiles for the complex columns
+
+
+def _tile_rows(target: int, nbl: int) -> int:
+    """Rows per tile near ``target`` that tile an integration exactly (a divisor of the
+    baselines per integration, or a multiple of it when that is small), so that a reader
+    of whole integrations never reads a tile twice (the MS has no tile cache); else
+    ``target``. DSA-110 (4656 baselines, 768 channels): 1552 rows, 3 per integration."""
+    target = max(16, int(target))
+    if nbl >= target:
+        divs = [d for d in range(max(16, target // 2), int(target * 1.25) + 1) if nbl % d == 0]
+        return max(divs) if divs else target
+    return max(nbl, (target // nbl) * nbl)
 _DEFAULT_BLOCK_BYTES = 128 << 20  # numpy-backed input: visibilities per written block
 _ATTRS_KEYWORD = "CONTIMG_ATTRS"
 
@@ -299,7 +311,7 @@ class _Plan:
         # tile shape: all correlations, one frequency chunk, ~1 MiB of complex64
         fc0 = int(fchunks[0])
         self.tile_chan = fc0 if all(int(c) == fc0 for c in fchunks[:-1]) else self.nchan
-        self.tile_rows = int(max(16, _TILE_BYTES // (self.npol * self.tile_chan * 8)))
+        self.tile_rows = _tile_rows(_TILE_BYTES // (self.npol * self.tile_chan * 8), self.nbl)
 
     def blocks(self):
         for ti in range(len(self.tchunks)):
