@@ -552,7 +552,29 @@ def flag_summary(ds: xr.Dataset) -> xr.Dataset:
     flag = ds["FLAG"]
     data = flag.data if isinstance(flag.data, da.Array) else _as_dask(flag.data)
     f = xr.DataArray(data, dims=flag.dims, coords=flag.coords)
-    frac_bl = f.mean(dim=("time", "frequency", "polarization"))
+    return _summary(ds, f.mean(dim=("time", "frequency", "polarization")),
+                    f.mean(dim=("time", "baseline_id", "polarization")),
+                    f.mean(dim=("baseline_id", "frequency", "polarization")), f.mean())
+
+
+def flag_summary_of_cube(ds: xr.Dataset, cube: np.ndarray) -> xr.Dataset:
+    """:func:`flag_summary` of a computed flag cube ``(time, baseline, frequency,
+    polarization)`` for ``ds``'s coordinates, already computed: one counting pass
+    (:func:`kernels.flagging.flag_counts`) instead of a float copy per reduction."""
+    from kernels.flagging import flag_counts
+
+    cube = np.ascontiguousarray(cube, dtype=bool)
+    T, B, F, P = cube.shape
+    tb, fc = flag_counts(cube)
+    dims = ("time", "baseline_id", "frequency", "polarization")
+    frac_bl = xr.DataArray(tb.sum(axis=0) / max(T * F * P, 1), dims=dims[1:2])
+    frac_ch = xr.DataArray(fc / max(T * B * P, 1), dims=dims[2:3])
+    frac_t = xr.DataArray(tb.sum(axis=1) / max(B * F * P, 1), dims=dims[:1])
+    total = xr.DataArray(tb.sum() / max(cube.size, 1))
+    return _summary(ds, frac_bl, frac_ch, frac_t, total)
+
+
+def _summary(ds, frac_bl, frac_ch, frac_t, total):
     ant1 = np.asarray(ds["baseline_antenna1_id"].values, dtype=np.int64)
     ant2 = np.asarray(ds["baseline_antenna2_id"].values, dtype=np.int64)
     n_ant = int(ds.sizes.get("antenna_id", 0) or (max(ant1.max(), ant2.max()) + 1))
@@ -566,10 +588,10 @@ def flag_summary(ds: xr.Dataset) -> xr.Dataset:
     out = xr.Dataset(
         {
             "flag_fraction_antenna": frac_ant,
-            "flag_fraction_channel": f.mean(dim=("time", "baseline_id", "polarization")),
-            "flag_fraction_time": f.mean(dim=("baseline_id", "frequency", "polarization")),
+            "flag_fraction_channel": frac_ch,
+            "flag_fraction_time": frac_t,
             "flag_fraction_baseline": frac_bl,
-            "flag_fraction": f.mean(),
+            "flag_fraction": total,
         }
     )
     for c in ("antenna_id", "antenna_name"):

@@ -1711,3 +1711,24 @@ def antenna_flags(noise, baseline_fraction, ant1, ant2, n_ant, noise_ratio=3.0,
             ref = np.median(s_ant[ok])
             bad |= ok & (np.abs(s_ant - ref) > np.log(noise_ratio))
     return bad
+
+
+@njit(nogil=True, cache=True)
+def flag_counts(cube):
+    """Flagged samples of a bool cube (time, baseline, frequency, polarization) per
+    (time, baseline) and per channel, in one pass: int64 ``(T, B)`` and ``(F,)``."""
+    T, B, F, P = cube.shape
+    tb = np.zeros((T, B), dtype=np.int64)
+    fc = np.zeros(F, dtype=np.int64)
+    for t in range(T):
+        for b in range(B):
+            n = 0
+            for f in range(F):
+                k = 0
+                for p in range(P):
+                    if cube[t, b, f, p]:
+                        k += 1
+                fc[f] += k
+                n += k
+            tb[t, b] = n
+    return tb, fc

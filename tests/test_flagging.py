@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from graphs.flag import FlagStrategy, flag_arrays, flag_dataset, flag_summary
+from graphs.flag import (FlagStrategy, flag_arrays, flag_dataset, flag_summary,
+                         flag_summary_of_cube)
 from kernels import flagging as kf
 
 C = 299792458.0
@@ -891,6 +892,11 @@ def test_flag_summary(synthetic):
         np.testing.assert_allclose(summ["flag_fraction_antenna"].values[ant],
                                    fl[:, sel].mean())
     assert summ["flag_fraction_antenna"].values[int(d["bad_ant"][0])] == 1.0
+    # the same from the computed cube in one counting pass (what conversion uses)
+    quick = flag_summary_of_cube(out, fl)
+    for name in summ.data_vars:
+        np.testing.assert_allclose(quick[name].values, summ[name].values, rtol=1e-12,
+                                   err_msg=name)
 
 
 def test_strategy_loading(tmp_path):
