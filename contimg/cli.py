@@ -567,7 +567,7 @@ def build_parser():
                        help="fewest subbands the 'process' policy accepts (12)")
         s.add_argument("--in-flight", type=int, default=2, help="groups processed at once")
         s.add_argument("--image-slots", type=int, default=1,
-                       help="image stages run at once (imaging a full group needs ~9 GB)")
+                       help="image stages run at once (imaging a full group needs ~3.5 GB)")
         s.add_argument("--max-retries", type=int, default=2,
                        help="failed attempts of a group re-queued before it is failed")
         s.add_argument("--skip", default="",

@@ -78,7 +78,7 @@ class StreamConfig:
     min_subbands: int = 12                       # fewest subbands "process" accepts
     in_flight: int = 2                           # groups processed at once
     image_slots: int = 1                         # image stages at once (the memory-
-                                                 # hungry one: ~9 GB at full size)
+                                                 # hungry one: ~3.5 GB at full size)
     max_retries: int = 2                         # failed attempts re-queued before "failed"
     stale_after_s: float = 1800.0                # no heartbeat this long → owner presumed dead
     skip: frozenset = field(default_factory=frozenset)   # stages not to run
