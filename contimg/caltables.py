@@ -83,10 +83,16 @@ def _copy_subtable(ms_path, name, dest, keep_rows=True):
 
     src = os.path.join(ms_path, name)
     with ct.table(src, ack=False) as t:
-        if keep_rows:
-            t.copy(dest, deep=True, valuecopy=True)
-            return
-        desc, dminfo = t.getdesc(), t.getdminfo()
+        # an explicit read lock: when dask-ms in this process has the table open (with
+        # user locking), casacore hands out that same table, and reads need the lock
+        t.lock(write=False)
+        try:
+            if keep_rows:
+                t.copy(dest, deep=True, valuecopy=True)
+                return
+            desc, dminfo = t.getdesc(), t.getdminfo()
+        finally:
+            t.unlock()
     # an empty table with the same columns (removing rows from a copy leaves an index
     # CASA's casacore cannot read)
     ct.table(dest, desc, dminfo=dminfo, nrow=0, ack=False).close()
