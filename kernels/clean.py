@@ -254,9 +254,27 @@ def restore(model, residual, bmaj, bmin, bpa_deg, cell_x_rad, cell_y_rad=None):
     k = gaussian_image((2 * hx + 1, 2 * hx + 1), bmaj, bmin, bpa_deg, cell_x_rad,
                        cell_y_rad, centre=(hx, hx))
     out = residual.astype(np.float64, copy=True)
-    if np.any(model):
+    ix, iy = np.nonzero(model)
+    if ix.size * k.size < model.size:
+        # a CLEAN model is a few thousand pixels: add a beam at each (CLEAN's usual
+        # case, ~100x cheaper than an FFT convolution of a 2048^2 image)
+        _add_beams(out, ix.astype(np.int64), iy.astype(np.int64),
+                   model[ix, iy].astype(np.float64), k, hx)
+    elif ix.size:
         out += signal.oaconvolve(model.astype(np.float64), k, mode="same")
     return out.astype(residual.dtype, copy=False)
+
+
+@njit(nogil=True, cache=True)
+def _add_beams(out, ix, iy, vals, k, h):
+    """``out += vals[c] * k`` centred on each ``(ix[c], iy[c])`` (clipped at the edges),
+    i.e. the model convolved with ``k`` (``(2h+1)^2``, centre ``(h, h)``)."""
+    nx, ny = out.shape
+    for c in range(ix.shape[0]):
+        x0, y0, v = ix[c], iy[c], vals[c]
+        for a in range(max(0, x0 - h), min(nx, x0 + h + 1)):
+            for b in range(max(0, y0 - h), min(ny, y0 + h + 1)):
+                out[a, b] += v * k[a - x0 + h, b - y0 + h]
 
 
 def robust_sigma(img, mask=None):
