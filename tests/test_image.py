@@ -374,7 +374,8 @@ def test_cli_image(small_ms, tmp_path):
 
 @pytest.mark.interop
 def test_casa_importfits_accepts_our_fits(small_ms, tmp_path):
-    """CASA 6.7's importfits reads our FITS: beam, unit and pixel values survive."""
+    """CASA 6.7's importfits reads our FITS: beam, unit, pixel values and the w-snapshot's
+    slant projection (SIN with its two parameters) survive."""
     import importlib.util
 
     if importlib.util.find_spec("casatasks") is None:
@@ -392,9 +393,11 @@ def test_casa_importfits_accepts_our_fits(small_ms, tmp_path):
         f"importfits(fitsimage={str(res.paths['image'])!r}, imagename={str(tmp_path / 'c.im')!r})\n"
         f"h = imhead({str(tmp_path / 'c.im')!r}, mode='list')\n"
         "ia = image(); ia.open(" + repr(str(tmp_path / 'c.im')) + ")\n"
-        "st = ia.statistics(); ia.close()\n"
+        "st = ia.statistics(); cs = ia.coordsys(); pr = cs.projection(); cs.done()\n"
+        "ia.close()\n"
         "print(json.dumps({'bmaj': h['beammajor']['value'], 'unit': h['beammajor']['unit'],"
-        " 'bunit': h['bunit'], 'max': float(st['max'][0])}))\n")
+        " 'bunit': h['bunit'], 'max': float(st['max'][0]), 'proj': pr['type'],"
+        " 'pv': [float(x) for x in pr['parameters']]}))\n")
     env = dict(os.environ, CASASITECONFIG=str(casa_site_config(tmp_path)))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=600, env=env, cwd=tmp_path)
@@ -406,6 +409,12 @@ def test_casa_importfits_accepts_our_fits(small_ms, tmp_path):
     bmaj = info["bmaj"] * (1.0 if info["unit"] == "arcsec" else 3600.0)
     assert bmaj == pytest.approx(res.beam[0], rel=1e-4)
     assert info["max"] == pytest.approx(res.peak, rel=1e-5)
+    from astropy.io import fits
+
+    h = fits.getheader(res.paths["image"])
+    assert "PV2_2" in h                              # the image is a w-snapshot
+    assert info["proj"] == "SIN"
+    assert info["pv"] == pytest.approx([h["PV2_1"], h["PV2_2"]], abs=1e-9)
 
 
 def _rephased_ms(ds, path):
