@@ -1,4 +1,4 @@
-"""UVH5 → lazy, dask-backed visibility Dataset (the contract in :mod:`contimg.schema`).
+"""UVH5 → lazy, dask-backed visibility Dataset (the contract in :mod:`graphs.contract`).
 
 * :func:`read_header` reads and checks one file's header (small arrays only).
 * :func:`open_uvh5` opens one file; :func:`open_group` opens the subband files of one
@@ -29,8 +29,8 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
-from contimg import schema  # noqa: E402
 from contimg import telescope as tel  # noqa: E402
+from graphs import contract  # noqa: E402
 from kernels.rows import reverse_channels  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -556,52 +556,25 @@ def _token(headers):
 
 
 def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
-    ntime, nbl = ref.ntime, ref.nbl
     vis = da.concatenate([p["VISIBILITY"] for p in parts], axis=2)
-    flag = da.concatenate([p["FLAG"] for p in parts], axis=2)
-    weight = da.concatenate([p["WEIGHT"] for p in parts], axis=2)
-    dims = schema.VIS_DIMS
-    nant = ref.antenna_numbers.size
-    ds = xr.Dataset(
-        data_vars=dict(
-            VISIBILITY=(dims, vis),
-            FLAG=(dims, flag),
-            WEIGHT=(dims, weight),
-            UVW=(schema.UVW_DIMS, da.from_array(ref.uvw, chunks=(vis.chunks[0][0], nbl, 3)),
-                 {"units": "m", "frame": "icrs", "convention": "x2 - x1"}),
-            PHASE_CENTER_RA=(("time",), ref.phase_center_ra, {"units": "rad", "frame": "icrs"}),
-            PHASE_CENTER_DEC=(("time",), ref.phase_center_dec, {"units": "rad", "frame": "icrs"}),
-            ANTENNA_POSITION=(("antenna_id", "cartesian_pos_label"), ref.antenna_positions,
-                              {"units": "m", "frame": "ITRF"}),
-            ANTENNA_DISH_DIAMETER=(("antenna_id",), ref.antenna_diameters, {"units": "m"}),
-        ),
-        coords=dict(
-            time=("time", ref.times_unix, {"units": "s", "scale": "utc", "format": "unix",
-                                           "integration_time": ref.integration_time}),
-            baseline_id=("baseline_id", np.arange(nbl, dtype=np.int32)),
-            baseline_antenna1_id=("baseline_id", ref.bl_ant1),
-            baseline_antenna2_id=("baseline_id", ref.bl_ant2),
-            frequency=("frequency", freqs_asc, {"units": "Hz",
-                                                "channel_width": ref.channel_width}),
-            polarization=("polarization", np.array(ref.pols)),
-            uvw_label=("uvw_label", np.array(["u", "v", "w"])),
-            antenna_id=("antenna_id", np.arange(nant, dtype=np.int32)),
-            antenna_name=("antenna_id", np.array(ref.antenna_names)),
-            antenna_number=("antenna_id", ref.antenna_numbers.astype(np.int32)),
-            cartesian_pos_label=("cartesian_pos_label", np.array(["x", "y", "z"])),
-        ),
-        attrs=dict(
-            telescope_name=ref.telescope_name,
-            telescope_location=[float(x) for x in ref.telescope_location],
-            source_files=[str(f) for f in files],
-            visibility_convention="V = sum S exp(+2 pi i (u l + v m + w (n - 1)) / lambda)",
-            **extra_attrs,
-        ),
-    )
+    attrs = dict(source_files=[str(f) for f in files], **extra_attrs)
     if "phase_center_dec" in ref.extra_keywords:
-        ds.attrs["phase_center_dec"] = float(ref.extra_keywords["phase_center_dec"])
-    return schema.validate(ds, name=", ".join(os.path.basename(str(f)) for f in files[:2])
-                           + (" ..." if len(files) > 2 else ""))
+        attrs["phase_center_dec"] = float(ref.extra_keywords["phase_center_dec"])
+    return contract.visibility_dataset(
+        vis=vis,
+        flag=da.concatenate([p["FLAG"] for p in parts], axis=2),
+        weight=da.concatenate([p["WEIGHT"] for p in parts], axis=2),
+        uvw=da.from_array(ref.uvw, chunks=(vis.chunks[0][0], ref.nbl, 3)),
+        time=ref.times_unix, integration_time=ref.integration_time,
+        antenna1=ref.bl_ant1, antenna2=ref.bl_ant2,
+        frequency=freqs_asc, channel_width=ref.channel_width, polarizations=ref.pols,
+        phase_center_ra=ref.phase_center_ra, phase_center_dec=ref.phase_center_dec,
+        antenna_position=ref.antenna_positions, antenna_dish_diameter=ref.antenna_diameters,
+        antenna_name=ref.antenna_names, antenna_number=ref.antenna_numbers,
+        telescope_name=ref.telescope_name, telescope_location=ref.telescope_location,
+        attrs=attrs,
+        name=", ".join(os.path.basename(str(f)) for f in files[:2])
+        + (" ..." if len(files) > 2 else ""))
 
 
 def open_uvh5(path, *, chunks=None) -> xr.Dataset:
