@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from contimg import schema
 from contimg.io.uvh5 import GroupError, UVH5Error, find_groups, open_group, open_uvh5
+from graphs import contract
 
 
 def _canonical(uv):
@@ -83,7 +83,7 @@ def test_reads_what_pyuvdata_writes_other_telescopes(tmp_path, variant):
     path = tmp_path / "other.uvh5"
     uv.write_uvh5(str(path), **kw)
     ds = open_uvh5(path)
-    schema.validate(ds)
+    contract.validate(ds)
     ref = _canonical(uv)
     assert ds.attrs["telescope_name"] == "HERA-LIKE"
     assert list(ds.polarization.values) == ["XX", "YY", "XY", "YX"]
@@ -101,7 +101,7 @@ def test_reads_what_pyuvdata_writes_other_telescopes(tmp_path, variant):
 
 def test_group_is_lazy_one_chunk_per_subband(small_group):
     ds = open_group(small_group.files, n_subbands=4)
-    schema.validate(ds)
+    contract.validate(ds)
     assert ds.VISIBILITY.data.chunks[2] == (8, 8, 8, 8)
     assert np.all(np.diff(ds.frequency.values) > 0)
     names = {k[0] if isinstance(k, tuple) else k for k in ds.VISIBILITY.data.dask.keys()}
