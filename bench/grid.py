@@ -28,7 +28,9 @@ import time
 
 import numpy as np
 
-C = 299792458.0
+from kernels.constants import SIDEREAL_DAY_S
+from kernels.constants import SPEED_OF_LIGHT as C
+
 LAT = np.deg2rad(37.2314)
 DEC = np.deg2rad(54.57)
 
@@ -56,7 +58,7 @@ def uvw_for(enu, ntime, integration=12.884902):
     a1, a2 = np.triu_indices(enu.shape[0])
     bx, by, bz = X[a2] - X[a1], Y[a2] - Y[a1], Z[a2] - Z[a1]
     t = (np.arange(ntime) - 0.5 * (ntime - 1)) * integration
-    ha = 2 * np.pi * t / 86164.0905
+    ha = 2 * np.pi * t / SIDEREAL_DAY_S
     out = []
     for h in ha:
         su, cu = np.sin(h), np.cos(h)

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-C = 299792458.0
-ARCSEC = np.pi / (180 * 3600)
+from kernels.constants import ARCSEC
+from kernels.constants import SPEED_OF_LIGHT as C
 
 
 def _rephased_ms(ds, path):
@@ -179,7 +179,7 @@ def bench_image(ms, workdir, args):
             # WSClean's baseline-dependent averaging (time only) at our smearing budget:
             # the uv distance a bin may span, in wavelengths, for a 1 % loss at the
             # primary beam's half-power radius (kernels.averaging)
-            theta = 0.5 * 1.029 * 299792458.0 / 1.4986e9 / 4.65
+            theta = 0.5 * 1.029 * C / 1.4986e9 / 4.65
             bda = math.sqrt(6 * 0.01) / (math.pi * theta)
             cmd += ["-baseline-averaging", f"{bda:.3f}"]
         cmd.append(str(ms))

@@ -104,7 +104,7 @@ def _meta_from_ms(ms_path):
     """times (unix, per integration), phase centres (ICRS rad), frequencies of an MS."""
     from casacore import tables as ct
 
-    from contimg.io.ms import MJD_UNIX_OFFSET_S
+    from kernels.constants import MJD_UNIX_OFFSET_S
 
     ms_path = os.fspath(ms_path)
     if not os.path.isfile(os.path.join(ms_path, "table.dat")):
@@ -433,8 +433,8 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
     """
     from casacore import tables as ct
 
-    from contimg.io.ms import MJD_UNIX_OFFSET_S
     from graphs.calibrate import _match_channels, interpolate_gains
+    from kernels.constants import MJD_UNIX_OFFSET_S
     from kernels.solvers import apply_jones
 
     ms_path = os.path.abspath(os.fspath(ms_path))

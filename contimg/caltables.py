@@ -35,9 +35,10 @@ import shutil
 
 import numpy as np
 
+from kernels.constants import MJD_UNIX_OFFSET_S
+
 log = logging.getLogger(__name__)
 
-MJD_UNIX_OFFSET_S = 3506716800.0
 CASA_VERSION = "6.7.0-31"
 
 __all__ = ["write_caltable", "read_caltable", "read_solutions", "write_solutions",

@@ -51,6 +51,7 @@ import numpy as np
 
 from contimg import _offline  # noqa: F401
 from contimg import telescope as tel
+from kernels.constants import ARCSEC, SECONDS_PER_DAY, UNIX_MJD0
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ __all__ = [
     "add_image_parser",
 ]
 
-ARCSEC = math.pi / (180.0 * 3600.0)
 DEFAULT_IMSIZE = 2048
 DEFAULT_CELL_ARCSEC = 6.0
 DEFAULT_ROBUST = 0.0
@@ -652,10 +652,10 @@ def _header(prod: ImageProducts, kind: str, bunit: str):
     # DATE-OBS/MJD-OBS: start of the data; DATE-AVG/MJD-AVG: its middle (FITS WCS)
     start = _dt.datetime.fromisoformat(prod.date_obs).replace(tzinfo=_dt.timezone.utc)
     h["DATE-OBS"] = prod.date_obs
-    h["MJD-OBS"] = start.timestamp() / 86400.0 + 40587.0
+    h["MJD-OBS"] = start.timestamp() / SECONDS_PER_DAY + UNIX_MJD0
     h["DATE-AVG"] = _dt.datetime.fromtimestamp(prod.time_mid_unix, _dt.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%S.%f")[:-3]
-    h["MJD-AVG"] = prod.time_mid_unix / 86400.0 + 40587.0
+    h["MJD-AVG"] = prod.time_mid_unix / SECONDS_PER_DAY + UNIX_MJD0
     h["TIMESYS"] = "UTC"
     h["TELESCOP"] = tel.TELESCOPE_NAME
     h["INSTRUME"] = tel.TELESCOPE_NAME

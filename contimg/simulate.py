@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from contimg import telescope as tel
+from kernels.constants import SECONDS_PER_DAY, UNIX_JD0
 from kernels.predict import apply_gains, predict_uniform
 
 log = logging.getLogger(__name__)
-
-UNIX_JD0 = 2440587.5  # JD of the unix epoch
 
 
 CALIBRATOR_NAME = "SIMCAL"   # the name of the simulator's transiting calibrator
@@ -243,7 +242,7 @@ def _metadata(cfg: SimConfig, start: _dt.datetime):
     )
     t0 = start.replace(tzinfo=_dt.timezone.utc).timestamp()
     times_unix = t0 + (np.arange(cfg.n_times) + 0.5) * tel.INTEGRATION_S
-    times_jd = times_unix / 86400.0 + UNIX_JD0
+    times_jd = times_unix / SECONDS_PER_DAY + UNIX_JD0
     lst = uvtimes.get_lst_for_time(times_jd, telescope_loc=location)
     dec_app = np.radians(cfg.dec_deg)
     ra_icrs, dec_icrs = phasing.calc_sidereal_coords(

@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from contimg import telescope as tel
+from kernels.constants import SIDEREAL_DAY_S
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MATCH_RADIUS_DEG = 1.5
 DEFAULT_MATCH_TOPN = 3
-SIDEREAL_DAY_S = 86164.0905
 
 __all__ = [
     "Source", "Catalog", "Transit", "builtin_catalog", "load_catalog", "default_catalog",

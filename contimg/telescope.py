@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.constants import SPEED_OF_LIGHT  # noqa: F401  (tel.SPEED_OF_LIGHT)
+
 # --- site (OVRO) -------------------------------------------------------------------
 SITE_LAT_DEG = 37.2314
 SITE_LON_DEG = -118.2817
@@ -42,8 +44,6 @@ POL_AIPS = {"XX": -5, "YY": -6, "XY": -7, "YX": -8, "RR": -1, "LL": -2, "RL": -3
 AIPS_POL = {v: k for k, v in POL_AIPS.items()}
 
 DEFAULT_DEC_DEG = 54.57
-
-SPEED_OF_LIGHT = 299792458.0
 
 _NAME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})_sb(\d{2})\.hdf5$")
 

@@ -27,6 +27,7 @@ import erfa
 import numpy as np
 
 from contimg import _offline  # noqa: F401  (astropy IERS tables stay offline)
+from kernels.constants import ARCSEC
 
 __all__ = ["compute_uvw", "phase_center_basis"]
 
@@ -52,11 +53,10 @@ def _earth_orientation(times_unix):
             "times outside the IERS table range; UT1-UTC extrapolated")
     table = iers.earth_orientation_table.get()
     xp, yp = table.pm_xy(t)
-    arcsec = np.pi / (180.0 * 3600.0)
     return (
         np.asarray(t.utc.jd1), np.asarray(t.utc.jd2), dut1,
-        np.asarray(xp.to_value("arcsec")) * arcsec,
-        np.asarray(yp.to_value("arcsec")) * arcsec,
+        np.asarray(xp.to_value("arcsec")) * ARCSEC,
+        np.asarray(yp.to_value("arcsec")) * ARCSEC,
     )
 
 

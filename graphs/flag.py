@@ -58,11 +58,10 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from graphs.contract import VIS_DIMS
 from kernels import flagging as kf
 
 log = logging.getLogger(__name__)
-
-VIS_DIMS = ("time", "baseline_id", "frequency", "polarization")
 
 
 @dataclass
@@ -566,7 +565,7 @@ def flag_summary_of_cube(ds: xr.Dataset, cube: np.ndarray) -> xr.Dataset:
     cube = np.ascontiguousarray(cube, dtype=bool)
     T, B, F, P = cube.shape
     tb, fc = flag_counts(cube)
-    dims = ("time", "baseline_id", "frequency", "polarization")
+    dims = VIS_DIMS
     frac_bl = xr.DataArray(tb.sum(axis=0) / max(T * F * P, 1), dims=dims[1:2])
     frac_ch = xr.DataArray(fc / max(T * B * P, 1), dims=dims[2:3])
     frac_t = xr.DataArray(tb.sum(axis=1) / max(B * F * P, 1), dims=dims[:1])

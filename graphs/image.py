@@ -37,9 +37,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from graphs.contract import UVW_DIMS, VIS_DIMS
 from kernels import averaging as ka
 from kernels import gridding as kg
 from kernels import weighting as kw
+from kernels.constants import SPEED_OF_LIGHT
 
 __all__ = [
     "WeightSpec",
@@ -57,7 +59,6 @@ __all__ = [
     "GRIDDERS",
 ]
 
-SPEED_OF_LIGHT = 299792458.0
 GRIDDERS = ("contimg", "ducc0")
 
 
@@ -163,9 +164,9 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
                        dtype=np.float32, name="weight-i", uv_min=uv_min, uv_max=uv_max)
     out = xr.Dataset(
         {
-            "VIS_I": (("time", "baseline_id", "frequency"), vis_i),
-            "WEIGHT_I": (("time", "baseline_id", "frequency"), w_i),
-            "UVW": (("time", "baseline_id", "uvw_label"), uvw_out),
+            "VIS_I": (VIS_DIMS[:3], vis_i),
+            "WEIGHT_I": (VIS_DIMS[:3], w_i),
+            "UVW": (UVW_DIMS, uvw_out),
         },
         coords={k: ds.coords[k] for k in ("time", "baseline_antenna1_id",
                                           "baseline_antenna2_id", "frequency")

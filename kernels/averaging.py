@@ -33,10 +33,10 @@ import math
 import numpy as np
 from numba import njit
 
+from kernels.constants import SPEED_OF_LIGHT
+
 __all__ = ["bda_factors", "bda_count", "bda_average", "bda_stokes_i", "smearing_loss",
            "SPEED_OF_LIGHT"]
-
-SPEED_OF_LIGHT = 299792458.0
 
 
 def _sinc(x):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["airy_power", "mean_airy_beam", "lmn_of"]
+from kernels.constants import SPEED_OF_LIGHT
 
-SPEED_OF_LIGHT = 299792458.0
+__all__ = ["airy_power", "mean_airy_beam", "lmn_of"]
 
 
 def airy_power(sep_rad, freq_hz, diameter):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-C = 299792458.0
+from kernels.constants import SPEED_OF_LIGHT as C
 
 
 @njit(nogil=True, cache=True)

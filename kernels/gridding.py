@@ -76,10 +76,9 @@ from numba import njit
 from kernels._es_table import ES_KERNELS
 from kernels._gridding_loops import LOOPS as _LOOPS
 from kernels._gridding_loops import pix as _pix
+from kernels.constants import SPEED_OF_LIGHT
 
 log = logging.getLogger(__name__)
-
-SPEED_OF_LIGHT = 299792458.0
 
 try:  # ducc0's FFT is faster than pocketfft-in-scipy for the strided partial transforms
     import ducc0.fft as _ducc_fft

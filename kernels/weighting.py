@@ -26,6 +26,8 @@ import math
 import numpy as np
 from numba import njit
 
+from kernels.constants import SPEED_OF_LIGHT
+
 __all__ = [
     "stokes_i",
     "rephase",
@@ -35,7 +37,6 @@ __all__ = [
     "WEIGHTINGS",
 ]
 
-SPEED_OF_LIGHT = 299792458.0
 WEIGHTINGS = ("natural", "uniform", "briggs")
 
 

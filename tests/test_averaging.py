@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from kernels import averaging as ka
-
-C = 299792458.0
+from kernels.constants import SPEED_OF_LIGHT as C
 
 
 def _brute(vis, wgt, uvw, freq, tf, ff, chan0):

@@ -38,6 +38,7 @@ from contimg import calibrate as cc
 from contimg.io.ms import open_ms, write_ms
 from contimg.io.uvh5 import open_group
 from contimg.simulate import SimConfig, simulate_group
+from kernels.constants import SECONDS_PER_DAY
 
 WSCLEAN = shutil.which("wsclean")
 NSUB, NCHAN, NTIME, NANT = 2, 8, 6, 16
@@ -197,7 +198,7 @@ def test_calibrate_ms_tables_and_registry(calgroup, cal_ms, tmp_path):
     assert row["valid_end"] - row["valid_start"] == pytest.approx(24 * 3600)
     tables = row["tables"] if isinstance(row["tables"], dict) else json.loads(row["tables"])
     assert tables == res.tables
-    assert db.find_calset(res.t_transit + 2 * 86400)["in_window"] is False
+    assert db.find_calset(res.t_transit + 2 * SECONDS_PER_DAY)["in_window"] is False
 
 
 def test_apply_graph_and_apply_ms_agree(calgroup, cal_ms, tmp_path):

@@ -16,8 +16,7 @@ import xarray as xr
 from graphs.flag import (FlagStrategy, flag_arrays, flag_dataset, flag_summary,
                          flag_summary_of_cube)
 from kernels import flagging as kf
-
-C = 299792458.0
+from kernels.constants import SPEED_OF_LIGHT as C
 
 
 # =================================================================================

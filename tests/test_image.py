@@ -17,9 +17,9 @@ import pytest
 from contimg import telescope as tel
 from contimg.simulate import SimConfig, _metadata, simulate_group
 from contimg.uvw import compute_uvw, phase_center_basis
+from kernels.constants import ARCSEC
+from kernels.constants import SPEED_OF_LIGHT as C
 
-C = 299792458.0
-ARCSEC = math.pi / (180 * 3600)
 WSCLEAN = shutil.which("wsclean")
 START = dt.datetime(2026, 1, 15, 8, 0, 0)
 

@@ -7,6 +7,7 @@ import pytest
 from contimg import telescope as tel
 from contimg.io.uvh5 import open_group
 from contimg.simulate import SimConfig, load_truth, simulate, simulate_group
+from kernels.constants import SECONDS_PER_DAY, UNIX_JD0
 
 
 def _uvdata(files):
@@ -38,7 +39,7 @@ def test_files_look_like_the_telescopes(tmp_path):
             np.testing.assert_allclose(hd["integration_time"][()], 12.884902)
             assert hd["extra_keywords/phase_center_dec"][()] == pytest.approx(np.radians(54.57))
             t = np.unique(hd["time_array"][()])
-            np.testing.assert_allclose(np.diff(t) * 86400, 12.884902, atol=1e-4)
+            np.testing.assert_allclose(np.diff(t) * SECONDS_PER_DAY, 12.884902, atol=1e-4)
             assert h["Data/visdata"].shape == (24 * 21, 48, 2)
 
 
@@ -52,8 +53,8 @@ def test_pyuvdata_reads_every_file_like_our_reader(small_group):
     np.testing.assert_array_equal(ds.FLAG.values, uv.flag_array.reshape(nt, nbl, -1, 2))
     np.testing.assert_array_equal(ds.WEIGHT.values, uv.nsample_array.reshape(nt, nbl, -1, 2))
     np.testing.assert_array_equal(ds.frequency.values, uv.freq_array)
-    np.testing.assert_allclose(ds.time.values, (np.unique(uv.time_array) - 2440587.5) * 86400,
-                               atol=1e-4)
+    np.testing.assert_allclose(ds.time.values,
+                               (np.unique(uv.time_array) - UNIX_JD0) * SECONDS_PER_DAY, atol=1e-4)
     pos = uv.telescope.antenna_positions + uv.telescope._location.xyz()
     np.testing.assert_allclose(ds.ANTENNA_POSITION.values, pos, atol=1e-6)
     np.testing.assert_allclose(ds.UVW.values, uv.uvw_array.reshape(nt, nbl, 3), atol=1e-9)

@@ -11,6 +11,7 @@ import pytest
 
 from contimg import sky
 from contimg import telescope as tel
+from kernels.constants import SECONDS_PER_DAY
 
 
 def test_builtin_spectra_match_casa_perley_butler_2017_table():
@@ -166,7 +167,7 @@ def test_transit_times_over_a_day_against_astropy():
 
     cat = sky.builtin_catalog()
     start = Time("2026-01-15T00:00:00", scale="utc").unix
-    tr = sky.find_transits(cat, start=start, end=start + 2 * 86400, dec_deg=30.5,
+    tr = sky.find_transits(cat, start=start, end=start + 2 * SECONDS_PER_DAY, dec_deg=30.5,
                            radius_deg=0.5, group_start=start, group_length_s=309.23)
     names = [t.name for t in tr]
     assert names == ["3C286", "3C286"]

@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 
 from contimg.state import SCHEMA_VERSION, StateDB, StateError, default_db_path
+from kernels.constants import SECONDS_PER_DAY
 
 
 def _db(tmp_path):
@@ -128,7 +129,7 @@ def test_calibration_set_selection(tmp_path):
         p = tmp_path / f"cal.{k}"
         p.mkdir()
         tabs[k] = str(p)
-    day = 86400.0
+    day = SECONDS_PER_DAY
     t0 = 1768464000.0
     with pytest.raises(ValueError, match="needs t_transit"):
         db.register_calset("x", tables=tabs)

@@ -11,6 +11,7 @@ import pytest
 
 from contimg.io.uvh5 import GroupError, UVH5Error, find_groups, open_group, open_uvh5
 from graphs import contract
+from kernels.constants import SECONDS_PER_DAY
 
 
 def _canonical(uv):
@@ -48,7 +49,7 @@ def _other_telescope(seed=3, nant=7, ntimes=5, nfreq=11, pols=("xx", "yy", "xy",
                               antenna_numbers=nums, antenna_names=[f"HH{n}" for n in nums],
                               instrument="hera-like", mount_type="fixed", feeds=["x", "y"],
                               feed_angle=[np.pi / 2, 0])
-    times = 2460000.25 + np.arange(ntimes) * 10.7 / 86400
+    times = 2460000.25 + np.arange(ntimes) * 10.7 / SECONDS_PER_DAY
     freqs = 100e6 + np.arange(nfreq) * 97.65625e3     # ascending
     antpairs = [(int(nums[i]), int(nums[j])) for i in range(nant) for j in range(i, nant)]
     uv = UVData.new(freq_array=freqs, polarization_array=list(pols), times=times,
@@ -168,7 +169,7 @@ def test_mismatched_antennas_are_named(tmp_path, small_group):
 def test_mismatched_times_are_named(tmp_path, small_group):
     files = _copy_group(small_group, tmp_path)
     with h5py.File(files[1], "r+") as f:
-        f["Header/time_array"][...] = f["Header/time_array"][()] + 5.0 / 86400
+        f["Header/time_array"][...] = f["Header/time_array"][()] + 5.0 / SECONDS_PER_DAY
     with pytest.raises(GroupError, match=r"sb01\.hdf5: integration times differ .* 5\.0"):
         open_group(files, n_subbands=4)
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from kernels import weighting as kw
-
-C = 299792458.0
+from kernels.constants import SPEED_OF_LIGHT as C
 
 
 def _data(rng, nrow=300, nchan=5):

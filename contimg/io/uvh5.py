@@ -31,11 +31,10 @@ import xarray as xr  # noqa: E402
 
 from contimg import telescope as tel  # noqa: E402
 from graphs import contract  # noqa: E402
+from kernels.constants import SECONDS_PER_DAY, UNIX_JD0  # noqa: E402
 from kernels.rows import reverse_channels  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-UNIX_JD0 = 2440587.5
 
 
 class UVH5Error(ValueError):
@@ -227,7 +226,7 @@ def _read_header(f, path, phase_centres=True) -> Header:
     return Header(
         path=path, nblts=nblts, nfreqs=nfreqs, npols=npols, freqs=freqs,
         channel_width=channel_width, pols=pols,
-        times_unix=(ut - UNIX_JD0) * 86400.0, integration_time=float(np.median(it)),
+        times_unix=(ut - UNIX_JD0) * SECONDS_PER_DAY, integration_time=float(np.median(it)),
         antenna_numbers=ant_numbers, antenna_names=ant_names,
         antenna_positions=ant_pos + loc, antenna_diameters=diam,
         telescope_name=tname, telescope_location=loc,

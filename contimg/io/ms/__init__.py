@@ -51,7 +51,8 @@ Telescope name
 
 Times and weights
     ``TIME`` = ``TIME_CENTROID`` = unix seconds + ``MJD_UNIX_OFFSET_S`` (MJD seconds,
-    UTC, integration centre; :mod:`kernels.constants`); ``INTERVAL`` = ``EXPOSURE`` = ``time.attrs["integration_time"]``.
+    UTC, integration centre; :mod:`kernels.constants`); ``INTERVAL`` = ``EXPOSURE`` =
+    ``time.attrs["integration_time"]``.
     Round trip of ``time`` is exact to the float64 rounding of that sum (< 1 us).
     ``WEIGHT_SPECTRUM`` is the contract's ``WEIGHT``; the row ``WEIGHT`` is its mean
     over channels and ``SIGMA = 1/sqrt(WEIGHT)`` (0 where the weight is 0, as CASA
