@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 _MAIN_COLUMNS = ("FLAG", "UVW", "WEIGHT_SPECTRUM", "WEIGHT", "FLAG_ROW")
 
 
-
-
 def _read_subtable(path, name, columns, optional=()):
     """Small subtable -> (dict of numpy arrays, column keywords), via dask-ms.
 
