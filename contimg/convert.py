@@ -283,9 +283,10 @@ def _flag_future(client, ds, flag_strategy, info):
     return the callable ``write_ms(flags=...)`` calls for the final FLAG cube."""
     import dask
 
-    from graphs.flag import FlagStrategy, flag_dataset
+    from contimg.config import load_flag_strategy
+    from graphs.flag import flag_dataset
 
-    st = FlagStrategy.load(None if flag_strategy is True else flag_strategy)
+    st = load_flag_strategy(None if flag_strategy is True else flag_strategy)
     info["strategy"] = st.to_dict()
     t0 = time.perf_counter()
     with dask.config.set({"array.rechunk.method": "tasks"}):
