@@ -585,11 +585,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
     try:
-        # every handler finds the effective configuration in args.cfg
+        # every handler finds the effective configuration in args.cfg; library calls
+        # in this process see it too (config.current), until main returns
         args.cfg = config.from_args(args)
-        config.use(args.cfg)
-        runtime.configure()
-        return args.func(args)
+        prev = config.use(args.cfg)
+        try:
+            runtime.configure()
+            return args.func(args)
+        finally:
+            config.use(prev)
     except (ValueError, OSError) as exc:
         # bad input: one clear line, no traceback (use -v for one)
         if args.verbose:

@@ -90,8 +90,10 @@ class _Section:
         self._check_fields(type(self))
         self._check()
 
-    def _check_fields(self, cls):
+    def _check_fields(self, cls, skip=()):
         for spec in _own_specs(cls).values():
+            if spec.name in skip:
+                continue
             value = _from_value(spec, getattr(self, spec.name), spec.name)
             object.__setattr__(self, spec.name, value)
 

@@ -77,7 +77,7 @@ class StreamConfig(StreamSettings):
     image: ImageConfig = field(default_factory=ImageConfig)
 
     def __post_init__(self):
-        self._check_fields(StreamSettings)
+        self._check_fields(StreamSettings, skip=("placement",))
         object.__setattr__(self, "incoming", Path(self.incoming))
         object.__setattr__(self, "output", Path(self.output))
         if self.placement not in ("any", None) and not isinstance(self.placement, dict):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from contimg.config import ImageConfig
 from contimg.simulate import SimConfig, simulate_group
 from contimg.state import StateDB
-from contimg.config import ImageConfig
 from contimg.stream import Stream, StreamConfig, housekeeping
 
 CFG = SimConfig(n_ant=10, n_subbands=4, n_chan=8, n_times=6, rfi=None)
