@@ -7,8 +7,8 @@
     contimg stream --incoming DIR --output DIR [--scheduler ADDRESS]   the main job
     contimg backfill --incoming DIR --output DIR | --ms PATH...        what was missed
     contimg status [--db PATH]      the queue; contimg housekeeping: stale state, temporaries
-    contimg calibrate PATH.ms [--catalog FILE] [--refant N] [--db PATH|env]   B/G CASA tables
-    contimg apply PATH.ms [TABLE...] [--db PATH|env]   write CORRECTED_DATA
+    contimg calibrate PATH.ms [--catalog FILE] [--refant N] [--register] [--db PATH]   B/G tables
+    contimg apply PATH.ms [TABLE...] [--db PATH]   write CORRECTED_DATA
     contimg demo [--out DIR]        the main job on embedded defaults (see README)
     contimg image INPUT... --out PREFIX [--size N --cell ARCSEC --niter K ...]
     contimg config show [--format toml|table]   the effective configuration and its sources
