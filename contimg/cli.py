@@ -198,15 +198,14 @@ def _groups_from_inputs(inputs, tolerance):
 
 
 def cmd_convert(args):
-    from contimg.convert import convert_many
-    from contimg.stream import resolve_placement
+    from contimg.convert import convert_many, parse_placement
 
     st = args.cfg.stream
     groups = _groups_from_inputs(args.inputs, st.tolerance_s)
     if not groups:
         print("contimg convert: no subband files found", file=sys.stderr)
         return 2
-    placement = resolve_placement(st.placement)
+    placement = parse_placement(st.placement)
     t0 = time.perf_counter()
     total = len(groups)
     count = [0]

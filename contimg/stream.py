@@ -89,9 +89,11 @@ class StreamConfig(StreamSettings):
     def from_config(cls, cfg: Config, **over) -> "StreamConfig":
         """The stream's configuration from a :class:`contimg.config.Config`; ``over``:
         fields to replace."""
+        from contimg.convert import parse_placement
+
         kw = {f.name: getattr(cfg.stream, f.name) for f in fields(StreamSettings)}
         kw.update(incoming=cfg.paths.incoming, output=cfg.paths.output, db_path=cfg.paths.db,
-                  placement=resolve_placement(cfg.stream.placement),
+                  placement=parse_placement(cfg.stream.placement),
                   flag_strategy=cfg.flag.strategy, catalog=cfg.calibrate.catalog,
                   refant=cfg.calibrate.refant, image=cfg.image)
         kw.update(over)
@@ -108,24 +110,6 @@ class StreamConfig(StreamSettings):
         opts = {k: v for k, v in self.image.dataset_options().items() if v is not None}
         opts["mgain"] = self.image_mgain
         return opts
-
-
-def resolve_placement(placement: str):
-    """``"any"`` -> "any"; ``"discover"`` -> None (ask the workers); else a JSON file
-    ``{worker name|address|host: [directories]}`` -> that mapping."""
-    if placement in ("any", "discover"):
-        return None if placement == "discover" else "any"
-    try:
-        with open(placement) as fh:
-            mapping = json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"placement {placement}: neither 'any', 'discover' nor a JSON "
-                         "file") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"placement {placement}: not valid JSON ({exc})") from None
-    if not isinstance(mapping, dict):
-        raise ValueError(f"placement {placement}: expected {{worker: [directories]}}")
-    return mapping
 
 
 class BadInput(Exception):

@@ -516,14 +516,34 @@ def test_configure_keeps_what_the_operator_set(monkeypatch):
     assert os.environ["HDF5_USE_FILE_LOCKING"] == "TRUE"
 
 
-def test_workers_preload_the_runtime():
+def _worker_state():
+    import os
+
+    from astropy.utils import iers
+
+    from contimg.config import current
+
+    return (os.environ.get("HDF5_USE_FILE_LOCKING"), iers.conf.auto_download,
+            current().image.niter)
+
+
+def test_workers_preload_the_runtime_and_read_the_cli_file(tmp_path, monkeypatch):
+    """The LocalCluster the CLI starts: its workers run runtime.configure() (preload)
+    and see the configuration file given with --config; deploy/dask.yaml preloads too."""
     import yaml
+
+    from contimg.cli import _client
 
     conf = yaml.safe_load((ROOT / "deploy" / "dask.yaml").read_text())
     assert "contimg.runtime" in conf["distributed"]["worker"]["preload"]
-    from contimg import runtime
-
-    assert callable(runtime.dask_setup)
+    f = tmp_path / "c.toml"
+    f.write_text("[image]\nniter = 42\n")
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    monkeypatch.delenv("CONTIMG_CONFIG", raising=False)
+    cfg = load_config(f, env={})
+    with _client(cfg, str(f)) as client:
+        (state,) = client.run(_worker_state).values()
+    assert state == ["FALSE", False, 42] or state == ("FALSE", False, 42)
 
 
 # ---------------------------------------------------------------------------------
