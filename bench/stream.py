@@ -74,11 +74,14 @@ def main(argv=None):
         catalog = write_calibrator_catalog(
             sorted(glob.glob(os.path.join(incoming, "*_truth.npz"))),
             os.path.join(work, "calibrators.csv"))
-        opts = {k: v for k, v in (("npix", args.imsize), ("cell_arcsec", args.cell),
-                                  ("niter", args.niter)) if v is not None}
+        from contimg.config import ImageConfig
+
+        image = ImageConfig(**{k: v for k, v in (("npix", args.imsize),
+                                                 ("cell_arcsec", args.cell),
+                                                 ("niter", args.niter)) if v is not None})
         cfg = StreamConfig(incoming=incoming, output=os.path.join(work, "out"),
                            db_path=os.path.join(work, "state.sqlite3"), settle_s=0.2,
-                           poll_s=0.2, in_flight=args.in_flight, image_options=opts,
+                           poll_s=0.2, in_flight=args.in_flight, image=image,
                            skip=frozenset(s for s in args.skip.split(",") if s),
                            catalog=None if catalog is None else str(catalog))
         n = os.cpu_count() or 2

@@ -34,8 +34,6 @@ from contimg import sky as _sky
 
 log = logging.getLogger(__name__)
 
-#: default validity of a calibration set around the calibrator's transit
-DEFAULT_VALIDITY_H = 12.0
 
 __all__ = [
     "CalibrationError", "NoCalibratorError", "TooMuchFlaggedError", "NoConvergenceError",
@@ -293,7 +291,7 @@ def _open_db(db):
 
 
 def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, name=None,
-                 validity_hours=DEFAULT_VALIDITY_H, **solver_opts):
+                 validity_hours=None, **solver_opts):
     """Calibrate a calibrator group's MS: solve, write CASA tables, register.
 
     Parameters
@@ -303,15 +301,17 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     out_dir : str, optional
         Where ``<name>.B`` and ``<name>.G`` go (default: next to the MS).
     catalog : Catalog, path or list of Source, optional
-        Calibrator catalogue (default ``$VLA_CATALOG``, else built-in Perley-Butler).
+        Calibrator catalogue (default: the configured one, ``$VLA_CATALOG``, else the
+        built-in Perley-Butler list).
     refant : int, optional
         Reference antenna (ANTENNA table row); default automatic.
     db : StateDB or path, optional
         Register the set there (valid, or rejected with the reason on failure).
     name : str, optional
         Table name prefix (default the MS name without ``.ms``).
-    validity_hours : float
-        Half-width of the validity window around the transit (default 12 h).
+    validity_hours : float, optional
+        Half-width of the validity window around the transit (default: the configured
+        ``[calibrate] validity_hours``, 12 h).
     **solver_opts
         ``gain_interval``, ``gain_mode``, ``min_snr``, ``max_iter``, ``tol``,
         ``max_data_flagged``, ``max_solutions_flagged``, ``min_converged``,
@@ -329,6 +329,10 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     """
     from contimg.io.ms import open_ms
 
+    if validity_hours is None:
+        from contimg.config import current
+
+        validity_hours = current().calibrate.validity_hours
     ms_path = os.path.abspath(os.fspath(ms_path))
     base = os.path.basename(ms_path.rstrip("/"))
     name = name or (base[:-3] if base.endswith(".ms") else base)
@@ -557,55 +561,50 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
 # ---------------------------------------------------------------------------------
 
 def add_subcommands(sub):
-    """Register ``calibrate`` and ``apply`` on an argparse subparsers object."""
+    """Register ``calibrate`` and ``apply`` on an argparse subparsers object (options from
+    the ``[calibrate]`` and ``[paths]`` configuration fields)."""
+    from contimg.config import add_options
+
     p = sub.add_parser("calibrate", help="solve bandpass + gains on a calibrator MS and "
                        "write CASA tables (optionally register them)")
     p.add_argument("ms", help="Measurement Set of a group with a calibrator transit")
     p.add_argument("--out-dir", default=None, help="where <name>.B/.G go (default: beside MS)")
     p.add_argument("--name", default=None, help="table name prefix (default: MS name)")
-    p.add_argument("--catalog", default=None,
-                   help="calibrator list: CSV, SQLite or VLA list format (default "
-                        "$VLA_CATALOG, else built-in Perley-Butler 2017)")
-    p.add_argument("--refant", type=int, default=None, help="reference antenna (default auto)")
-    p.add_argument("--gain-interval", type=int, default=1,
-                   help="integrations per gain solution (default 1)")
-    p.add_argument("--gain-mode", choices=("ap", "p"), default="ap",
-                   help="gains: amplitude+phase (ap, default) or phase only (p)")
-    p.add_argument("--min-snr", type=float, default=3.0, help="flag solutions below this SNR")
-    p.add_argument("--db", default=None,
-                   help="register the set in this state database (default: none; "
-                        "'env' uses $PIPELINE_DB or state/db/pipeline.sqlite3)")
+    p.add_argument("--register", action="store_true",
+                   help="register the set in the state database ([paths] db; implied by "
+                        "--db)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_options(p, "calibrate.catalog", "calibrate.refant", "calibrate.gain_interval",
+                "calibrate.gain_mode", "calibrate.min_snr", "paths.db")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("apply", help="write CORRECTED_DATA of an MS from B/G tables")
     p.add_argument("ms", help="Measurement Set")
-    p.add_argument("tables", nargs="*", help="bandpass and/or gain tables (ours or CASA's)")
-    p.add_argument("--db", default=None,
-                   help="no tables given: use the set the state database finds for the "
-                        "MS's mid-time ('env' = $PIPELINE_DB)")
-    p.add_argument("--interp", choices=("linear", "nearest"), default="linear")
-    p.add_argument("--no-flag", action="store_true",
-                   help="do not flag samples whose solutions are flagged")
+    p.add_argument("tables", nargs="*", help="bandpass and/or gain tables (ours or CASA's); "
+                   "none: the set the state database finds for the MS's mid-time")
+    add_options(p, "paths.db", "calibrate.interp", "calibrate.apply_flag")
     p.set_defaults(func=cmd_apply)
 
 
-def _db_arg(value):
-    if value is None:
-        return None
-    from contimg.state import StateDB
+def _cfg(args):
+    from contimg.config import from_args
 
-    return StateDB(path=None if value == "env" else value)
+    return getattr(args, "cfg", None) or from_args(args)
 
 
 def cmd_calibrate(args):
     """``contimg calibrate MS``: prints the tables and quality; exit 2 when rejected."""
-    db = _db_arg(args.db)
+    from contimg.state import StateDB
+
+    cfg = _cfg(args)
+    c = cfg.calibrate
+    register = args.register or "paths.db" in vars(args)
+    db = StateDB(cfg.paths.db) if register else None
     try:
-        res = calibrate_ms(args.ms, out_dir=args.out_dir, catalog=args.catalog,
-                           refant=args.refant, db=db, name=args.name,
-                           gain_interval=args.gain_interval, gain_mode=args.gain_mode,
-                           min_snr=args.min_snr)
+        res = calibrate_ms(args.ms, out_dir=args.out_dir, catalog=c.catalog,
+                           refant=c.refant, db=db, name=args.name,
+                           validity_hours=c.validity_hours, gain_interval=c.gain_interval,
+                           gain_mode=c.gain_mode, min_snr=c.min_snr)
     except CalibrationError as exc:
         print(f"calibration rejected ({exc.reason}): {exc}")
         return 2
@@ -627,12 +626,16 @@ def cmd_calibrate(args):
 
 def cmd_apply(args):
     """``contimg apply MS [TABLES...]``."""
+    cfg = _cfg(args)
     tables = list(args.tables)
     if not tables:
-        if args.db is None:
-            print("give calibration tables or --db to look them up")
+        from contimg.state import StateDB
+
+        if not os.path.exists(cfg.paths.db):
+            print(f"give calibration tables, or a state database to look them up in "
+                  f"(--db; {cfg.paths.db} does not exist)")
             return 2
-        db = _db_arg(args.db)
+        db = StateDB(cfg.paths.db)
         times, *_ = _meta_from_ms(args.ms)
         row = db.find_calset(float(np.mean(times)))
         if row is None:
@@ -643,6 +646,6 @@ def cmd_apply(args):
         if not row.get("in_window", True):
             log.warning("nearest calibration set %s is outside its validity window",
                         row.get("name"))
-    apply_ms(args.ms, tables, interp=args.interp, flag=not args.no_flag)
+    apply_ms(args.ms, tables, interp=cfg.calibrate.interp, flag=cfg.calibrate.apply_flag)
     print(f"CORRECTED_DATA written to {args.ms} from {', '.join(tables)}")
     return 0

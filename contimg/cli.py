@@ -7,15 +7,21 @@
     contimg stream --incoming DIR --output DIR [--scheduler ADDRESS]   the main job
     contimg backfill --incoming DIR --output DIR | --ms PATH...        what was missed
     contimg status [--db PATH]      the queue; contimg housekeeping: stale state, temporaries
-    contimg calibrate PATH.ms [--catalog FILE] [--refant N] [--db PATH|env]   B/G CASA tables
-    contimg apply PATH.ms [TABLE...] [--db PATH|env]   write CORRECTED_DATA
+    contimg calibrate PATH.ms [--catalog FILE] [--refant N] [--register] [--db PATH]   B/G tables
+    contimg apply PATH.ms [TABLE...] [--db PATH]   write CORRECTED_DATA
     contimg demo [--out DIR]        the main job on embedded defaults (see README)
     contimg image INPUT... --out PREFIX [--size N --cell ARCSEC --niter K ...]
+    contimg config show [--format toml|table]   the effective configuration and its sources
+
+Settings come from contimg.config: defaults < a TOML file (contimg --config FILE, or
+$CONTIMG_CONFIG) < the operators' environment variables < these options, each of
+which is a configuration field (shown in its help as [section.field]).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -120,34 +126,42 @@ def _quiet_distributed():
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _client(scheduler, workers=1):
+def _client(cfg, config_file=None):
+    """A client of ``[dask] scheduler``, else of a LocalCluster of ``[dask] workers``
+    processes whose workers run :func:`contimg.runtime.configure` (preload) and read the
+    same configuration file."""
     import dask
     from distributed import Client, LocalCluster
 
     _quiet_distributed()
     dask.config.set({"distributed.logging.distributed": "warning"})
 
-    if scheduler:
-        return Client(scheduler)
-    n = max(1, (os.cpu_count() or 2) // max(1, workers))
-    cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=n, processes=True,
-                           dashboard_address=":0", memory_limit="auto")
+    if cfg.dask.scheduler:
+        return Client(cfg.dask.scheduler)
+    workers = cfg.dask.workers
+    n = max(1, (os.cpu_count() or 2) // workers)
+    env = {"CONTIMG_CONFIG": str(Path(config_file).resolve())} if config_file else {}
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=n, processes=True,
+                           dashboard_address=cfg.dask.dashboard_address, memory_limit="auto",
+                           preload=["contimg.runtime"], env=env)
     return Client(cluster)
 
 
 def cmd_info(args):
     from contimg.io.uvh5 import open_group, open_uvh5
 
+    cfg = args.cfg
     paths = args.paths if len(args.paths) > 1 else args.paths[0]
     if isinstance(paths, str) and os.path.isfile(paths) and not args.group:
         ds = open_uvh5(paths)
     else:
-        ds = open_group(paths, allow_missing=args.allow_missing, n_subbands=args.subbands)
+        ds = open_group(paths, allow_missing=args.allow_missing,
+                        n_subbands=cfg.stream.n_subbands)
     print(_describe(ds))
     if args.stats:
         from graphs.summary import group_summary
 
-        with _client(args.scheduler):
+        with _client(cfg, args.config):
             s = group_summary(ds).compute()
         print(f"flagged        {float(s.flag_fraction) * 100:.2f} %")
     return 0
@@ -184,20 +198,14 @@ def _groups_from_inputs(inputs, tolerance):
 
 
 def cmd_convert(args):
-    import json
+    from contimg.convert import convert_many, parse_placement
 
-    from contimg.convert import convert_many
-
-    groups = _groups_from_inputs(args.inputs, args.tolerance)
+    st = args.cfg.stream
+    groups = _groups_from_inputs(args.inputs, st.tolerance_s)
     if not groups:
         print("contimg convert: no subband files found", file=sys.stderr)
         return 2
-    placement = None
-    if args.placement == "any":
-        placement = "any"
-    elif args.placement:
-        with open(args.placement) as fh:
-            placement = json.load(fh)
+    placement = parse_placement(st.placement)
     t0 = time.perf_counter()
     total = len(groups)
     count = [0]
@@ -211,12 +219,12 @@ def cmd_convert(args):
             print(f"[{count[0]}/{total}] {stamp}: {summary['ms']} in {summary['seconds']:.1f} s "
                   f"({rate:.0f} MiB/s)", flush=True)
 
-    with _client(args.scheduler) as client:
+    with _client(args.cfg, args.config) as client:
         print(f"converting {total} group(s) on {client.dashboard_link or client.scheduler.address}"
               , flush=True)
         report = convert_many(client, groups, args.out, placement=placement,
-                              overwrite=args.overwrite, in_flight=args.in_flight,
-                              progress=progress, n_subbands=args.subbands,
+                              overwrite=args.overwrite, in_flight=st.in_flight,
+                              progress=progress, n_subbands=st.n_subbands,
                               allow_missing=args.allow_missing)
     wall = time.perf_counter() - t0
     print(f"\nsummary: {len(report.done)} converted, {len(report.failed)} failed, "
@@ -243,7 +251,7 @@ def cmd_flag(args):
         log.info("flags written: block %d/%d", done, total)
 
     summary_path = args.summary or flagging.default_summary_path(args.ms)
-    s = flagging.flag_ms(args.ms, strategy=args.strategy, backup=not args.no_backup,
+    s = flagging.flag_ms(args.ms, strategy=args.cfg.flag.strategy, backup=not args.no_backup,
                          backup_name=args.backup_name, progress=progress,
                          summary_path=summary_path)
     before, after = s["before"]["overall"], s["after"]["overall"]
@@ -257,43 +265,6 @@ def cmd_flag(args):
     print("  most flagged antennas: " + ", ".join(f"{n} {f * 100:.1f} %" for n, f in worst))
     print(f"  summary: {summary_path}")
     return 0
-
-
-def _stream_config(args, **over):
-    import json
-
-    from contimg.stream import StreamConfig
-
-    placement = args.placement
-    if placement == "discover":
-        placement = None
-    elif placement not in (None, "any"):
-        with open(placement) as fh:
-            placement = json.load(fh)
-    kw = dict(incoming=args.incoming, output=args.output, db_path=args.db,
-              n_subbands=args.subbands, tolerance_s=args.tolerance, poll_s=args.poll,
-              settle_s=args.settle, bad_file_grace_s=args.bad_file_grace,
-              group_timeout_s=args.group_timeout, incomplete=args.incomplete,
-              min_subbands=args.min_subbands, in_flight=args.in_flight,
-              image_slots=args.image_slots,
-              max_retries=args.max_retries,
-              skip=frozenset(s for s in (args.skip or "").split(",") if s),
-              placement="any" if placement is None and args.placement is None else placement,
-              flag_strategy=args.flag_strategy, catalog=args.catalog, refant=args.refant,
-              image_options=_image_options(args))
-    kw.update(over)
-    return StreamConfig(**kw)
-
-
-def _image_options(args):
-    opts = {}
-    if getattr(args, "imsize", None):
-        opts["npix"] = args.imsize
-    if getattr(args, "cell", None):
-        opts["cell_arcsec"] = args.cell
-    if getattr(args, "niter", None) is not None:
-        opts["niter"] = args.niter
-    return opts
 
 
 def _install_stop(stream):
@@ -316,12 +287,12 @@ def _print_outcome(stream, db, t0):
 
 def cmd_stream(args):
     from contimg.state import StateDB
-    from contimg.stream import Stream
+    from contimg.stream import Stream, StreamConfig
 
-    cfg = _stream_config(args)
+    cfg = StreamConfig.from_config(args.cfg)
     db = StateDB(cfg.db_path)
     t0 = time.perf_counter()
-    with _client(args.scheduler, workers=args.workers) as client:
+    with _client(args.cfg, args.config) as client:
         print(f"contimg stream: {cfg.incoming} -> {cfg.output}; state {db.path}; "
               f"Dask {client.dashboard_link or client.scheduler.address}", flush=True)
         stream = Stream(cfg, client, db=db)
@@ -336,9 +307,9 @@ def cmd_stream(args):
 
 def cmd_backfill(args):
     from contimg.state import StateDB
-    from contimg.stream import Stream, process_ms
+    from contimg.stream import Stream, StreamConfig, process_ms
 
-    cfg = _stream_config(args)
+    cfg = StreamConfig.from_config(args.cfg)
     db = StateDB(cfg.db_path)
     if args.retry_failed:
         for g in db.groups("failed"):
@@ -351,7 +322,7 @@ def cmd_backfill(args):
         if g["state"] in ("completed", "failed"):
             db.transition(gid, "pending", retries=0, reason="backfill --group")
     t0 = time.perf_counter()
-    with _client(args.scheduler, workers=args.workers) as client:
+    with _client(args.cfg, args.config) as client:
         if args.ms:
             for ms in args.ms:
                 res = process_ms(client, db, ms, cfg)
@@ -368,20 +339,21 @@ def _fmt_s(x):
 
 
 def cmd_status(args):
+    return _print_status(args.cfg.paths.db, args.limit, args.json)
+
+
+def _print_status(path, limit, as_json):
     import json
 
     from contimg.state import StateDB
 
-    path = args.db
-    from contimg.state import default_db_path
-
-    if not os.path.exists(path or default_db_path()):
-        raise FileNotFoundError(f"{path or default_db_path()}: no state database "
-                                "(set PIPELINE_DB or pass --db)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no state database (pass --db, set PIPELINE_DB "
+                                "or [paths] db)")
     db = StateDB(path)
     counts = db.counts()
-    groups = db.groups()[-args.limit:] if args.limit else db.groups()
-    if args.json:
+    groups = db.groups()[-limit:] if limit else db.groups()
+    if as_json:
         print(json.dumps({"db": str(db.path), "counts": counts, "groups": groups,
                           "calibration_sets": db.list_calsets()}, indent=1, default=str))
         return 0
@@ -422,10 +394,11 @@ def cmd_housekeeping(args):
     from contimg.state import StateDB
     from contimg.stream import housekeeping
 
-    db = StateDB(args.db)
-    rep = housekeeping(db, output=args.output, stale_after_s=args.stale_after,
-                       collecting_timeout_s=args.collecting_timeout,
-                       tmp_age_s=args.tmp_age_hours * 3600)
+    cfg = args.cfg
+    db = StateDB(cfg.paths.db)
+    rep = housekeeping(db, output=cfg.paths.output, stale_after_s=cfg.stream.stale_after_s,
+                       collecting_timeout_s=cfg.stream.collecting_timeout_s,
+                       tmp_age_s=cfg.stream.tmp_age_hours * 3600)
     print(f"housekeeping on {db.path}: {len(rep['resumed'])} stale in-progress group(s) back "
           f"to pending, {len(rep['expired'])} stale collecting group(s) failed, "
           f"{len(rep['removed'])} temporary path(s) removed")
@@ -456,20 +429,23 @@ def cmd_demo(args):
     catalog = write_calibrator_catalog(groups, out / "calibrators.csv")
     print(f"  calibrator catalogue: {catalog}", flush=True)
     db = StateDB(out / "state" / "pipeline.sqlite3")
-    scfg = StreamConfig(incoming=incoming, output=out / "products", db_path=db.path,
-                        n_subbands=cfg.n_subbands, settle_s=0.5, poll_s=0.5,
-                        catalog=None if catalog is None else str(catalog),
-                        image_options=({"npix": 1024, "cell_arcsec": 12.0} if args.small
-                                       else {}))
+    image = args.cfg.image
+    if args.small:
+        image = dataclasses.replace(image, npix=1024, cell_arcsec=12.0)
+    scfg = StreamConfig.from_config(
+        args.cfg, incoming=incoming, output=out / "products", db_path=db.path,
+        n_subbands=cfg.n_subbands, min_subbands=min(cfg.n_subbands, args.cfg.stream.min_subbands),
+        settle_s=0.5, poll_s=0.5, placement="any",
+        catalog=None if catalog is None else str(catalog), image=image)
     t1 = time.perf_counter()
-    with _client(args.scheduler) as client:
+    with _client(args.cfg, args.config) as client:
         print(f"  Dask dashboard: {client.dashboard_link}\n  streaming "
               f"{incoming} -> {scfg.output} (log below)", flush=True)
         stream = Stream(scfg, client, db=db)
         stream.run(until_idle=True)
     print(f"\nprocessed {len(stream.completed)} group(s) in {time.perf_counter() - t1:.1f} s "
           f"({len(stream.failed)} failed)")
-    cmd_status(argparse.Namespace(db=str(db.path), limit=0, json=False))
+    _print_status(db.path, 0, False)
     print(f"\nproducts: {scfg.output}\n  Measurement Sets: {scfg.output / 'ms'}\n"
           f"  calibration:      {scfg.output / 'cal'}\n  images:           "
           f"{scfg.output / 'images'}\n  state database:   {db.path}  (contimg status --db "
@@ -477,11 +453,34 @@ def cmd_demo(args):
     return 0 if not stream.failed and len(stream.completed) == len(groups) else 1
 
 
+def cmd_config(args):
+    """``contimg config show``: the effective configuration and where each value came from."""
+    from contimg.config import to_table, to_toml
+
+    print(to_toml(args.cfg) if args.format == "toml" else to_table(args.cfg), end="")
+    return 0
+
+
+STREAM_OPTIONS = (
+    "paths.incoming", "paths.output", "paths.db", "dask.scheduler", "dask.workers",
+    "stream.n_subbands", "stream.tolerance_s", "stream.poll_s", "stream.settle_s",
+    "stream.bad_file_grace_s", "stream.group_timeout_s", "stream.incomplete",
+    "stream.min_subbands", "stream.in_flight", "stream.image_slots", "stream.max_retries",
+    "stream.stale_after_s", "stream.skip", "stream.placement", "flag.strategy_file",
+    "calibrate.catalog", "calibrate.refant", "image.npix", "image.cell_arcsec", "image.niter",
+)
+
+
 def build_parser():
+    from contimg.config import add_options
+
     p = argparse.ArgumentParser(prog="contimg", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="configuration file (TOML, a table per section; default "
+                        "$CONTIMG_CONFIG); see `contimg config show`")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="write simulated DSA-110 UVH5 groups")
@@ -496,36 +495,24 @@ def build_parser():
     s = sub.add_parser("info", help="open UVH5 files (one file or a group) and describe them")
     s.add_argument("paths", nargs="+")
     s.add_argument("--group", action="store_true", help="treat a single file as a group")
-    s.add_argument("--subbands", type=int, default=16, help="subbands expected in a group")
     s.add_argument("--allow-missing", action="store_true",
                    help="fill missing subbands with flagged data instead of failing")
     s.add_argument("--stats", action="store_true", help="also compute flag statistics")
-    s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
+    add_options(s, "stream.n_subbands", "dask.scheduler")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("convert", help="convert groups of UVH5 subband files to Measurement Sets")
     s.add_argument("inputs", nargs="+", help="directories and/or subband files")
     s.add_argument("--out", required=True, help="directory for the Measurement Sets")
-    s.add_argument("--scheduler", default=None,
-                   help="address of a Dask scheduler (default: a LocalCluster)")
-    s.add_argument("--placement", default=None,
-                   help="JSON file {worker name|address|host: [directories]} saying which "
-                        "worker reads which files; 'any' for no restriction; default: ask "
-                        "each worker which files it can open")
-    s.add_argument("--subbands", type=int, default=16, help="subbands per group (16)")
     s.add_argument("--allow-missing", action="store_true",
                    help="convert incomplete groups, missing subbands flagged")
     s.add_argument("--overwrite", action="store_true", help="replace existing Measurement Sets")
-    s.add_argument("--in-flight", type=int, default=2, help="groups converted at once")
-    s.add_argument("--tolerance", type=float, default=60.0,
-                   help="file-name timestamps of one group differ by at most this (s)")
+    add_options(s, "dask.scheduler", "dask.workers", "stream.placement", "stream.n_subbands",
+                "stream.in_flight", "stream.tolerance_s")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("flag", help="flag RFI in an existing Measurement Set, in place")
     s.add_argument("ms", help="the Measurement Set")
-    s.add_argument("--strategy", default=None,
-                   help="flagging strategy: a TOML file (keys of graphs.flag.FlagStrategy); "
-                        "default: the DSA-110 defaults")
     s.add_argument("--backup-name", default=None,
                    help="name of the flag version that keeps the previous flags "
                         "(default contimg_flag_N, in <ms>.flagversions as CASA's flagmanager)")
@@ -535,64 +522,18 @@ def build_parser():
     s.add_argument("--restore", default=None, metavar="NAME",
                    help="restore the flags saved as version NAME instead of flagging")
     s.add_argument("--list", action="store_true", help="list the saved flag versions")
+    add_options(s, "flag.strategy_file")
     s.set_defaults(func=cmd_flag)
 
-    def stream_options(s, once=False):
-        s.add_argument("--incoming", required=True, help="directory the subband files arrive in")
-        s.add_argument("--output", required=True,
-                       help="products directory (ms/, cal/, images/ below it)")
-        s.add_argument("--db", default=None,
-                       help="state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)")
-        s.add_argument("--scheduler", default=None,
-                       help="address of a Dask scheduler (default: a LocalCluster)")
-        s.add_argument("--workers", type=int, default=1,
-                       help="LocalCluster worker processes (default 1, all cores as threads)")
-        s.add_argument("--subbands", type=int, default=16, help="subbands per group (16)")
-        s.add_argument("--tolerance", type=float, default=60.0,
-                       help="file-name timestamps of one group differ by at most this (s)")
-        s.add_argument("--poll", type=float, default=2.0,
-                       help="polling period, s (filesystem notifications wake it earlier)")
-        s.add_argument("--settle", type=float, default=3.0,
-                       help="a file is complete once its size was stable this long (s) and "
-                            "its HDF5 header opens")
-        s.add_argument("--bad-file-grace", type=float, default=60.0,
-                       help="a stable file whose header does not open this long is bad (s)")
-        s.add_argument("--group-timeout", type=float, default=600.0,
-                       help="an incomplete group waits this long after its first file (s), "
-                            "then the --incomplete policy applies")
-        s.add_argument("--incomplete", choices=("process", "fail"), default="process",
-                       help="incomplete group after the timeout: process it with the missing "
-                            "subbands flagged (if at least --min-subbands), or fail it")
-        s.add_argument("--min-subbands", type=int, default=12,
-                       help="fewest subbands the 'process' policy accepts (12)")
-        s.add_argument("--in-flight", type=int, default=2, help="groups processed at once")
-        s.add_argument("--image-slots", type=int, default=1,
-                       help="image stages run at once (imaging a full group needs ~3.5 GB)")
-        s.add_argument("--max-retries", type=int, default=2,
-                       help="failed attempts of a group re-queued before it is failed")
-        s.add_argument("--skip", default="",
-                       help="comma-separated stages not to run: flag, calibrate, apply, image")
-        s.add_argument("--placement", default=None,
-                       help="which worker reads which file: 'any' (default, shared disk), "
-                            "'discover' (ask the workers), or a JSON file {worker: [dirs]}")
-        s.add_argument("--flag-strategy", default=None, help="flagging strategy TOML")
-        s.add_argument("--catalog", default=None,
-                       help="calibrator catalogue (default $VLA_CATALOG or the built-in list)")
-        s.add_argument("--refant", type=int, default=None, help="reference antenna")
-        s.add_argument("--imsize", type=int, default=None,
-                       help="image size in pixels (default $IMG_IMSIZE or the imager's)")
-        s.add_argument("--cell", type=float, default=None, help="image cell, arcsec")
-        s.add_argument("--niter", type=int, default=None, help="CLEAN iterations")
-
     s = sub.add_parser("stream", help="the streaming service: watch, group, process, register")
-    stream_options(s)
+    add_options(s, *STREAM_OPTIONS)
     s.add_argument("--until-idle", action="store_true",
                    help="exit once nothing is collecting, pending or in progress")
     s.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
     s.set_defaults(func=cmd_stream)
 
     s = sub.add_parser("backfill", help="process what is already on disk and was missed")
-    stream_options(s)
+    add_options(s, *STREAM_OPTIONS)
     s.add_argument("--retry-failed", action="store_true",
                    help="also re-queue every failed group")
     s.add_argument("--group", action="append", help="re-queue this group (repeatable)")
@@ -601,25 +542,15 @@ def build_parser():
     s.set_defaults(func=cmd_backfill)
 
     s = sub.add_parser("status", help="print the queue and the recent groups")
-    s.add_argument("--db", default=None,
-                   help="state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)")
+    add_options(s, "paths.db")
     s.add_argument("--limit", type=int, default=20, help="groups to list (0: all)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("housekeeping", help="reset stale groups, expire stale collecting "
                                              "groups, remove old temporary outputs")
-    s.add_argument("--db", default=None,
-                   help="state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)")
-    s.add_argument("--output", default=None, help="products directory to clean")
-    s.add_argument("--stale-after", type=float, default=1800.0,
-                   help="in-progress groups whose owner is gone, or silent this long (s), go "
-                        "back to pending")
-    s.add_argument("--collecting-timeout", type=float, default=3600.0,
-                   help="collecting groups older than this (s) are failed with the reason")
-    s.add_argument("--tmp-age-hours", type=float, default=6.0,
-                   help="temporary outputs older than this are removed even if their "
-                        "process may live (those of dead processes always are)")
+    add_options(s, "paths.db", "paths.output", "stream.stale_after_s",
+                "stream.collecting_timeout_s", "stream.tmp_age_hours")
     s.set_defaults(func=cmd_housekeeping)
 
     from contimg.calibrate import add_subcommands as _calibration_subcommands
@@ -630,20 +561,38 @@ def build_parser():
     s.add_argument("--out", default=None, help="output directory (default: a temporary one)")
     s.add_argument("--groups", type=int, default=3)
     s.add_argument("--small", action="store_true", help="shrunken groups, for a quick look")
-    s.add_argument("--scheduler", default=None, help="address of a Dask scheduler")
+    add_options(s, "dask.scheduler")
     s.set_defaults(func=cmd_demo)
 
     from contimg.imaging import add_image_parser
 
     add_image_parser(sub)
+
+    s = sub.add_parser("config", help="the configuration: `contimg config show`")
+    verbs = s.add_subparsers(dest="verb", required=True)
+    v = verbs.add_parser("show", help="print the effective configuration and where each "
+                         "value came from (default, file:PATH, env:NAME, cli)")
+    v.add_argument("--format", choices=("toml", "table"), default="toml",
+                   help="toml (loads back as a configuration file) or an aligned table")
+    v.set_defaults(func=cmd_config)
     return p
 
 
 def main(argv=None):
+    from contimg import config, runtime
+
     args = build_parser().parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
     try:
-        return args.func(args)
+        # every handler finds the effective configuration in args.cfg; library calls
+        # in this process see it too (config.current), until main returns
+        args.cfg = config.from_args(args)
+        prev = config.use(args.cfg)
+        try:
+            runtime.configure()
+            return args.func(args)
+        finally:
+            config.use(prev)
     except (ValueError, OSError) as exc:
         # bad input: one clear line, no traceback (use -v for one)
         if args.verbose:

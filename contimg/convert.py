@@ -44,6 +44,25 @@ def _can_open(files):
     return ok
 
 
+def parse_placement(placement: str):
+    """What a ``[stream] placement`` setting means: ``"any"`` -> "any"; ``"discover"`` ->
+    None (ask the workers); else a JSON file ``{worker name|address|host: [dirs]}`` ->
+    that mapping."""
+    if placement in ("any", "discover"):
+        return None if placement == "discover" else "any"
+    try:
+        with open(placement) as fh:
+            mapping = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"placement {placement}: neither 'any', 'discover' nor a JSON "
+                         "file") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"placement {placement}: not valid JSON ({exc})") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"placement {placement}: expected {{worker: [directories]}}")
+    return mapping
+
+
 def discover_placement(client, files) -> dict[str, list[str]]:
     """Ask every worker which of ``files`` it can open; file -> worker addresses."""
     files = [str(f) for f in files]
@@ -283,9 +302,10 @@ def _flag_future(client, ds, flag_strategy, info):
     return the callable ``write_ms(flags=...)`` calls for the final FLAG cube."""
     import dask
 
-    from graphs.flag import FlagStrategy, flag_dataset
+    from contimg.config import load_flag_strategy
+    from graphs.flag import flag_dataset
 
-    st = FlagStrategy.load(None if flag_strategy is True else flag_strategy)
+    st = load_flag_strategy(None if flag_strategy is True else flag_strategy)
     info["strategy"] = st.to_dict()
     t0 = time.perf_counter()
     with dask.config.set({"array.rechunk.method": "tasks"}):

@@ -588,7 +588,8 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
         The MS (single spectral window, as :func:`contimg.io.ms.open_ms` reads).
     strategy : FlagStrategy, mapping, TOML path/text or None
         The flagger's configuration (:class:`graphs.flag.FlagStrategy`; None: the
-        DSA-110 defaults).
+        configured ``[flag]`` table, i.e. the DSA-110 defaults unless a configuration
+        file changes them; see :func:`contimg.config.load_flag_strategy`).
     backup : bool
         Keep the previous flags as a CASA flag version (``<ms>.flagversions``). With
         False they are still saved first, into a temporary version deleted at the end.
@@ -628,12 +629,13 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     import dask
     import dask.array as da
 
-    from graphs.flag import FlagStrategy, flag_dataset, flag_summary
+    from contimg.config import load_flag_strategy
+    from graphs.flag import flag_dataset, flag_summary
 
     t_start = _time.perf_counter()
     timing = {}
     ms = _ms_path(path)
-    st = FlagStrategy.load(strategy)
+    st = load_flag_strategy(strategy)
     if backup_name is not None:
         backup_name = _valid_version_name(backup_name)
         if backup_name.startswith(_TMP_PREFIX):

@@ -18,13 +18,16 @@ The image is centred on the phase centre of the *middle* integration (index
 Stokes I is ``(XX + YY) / 2``; a visibility with either feed flagged is left out.
 Autocorrelations are never imaged.
 
-Environment (operators' names, used as defaults when set)
----------------------------------------------------------
-``IMG_IMSIZE``    image size in pixels (square), default 2048 (at 6 arcsec: 3.4 deg)
-``IMG_ROBUST``    Briggs robust parameter, default 0.0
-``IMG_NITER``     maximum number of CLEAN components, default 1000
-``IMG_THRESHOLD`` absolute CLEAN threshold, Jy (a number, or with a unit: ``0.5mJy``,
-                  ``2e-4Jy``); default 0 (the auto threshold alone decides)
+Options: :class:`contimg.config.ImageConfig` (the ``[image]`` table of the configuration)
+holds every option and its default; the operators' environment variables set four of
+them: ``IMG_IMSIZE`` (npix, default 2048: 3.4 deg at 6 arcsec), ``IMG_ROBUST`` (0.0),
+``IMG_NITER`` (1000) and ``IMG_THRESHOLD`` (absolute CLEAN threshold, Jy, a number or
+with a unit: ``0.5mJy``; default 0, the auto threshold alone decides). Library calls
+take a config and/or keyword overrides of its fields::
+
+    image_ms(ms, "out/g", npix=512, niter=200)               # configured [image] + these
+    image_ms(ms, "out/g", config=ImageConfig(npix=512))       # exactly this config
+    image_ms(ms, "out/g", config=cfg.image, w_mode="wstack")  # a config + overrides
 
 CLEAN: Clark (default) or Högbom minor cycles (:mod:`kernels.clean`) between major
 cycles that degrid the model from the visibilities and grid the residual (all per
@@ -42,15 +45,14 @@ import datetime as _dt
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from contimg import _offline  # noqa: F401
 from contimg import telescope as tel
+from contimg.config import ImageConfig, parse_threshold
 from kernels.constants import ARCSEC, SECONDS_PER_DAY, UNIX_MJD0
 
 log = logging.getLogger(__name__)
@@ -62,46 +64,44 @@ __all__ = [
     "image_ms",
     "write_fits",
     "default_options",
+    "image_config",
     "parse_threshold",
     "source_mask",
     "cmd_image",
     "add_image_parser",
 ]
 
-DEFAULT_IMSIZE = 2048
-DEFAULT_CELL_ARCSEC = 6.0
-DEFAULT_ROBUST = 0.0
-DEFAULT_NITER = 1000
-
-
-def parse_threshold(text) -> float:
-    """``"1e-3"``, ``"0.5mJy"``, ``"2uJy"``, ``"0.001Jy"`` -> Jy (float)."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(|jy|mjy|ujy|µjy)\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"threshold {text!r}: expected a number of Jy or e.g. '0.5mJy'")
-    scale = {"": 1.0, "jy": 1.0, "mjy": 1e-3, "ujy": 1e-6, "µjy": 1e-6}[m.group(2)]
-    return float(m.group(1)) * scale
 
 
 def default_options() -> dict:
-    """Defaults, with the operators' ``IMG_*`` environment variables applied when set."""
-    opts = dict(npix=DEFAULT_IMSIZE, cell_arcsec=DEFAULT_CELL_ARCSEC, weighting="briggs",
-                robust=DEFAULT_ROBUST, niter=DEFAULT_NITER, threshold=0.0)
-    env = os.environ
-    try:
-        if env.get("IMG_IMSIZE"):
-            opts["npix"] = int(env["IMG_IMSIZE"])
-        if env.get("IMG_ROBUST"):
-            opts["robust"] = float(env["IMG_ROBUST"])
-        if env.get("IMG_NITER"):
-            opts["niter"] = int(env["IMG_NITER"])
-        if env.get("IMG_THRESHOLD"):
-            opts["threshold"] = parse_threshold(env["IMG_THRESHOLD"])
-    except ValueError as exc:
-        raise ValueError(f"bad IMG_* environment variable: {exc}") from exc
-    return opts
+    """The configured ``[image]`` options (defaults, file, ``IMG_*`` environment)."""
+    from contimg.config import current
+
+    return dataclasses.asdict(current().image)
+
+
+def image_config(config: ImageConfig | None = None, overrides: dict | None = None
+                 ) -> ImageConfig:
+    """``config`` (default: the configured ``[image]`` section) with keyword overrides of
+    its fields applied (an override of ``None`` for a field that cannot be None means
+    "as configured"); an unknown keyword raises TypeError naming it."""
+    if config is None:
+        from contimg.config import current
+
+        config = current().image
+    if overrides:
+        known = {f.name: f for f in dataclasses.fields(ImageConfig)}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise TypeError(f"unknown imaging option(s) {unknown}; options are the fields "
+                            f"of contimg.config.ImageConfig: {sorted(known)}")
+        given = {k: v for k, v in overrides.items()
+                 if v is not None or getattr(config, k) is None or k in _OPTIONAL}
+        config = dataclasses.replace(config, **given)
+    return config
+
+
+_OPTIONAL = ("clark_patch", "grid_tasks", "uv_max_lambda", "smear_radius_deg", "data_column")
 
 
 @dataclass
@@ -260,7 +260,6 @@ def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbi
     return out
 
 
-W_MODES = ("auto", "snapshot", "wstack")
 W_CORNER_LOSS = 0.05   # a snapshot's loss in the image corners (beyond the PB's 0.15)
 
 
@@ -286,18 +285,15 @@ def _w_choice(gi, uvw, scale, w_mode, w_loss, radius, width, opts):
     return ok, (cop.slant if ok else (0.0, 0.0))
 
 
-def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=None,
-                  epsilon=1e-4, niter=None, threshold=None, auto_threshold_sigma=3.0,
-                  algorithm="clark", gain=0.1, mgain=0.8, max_major=10, mask=None,
-                  clark_patch=None, gridder="contimg", nthreads=1, phase_center=None,
-                  persist=True, pb_cutoff=0.1, double=False, uv_min_lambda=0.0,
-                  uv_max_lambda=None, psf_wterm=False, mask_sources=None,
-                  mask_radius_arcsec=60.0, grid_tasks=None, average=True,
-                  smear_loss=0.01, smear_radius_deg=None, w_mode="auto",
-                  w_loss=3e-3) -> ImageProducts:
+def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sources=None,
+                  phase_center=None, **options) -> ImageProducts:
     """Image a contract Dataset (Stokes I): dirty, PSF, CLEAN, restore, primary beam.
 
-    Parameters (``None`` -> :func:`default_options`, i.e. the ``IMG_*`` environment)
+    ``config``: a :class:`contimg.config.ImageConfig` (default: the configured
+    ``[image]`` section, i.e. these defaults, a configuration file and the ``IMG_*``
+    environment); ``options``: keyword overrides of its fields (:func:`image_config`).
+
+    Parameters (the fields of ImageConfig, and three per-call arrays)
     ----------
     npix : image size (square, even), default 2048
     cell_arcsec : pixel size, default 6 (DSA-110's restoring beam at Briggs 0 is ~50" x 32")
@@ -374,23 +370,17 @@ def image_dataset(ds, *, npix=None, cell_arcsec=None, weighting=None, robust=Non
     from kernels import clean as kc
     from kernels import weighting as kw
 
-    defaults = default_options()
-    npix = int(defaults["npix"] if npix is None else npix)
-    cell_arcsec = float(defaults["cell_arcsec"] if cell_arcsec is None else cell_arcsec)
-    weighting = defaults["weighting"] if weighting is None else weighting
-    robust = float(defaults["robust"] if robust is None else robust)
-    niter = int(defaults["niter"] if niter is None else niter)
-    threshold = float(defaults["threshold"] if threshold is None else threshold)
-    if weighting not in kw.WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {kw.WEIGHTINGS}, got {weighting!r}")
-    if w_mode not in W_MODES:
-        raise ValueError(f"w_mode must be one of {W_MODES}, got {w_mode!r}")
-    if algorithm not in ("clark", "hogbom"):
-        raise ValueError(f"algorithm must be 'clark' or 'hogbom', got {algorithm!r}")
-    if npix < 16 or npix % 2:
-        raise ValueError(f"npix must be even and >= 16, got {npix}")
-    if not cell_arcsec > 0:
-        raise ValueError(f"cell_arcsec must be positive, got {cell_arcsec}")
+    c = image_config(config, options)   # checked: types, choices, npix, cell
+    npix, cell_arcsec, weighting, robust = c.npix, c.cell_arcsec, c.weighting, c.robust
+    epsilon, niter, threshold, auto_threshold_sigma = (c.epsilon, c.niter, c.threshold,
+                                                       c.auto_threshold_sigma)
+    algorithm, gain, mgain, max_major = c.algorithm, c.gain, c.mgain, c.max_major
+    clark_patch, gridder, nthreads, persist = c.clark_patch, c.gridder, c.nthreads, c.persist
+    pb_cutoff, double, psf_wterm = c.pb_cutoff, c.double, c.psf_wterm
+    uv_min_lambda, uv_max_lambda = c.uv_min_lambda, c.uv_max_lambda
+    mask_radius_arcsec, grid_tasks, average = c.mask_radius_arcsec, c.grid_tasks, c.average
+    smear_loss, smear_radius_deg, w_mode, w_loss = (c.smear_loss, c.smear_radius_deg,
+                                                    c.w_mode, c.w_loss)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (npix, npix):
@@ -730,19 +720,22 @@ def _open_source(src, data_column=None, chunks=None):
     raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat) or a group directory")
 
 
-def image_ms(src, out_prefix, *, data_column=None, keep_products=False,
-             **opts) -> ImageResult:
-    """Image an MS (``CORRECTED_DATA`` when present, else ``DATA``), a group's UVH5 files
-    or a Dataset and write ``<prefix>-image.fits``, ``-residual.fits``, ``-model.fits``,
-    ``-psf.fits``, ``-image-pb.fits`` (each via a temporary name and a rename).
+def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_products=False,
+             mask=None, mask_sources=None, phase_center=None, **options) -> ImageResult:
+    """Image an MS (``CORRECTED_DATA`` when present, else ``DATA``, or the configured
+    ``data_column``), a group's UVH5 files or a Dataset and write ``<prefix>-image.fits``,
+    ``-residual.fits``, ``-model.fits``, ``-psf.fits``, ``-image-pb.fits`` (each via a
+    temporary name and a rename).
 
-    ``opts`` go to :func:`image_dataset`. Returns an :class:`ImageResult` (paths,
-    restoring beam in arcsec/deg, noise, peak, timings; ``products`` with the arrays
-    when ``keep_products``).
+    ``config`` and ``options`` (overrides of its fields) as :func:`image_dataset`.
+    Returns an :class:`ImageResult` (paths, restoring beam in arcsec/deg, noise, peak,
+    timings; ``products`` with the arrays when ``keep_products``).
     """
     t0 = time.perf_counter()
-    ds, kind = _open_source(src, data_column)
-    prod = image_dataset(ds, **opts)
+    c = image_config(config, options)
+    ds, kind = _open_source(src, c.data_column)
+    prod = image_dataset(ds, c, mask=mask, mask_sources=mask_sources,
+                         phase_center=phase_center)
     t1 = time.perf_counter()
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -779,69 +772,37 @@ def image_ms(src, out_prefix, *, data_column=None, keep_products=False,
 
 
 def add_image_parser(sub):
-    """Register ``contimg image`` on an argparse subparsers object."""
-    d = default_options()
+    """Register ``contimg image`` on an argparse subparsers object (its options are the
+    ``[image]`` fields that have flags)."""
+    from contimg.config import add_options
+
     s = sub.add_parser("image", help="make a CLEANed continuum image of an MS or a group",
                        description="Image an MS (CORRECTED_DATA when present, else DATA) or "
-                       "the UVH5 files of one group. Defaults follow IMG_IMSIZE, "
-                       "IMG_ROBUST, IMG_NITER, IMG_THRESHOLD when set.")
+                       "the UVH5 files of one group. Options not given come from the "
+                       "configuration ([image]: file, IMG_IMSIZE, IMG_ROBUST, IMG_NITER, "
+                       "IMG_THRESHOLD, defaults).")
     s.add_argument("input", nargs="+", help="an MS, a group directory or its UVH5 files")
     s.add_argument("--out", required=True, help="output prefix (<out>-image.fits, ...)")
-    s.add_argument("--size", type=int, default=d["npix"], help="pixels (square)")
-    s.add_argument("--cell", type=float, default=d["cell_arcsec"], help="arcsec per pixel")
-    s.add_argument("--weighting", choices=["natural", "uniform", "briggs"],
-                   default=d["weighting"])
-    s.add_argument("--robust", type=float, default=d["robust"])
-    s.add_argument("--niter", type=int, default=d["niter"])
-    s.add_argument("--threshold", type=parse_threshold, default=d["threshold"],
-                   help="absolute threshold, Jy or e.g. 0.5mJy")
-    s.add_argument("--auto-threshold", type=float, default=3.0, help="in sigma (0: off)")
-    s.add_argument("--algorithm", choices=["clark", "hogbom"], default="clark")
-    s.add_argument("--mgain", type=float, default=0.8)
-    s.add_argument("--gain", type=float, default=0.1)
-    s.add_argument("--epsilon", type=float, default=1e-4)
-    s.add_argument("--gridder", choices=["contimg", "ducc0"], default="contimg")
-    s.add_argument("--no-average", dest="average", action="store_false",
-                   help="grid every visibility (default: baseline-dependent averaging "
-                   "within --smear-loss)")
-    s.add_argument("--smear-loss", type=float, default=0.01,
-                   help="largest amplitude loss from averaging at --smear-radius (0.01)")
-    s.add_argument("--smear-radius", type=float, default=None,
-                   help="degrees; default the primary beam's half-power radius or the "
-                   "image's half-width, whichever is smaller")
-    s.add_argument("--w-mode", choices=list(W_MODES), default="auto",
-                   help="snapshot: 2-D in the baselines' best-fit plane (slant SIN "
-                   "projection); wstack: exact w-stacking; auto (default): the snapshot "
-                   "when it loses at most --w-loss of a source at the smear radius")
-    s.add_argument("--w-loss", type=float, default=1e-3,
-                   help="the snapshot's loss budget for --w-mode auto (3e-3)")
-    s.add_argument("--data-column", default=None, help="MS column (default CORRECTED_DATA "
-                   "if present, else DATA)")
-    s.add_argument("--threads", type=int, default=1, help="threads per gridding task")
-    s.add_argument("--workers", type=int, default=0,
-                   help="local Dask workers (0: the threaded scheduler in this process)")
+    add_options(s, "image.*")
     s.set_defaults(func=cmd_image)
     return s
 
 
 def cmd_image(args) -> int:
-    """Handler of ``contimg image``."""
+    """Handler of ``contimg image`` (``args.cfg``: the configuration the CLI loaded)."""
+    from contimg.config import from_args
+
+    c = (getattr(args, "cfg", None) or from_args(args)).image
     src = args.input if len(args.input) > 1 else args.input[0]
-    kw = dict(npix=args.size, cell_arcsec=args.cell, weighting=args.weighting,
-              robust=args.robust, niter=args.niter, threshold=args.threshold,
-              auto_threshold_sigma=args.auto_threshold, algorithm=args.algorithm,
-              mgain=args.mgain, gain=args.gain, epsilon=args.epsilon, gridder=args.gridder,
-              nthreads=args.threads, data_column=args.data_column, average=args.average,
-              smear_loss=args.smear_loss, smear_radius_deg=args.smear_radius,
-              w_mode=args.w_mode, w_loss=args.w_loss)
     client = None
-    if args.workers:
+    if c.workers:
         from distributed import Client, LocalCluster
 
-        client = Client(LocalCluster(n_workers=args.workers, threads_per_worker=1,
-                                     processes=True, dashboard_address=None))
+        client = Client(LocalCluster(n_workers=c.workers, threads_per_worker=1,
+                                     processes=True, dashboard_address=None,
+                                     preload=["contimg.runtime"]))
     try:
-        res = image_ms(src, args.out, **kw)
+        res = image_ms(src, args.out, c)
     finally:
         if client is not None:
             client.close()

@@ -45,8 +45,6 @@ from kernels.constants import SIDEREAL_DAY_S
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MATCH_RADIUS_DEG = 1.5
-DEFAULT_MATCH_TOPN = 3
 
 __all__ = [
     "Source", "Catalog", "Transit", "builtin_catalog", "load_catalog", "default_catalog",
@@ -337,51 +335,40 @@ def load_catalog(path) -> Catalog:
 
 def default_catalog(catalog=None) -> Catalog:
     """Resolve a catalogue argument: a Catalog, a path, a list of Sources, or None
-    (``$VLA_CATALOG`` if set, else the built-in Perley-Butler list)."""
+    (the configured ``[calibrate] catalog``, i.e. ``$VLA_CATALOG``, if set, else the
+    built-in Perley-Butler list)."""
     if isinstance(catalog, Catalog):
         return catalog
     if catalog is None:
-        env = os.environ.get("VLA_CATALOG")
-        if env:
-            return load_catalog(env)
-        return builtin_catalog()
+        path = _config().catalog
+        return builtin_catalog() if path is None else load_catalog(path)
     if isinstance(catalog, (str, os.PathLike)):
         return load_catalog(catalog)
     return Catalog(list(catalog), origin="list")
 
 
-def match_radius_deg(default=DEFAULT_MATCH_RADIUS_DEG) -> float:
-    """``$CAL_MATCH_RADIUS_DEG`` or the default (1.5 deg, half the beam FWHM)."""
-    return _env_float("CAL_MATCH_RADIUS_DEG", default)
+def _config():
+    from contimg.config import current
+
+    return current().calibrate
 
 
-def match_topn(default=DEFAULT_MATCH_TOPN) -> int:
-    """``$CAL_MATCH_TOPN`` or the default (3)."""
-    v = os.environ.get("CAL_MATCH_TOPN")
-    if v in (None, ""):
-        return int(default)
-    try:
-        n = int(v)
-    except ValueError:
-        raise ValueError(f"CAL_MATCH_TOPN={v!r}: not an integer") from None
-    if n < 1:
-        raise ValueError(f"CAL_MATCH_TOPN={v!r}: must be >= 1")
-    return n
+def match_radius_deg() -> float:
+    """The configured match radius (``$CAL_MATCH_RADIUS_DEG``; 1.5 deg, half the beam
+    FWHM, by default)."""
+    return _config().match_radius_deg
+
+
+def match_topn() -> int:
+    """The configured number of matches kept (``$CAL_MATCH_TOPN``; 3 by default)."""
+    return _config().match_topn
 
 
 def pointing_dec_deg(default=None):
-    """``$PIPELINE_POINTING_DEC_DEG`` (degrees) or ``default``."""
-    return _env_float("PIPELINE_POINTING_DEC_DEG", default)
-
-
-def _env_float(name, default):
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return default
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"{name}={v!r}: not a number") from None
+    """The configured pointing declination (``$PIPELINE_POINTING_DEC_DEG``, degrees) or
+    ``default``."""
+    v = _config().pointing_dec_deg
+    return default if v is None else v
 
 
 # ---------------------------------------------------------------------------------
@@ -446,6 +433,9 @@ def meridian_ra_icrs(times_unix, dec_rad=None):
     from astropy.coordinates import ICRS, TETE, EarthLocation
     from astropy.time import Time
 
+    from contimg.runtime import astropy_offline
+
+    astropy_offline()
     t = Time(np.atleast_1d(np.asarray(times_unix, float)), format="unix", scale="utc")
     loc = EarthLocation.from_geodetic(tel.SITE_LON_DEG * u.deg, tel.SITE_LAT_DEG * u.deg,
                                       tel.SITE_ALT_M * u.m)

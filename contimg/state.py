@@ -184,12 +184,12 @@ class StateError(RuntimeError):
 
 
 def default_db_path() -> Path:
-    """``$PIPELINE_DB``, else ``$PIPELINE_STATE_DIR/db/pipeline.sqlite3``, else
-    ``state/db/pipeline.sqlite3`` under the working directory."""
-    if os.environ.get("PIPELINE_DB"):
-        return Path(os.environ["PIPELINE_DB"])
-    base = Path(os.environ.get("PIPELINE_STATE_DIR", "state"))
-    return base / "db" / "pipeline.sqlite3"
+    """The configured state database (:mod:`contimg.config`): ``$PIPELINE_DB``, else
+    ``$PIPELINE_STATE_DIR/db/pipeline.sqlite3``, else ``state/db/pipeline.sqlite3``
+    under the working directory (or what a configuration file says)."""
+    from contimg.config import current
+
+    return current().paths.db
 
 
 def owner_id() -> str:

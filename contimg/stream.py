@@ -42,72 +42,74 @@ import re
 import shutil
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from contimg import pipeline
 from contimg import telescope as tel
+from contimg.config import Config, ImageConfig, StreamSettings
 from contimg.state import StateDB, owner_id
+
+if typing.TYPE_CHECKING:
+    from graphs.flag import FlagStrategy
 
 log = logging.getLogger(__name__)
 
-INCOMPLETE_POLICIES = ("process", "fail")
 _TMP_RE = re.compile(r"\.tmp-(\d+)(?:$|[.-])")
 
 
-@dataclass
-class StreamConfig:
-    """Everything the stream can be told; defaults suit the telescope.
-
-    Environment: ``PIPELINE_DB`` (database path, when ``db_path`` is None),
-    ``HDF5_USE_FILE_LOCKING`` (set to FALSE unless given: files are read while the
-    correlator may still hold them), ``IMG_*`` (imaging defaults, see the imaging stage).
-    """
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig(StreamSettings):
+    """Everything the stream is told: the ``[stream]`` settings (inherited, see
+    :class:`contimg.config.StreamSettings`) plus where it works and what the stages
+    need. Build it from the configuration with :meth:`from_config`."""
 
     incoming: Path
     output: Path
-    db_path: Path | None = None
-    n_subbands: int = tel.N_SUBBANDS
-    tolerance_s: float = tel.GROUP_TOLERANCE_S   # file-name timestamps of one group
-    poll_s: float = 2.0                          # polling period (notifications wake earlier)
-    settle_s: float = 3.0                        # size/mtime stable this long → check HDF5
-    bad_file_grace_s: float = 60.0               # stable but unreadable this long → bad
-    group_timeout_s: float = 600.0               # first file + this → incomplete policy
-    incomplete: str = "process"                  # "process" (missing flagged) | "fail"
-    min_subbands: int = 12                       # fewest subbands "process" accepts
-    in_flight: int = 2                           # groups processed at once
-    image_slots: int = 1                         # image stages at once (the memory-
-                                                 # hungry one: ~3.5 GB at full size)
-    max_retries: int = 2                         # failed attempts re-queued before "failed"
-    stale_after_s: float = 1800.0                # no heartbeat this long → owner presumed dead
-    skip: frozenset = field(default_factory=frozenset)   # stages not to run
-    placement: object = "any"                    # see contimg.convert (None: discover)
-    flag_strategy: object = None                 # graphs.flag.FlagStrategy / TOML / None
-    flag_in_convert: bool = True                 # flag while converting (placement "any")
-    catalog: object = None                       # calibrator catalogue (None: built-in/env)
+    db_path: Path | None = None                  # None: the configured database
+    #: "any", None (ask the workers) or {worker: [directories]} (see contimg.convert)
+    placement: str | dict | None = "any"
+    flag_strategy: FlagStrategy | None = None    # None: the configured [flag] strategy
+    catalog: str | None = None                   # None: the configured calibrator list
     refant: int | None = None
-    calibration_wait_s: float = 900.0            # apply waits this long at most for a
-                                                 # calibrator group in flight to solve
-    image_options: dict = field(default_factory=dict)
-    status_every_s: float = 30.0                 # period of the queue summary in the log
-    use_notifications: bool = True
+    image: ImageConfig = field(default_factory=ImageConfig)
 
     def __post_init__(self):
-        self.incoming = Path(self.incoming)
-        self.output = Path(self.output)
-        if self.incomplete not in INCOMPLETE_POLICIES:
-            raise ValueError(f"incomplete policy {self.incomplete!r}: expected one of "
-                             f"{', '.join(INCOMPLETE_POLICIES)}")
-        bad = set(self.skip) - set(pipeline.STAGES)
-        if bad:
-            raise ValueError(f"--skip {','.join(sorted(bad))}: unknown stage(s); stages are "
-                             f"{', '.join(pipeline.STAGES)}")
-        if "convert" in self.skip:
-            raise ValueError("--skip convert: every later stage needs the MS")
-        if not 1 <= self.min_subbands <= self.n_subbands:
-            raise ValueError(f"min_subbands={self.min_subbands}: must be 1..{self.n_subbands}")
-        self.skip = frozenset(self.skip)
+        self._check_fields(StreamSettings, skip=("placement",))
+        object.__setattr__(self, "incoming", Path(self.incoming))
+        object.__setattr__(self, "output", Path(self.output))
+        if self.placement not in ("any", None) and not isinstance(self.placement, dict):
+            raise ValueError(f"placement {self.placement!r}: 'any', None or a mapping "
+                             "(StreamConfig.from_config reads 'discover' and JSON files)")
+        self._check()
+
+    @classmethod
+    def from_config(cls, cfg: Config, **over) -> "StreamConfig":
+        """The stream's configuration from a :class:`contimg.config.Config`; ``over``:
+        fields to replace."""
+        from contimg.convert import parse_placement
+
+        kw = {f.name: getattr(cfg.stream, f.name) for f in fields(StreamSettings)}
+        kw.update(incoming=cfg.paths.incoming, output=cfg.paths.output, db_path=cfg.paths.db,
+                  placement=parse_placement(cfg.stream.placement),
+                  flag_strategy=cfg.flag.strategy, catalog=cfg.calibrate.catalog,
+                  refant=cfg.calibrate.refant, image=cfg.image)
+        kw.update(over)
+        if kw["incoming"] is None or kw["output"] is None:
+            raise ValueError("the stream needs an incoming and an output directory: "
+                             "--incoming/--output, or incoming/output in [paths] of the "
+                             "configuration file")
+        return cls(**kw)
+
+    @property
+    def image_options(self) -> dict:
+        """Keyword options of the image stage: the ``[image]`` options that are set, with
+        the stream's quick-look major-cycle gain (``image_mgain``)."""
+        opts = {k: v for k, v in self.image.dataset_options().items() if v is not None}
+        opts["mgain"] = self.image_mgain
+        return opts
 
 
 class BadInput(Exception):
@@ -215,7 +217,9 @@ class Stream:
     """The streaming service on one Dask client (see the module docstring)."""
 
     def __init__(self, cfg: StreamConfig, client, *, db: StateDB | None = None):
-        os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+        from contimg.runtime import configure
+
+        configure()
         self.cfg = cfg
         self.client = client
         self.db = db or StateDB(cfg.db_path)

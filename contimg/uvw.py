@@ -16,7 +16,7 @@ each take all integrations at once; antenna positions are projected once per
 integration and baselines are differences of projected antennas.
 
 Earth orientation (UT1-UTC, polar motion) comes from astropy's bundled IERS tables,
-offline (see :mod:`contimg._offline`).
+offline (see :func:`contimg.runtime.astropy_offline`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import logging
 import erfa
 import numpy as np
 
-from contimg import _offline  # noqa: F401  (astropy IERS tables stay offline)
+from contimg.runtime import astropy_offline
 from kernels.constants import ARCSEC
 
 __all__ = ["compute_uvw", "phase_center_basis"]
@@ -43,6 +43,7 @@ def _earth_orientation(times_unix):
     from astropy.time import Time
     from astropy.utils import iers
 
+    astropy_offline()
     t = Time(np.asarray(times_unix, dtype=np.float64), format="unix", scale="utc")
     # Outside the bundled IERS range, use the table's edge values (as pyuvdata does);
     # UT1-UTC changes by < 1 ms a day, far below a millimetre on our baselines.

@@ -1,8 +1,8 @@
 """RFI flagging as a lazy Dask graph over the visibility Dataset.
 
 ``flag_dataset(ds, strategy)`` returns ``ds`` with ``FLAG = FLAG | new flags``, lazily.
-The strategy is data (:class:`FlagStrategy`), not code: load it from a dict, a TOML
-file or any simple mapping.
+The strategy is data (:class:`FlagStrategy`), not code: build it from a dict or any
+simple mapping (TOML files are read by :func:`contimg.config.load_flag_strategy`).
 
 The graph, per group::
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tomllib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -233,27 +232,15 @@ class FlagStrategy:
         return cls(**mapping)
 
     @classmethod
-    def from_toml(cls, path_or_text: str | Path) -> "FlagStrategy":
-        """From a TOML file path, or TOML text (top level or a ``[flag]`` table)."""
-        s = str(path_or_text)
-        if isinstance(path_or_text, Path) or ("\n" not in s and (
-                s.endswith(".toml") or Path(s).is_file())):
-            text = Path(s).read_text()   # a missing file raises FileNotFoundError
-        else:
-            text = s
-        try:
-            return cls.from_mapping(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"FlagStrategy: not valid TOML ({exc}): {s[:80]!r}") from None
-
-    @classmethod
-    def load(cls, obj: "FlagStrategy | Mapping | str | Path | None") -> "FlagStrategy":
-        """Strategy, mapping, TOML path/text or None (defaults)."""
+    def load(cls, obj: "FlagStrategy | Mapping | None") -> "FlagStrategy":
+        """Strategy, mapping or None (defaults). TOML files and text are read by
+        :func:`contimg.config.load_flag_strategy` (configuration lives in contimg)."""
         if isinstance(obj, cls):
             return obj
         if obj is None or isinstance(obj, Mapping):
             return cls.from_mapping(obj)
-        return cls.from_toml(obj)
+        raise TypeError(f"flag strategy {obj!r}: expected a FlagStrategy, a mapping or "
+                        "None (read TOML with contimg.config.load_flag_strategy)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from contimg.config import ImageConfig
 from contimg.simulate import SimConfig, simulate_group
 from contimg.state import StateDB
 from contimg.stream import Stream, StreamConfig, housekeeping
@@ -442,7 +443,7 @@ def test_a_failed_stage_is_retried_from_that_stage(tmp_path, sim_groups, cluster
         return open_tables(path)
 
     cfg = _cfg(tmp_path, in_flight=1, max_retries=2, skip=frozenset({"calibrate", "apply"}),
-               image_options=dict(npix=256, cell_arcsec=20.0, niter=20))
+               image=ImageConfig(npix=256, cell_arcsec=20.0, niter=20))
     cfg.incoming.mkdir()
     for f in sim_groups[0].files:
         shutil.copy(f, cfg.incoming)

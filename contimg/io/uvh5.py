@@ -22,8 +22,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-
 import dask.array as da  # noqa: E402
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402

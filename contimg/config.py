@@ -1,0 +1,802 @@
+"""contimg's configuration: one typed, frozen object that owns every default.
+
+:func:`load_config` builds a :class:`Config` from four layers, each overriding the one
+before, field by field:
+
+1. the defaults declared here;
+2. a TOML file (``contimg --config FILE``, else ``$CONTIMG_CONFIG``) with one table per
+   section (``[paths]``, ``[dask]``, ``[stream]``, ``[flag]``, ``[calibrate]``,
+   ``[image]``, ``[science]``, ``[app]``);
+3. the operators' environment variables (:data:`ENVIRONMENT` lists them; their meaning
+   is today's pipeline's);
+4. command-line options (``overrides``), which are derived from the fields below: a
+   field's metadata gives its flag names, help and choices (:func:`add_options`).
+
+An unknown key in the file, a value of the wrong type (file, environment or command
+line) or an invalid combination raises :class:`ConfigError`, naming the key or the
+variable and the problem. ``cfg.provenance["image.niter"]`` says where a value came
+from: ``"default"``, ``"file:PATH"``, ``"env:NAME"`` or ``"cli"``; ``contimg config
+show`` prints the effective configuration with it (:func:`to_toml` output loads back
+to an equal configuration).
+
+This module is the only one that reads environment variables. Library functions whose
+parameter is ``None`` take the value from :func:`current`: the configuration the
+command line installed with :func:`use`, else ``load_config()`` (file and environment
+read afresh at each call). Dask workers of a ``LocalCluster`` the CLI starts get the
+file through ``CONTIMG_CONFIG`` in their environment; the stream passes everything a
+stage needs as arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "Config", "ConfigError", "PathsConfig", "DaskConfig", "StreamSettings", "FlagConfig",
+    "CalibrateConfig", "ImageConfig", "ScienceConfig", "AppConfig", "SECTIONS",
+    "ENVIRONMENT", "load_config", "current", "use", "add_options", "from_args",
+    "to_toml", "to_table", "parse_threshold", "load_flag_strategy", "ensure_environment",
+]
+
+STAGES = ("convert", "flag", "calibrate", "apply", "image")   # see contimg.pipeline
+W_MODES = ("auto", "snapshot", "wstack")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message names it and the problem."""
+
+
+def parse_threshold(text) -> float:
+    """``"1e-3"``, ``"0.5mJy"``, ``"2uJy"``, ``"0.001Jy"`` -> Jy (float)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(|jy|mjy|ujy|µjy)\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"threshold {text!r}: expected a number of Jy or e.g. '0.5mJy'")
+    scale = {"": 1.0, "jy": 1.0, "mjy": 1e-3, "ujy": 1e-6, "µjy": 1e-6}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def setting(default, help, *, env=None, flags=(), choices=None, parse=None, metavar=None):
+    """A configuration field: its default, one line of help, the environment variable
+    that sets it, its command-line flags (the first is the name; ``--no-X`` for a
+    boolean that is on by default), the values it may take and a text parser."""
+    md = {"help": help, "env": env, "flags": tuple(flags), "choices": choices,
+          "parse": parse, "metavar": metavar}
+    return field(default=default, metadata=md)
+
+
+# ---------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------
+
+class _Section:
+    """Checks every field's type and choices on construction (also when built by hand)."""
+
+    def __post_init__(self):
+        self._check_fields(type(self))
+        self._check()
+
+    def _check_fields(self, cls, skip=()):
+        for spec in _own_specs(cls).values():
+            if spec.name in skip:
+                continue
+            value = _from_value(spec, getattr(self, spec.name), spec.name)
+            object.__setattr__(self, spec.name, value)
+
+    def _check(self):
+        pass
+
+
+@dataclass(frozen=True)
+class PathsConfig(_Section):
+    """Where state and products live."""
+
+    db: Path | None = setting(None, "state database (default <state_dir>/db/pipeline.sqlite3)",
+                              env="PIPELINE_DB", flags=("--db",), metavar="PATH")
+    state_dir: Path = setting(Path("state"), "state directory (holds db/pipeline.sqlite3)",
+                              env="PIPELINE_STATE_DIR")
+    output: Path | None = setting(None, "products directory (ms/, cal/, images/ below it)",
+                                  flags=("--output",), metavar="DIR")
+    incoming: Path | None = setting(None, "directory the subband files arrive in",
+                                    flags=("--incoming",), metavar="DIR")
+
+
+@dataclass(frozen=True)
+class DaskConfig(_Section):
+    """The Dask cluster the commands use."""
+
+    scheduler: str = setting("", "address of a Dask scheduler ('': start a LocalCluster)",
+                             flags=("--scheduler",), metavar="ADDRESS")
+    workers: int = setting(1, "LocalCluster worker processes (the cores are shared among "
+                           "them as threads)", flags=("--workers",))
+    dashboard_address: str = setting(":0", "LocalCluster dashboard address (':0': any port)")
+
+    def _check(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class StreamSettings(_Section):
+    """The streaming service (see :mod:`contimg.stream`); defaults suit the telescope."""
+
+    n_subbands: int = setting(16, "subbands per group", flags=("--subbands",))
+    tolerance_s: float = setting(60.0, "file-name timestamps of one group differ by at "
+                                 "most this (s)", flags=("--tolerance",))
+    poll_s: float = setting(2.0, "polling period, s (filesystem notifications wake it "
+                            "earlier)", flags=("--poll",))
+    settle_s: float = setting(3.0, "a file is complete once its size was stable this long "
+                              "(s) and its HDF5 header opens", flags=("--settle",))
+    bad_file_grace_s: float = setting(60.0, "a stable file whose header does not open this "
+                                      "long is bad (s)", flags=("--bad-file-grace",))
+    group_timeout_s: float = setting(600.0, "an incomplete group waits this long after its "
+                                     "first file (s), then the incomplete policy applies",
+                                     flags=("--group-timeout",))
+    incomplete: str = setting("process", "incomplete group after the timeout: process it "
+                              "with the missing subbands flagged (if at least min_subbands) "
+                              "or fail it", flags=("--incomplete",),
+                              choices=("process", "fail"))
+    min_subbands: int = setting(12, "fewest subbands the 'process' policy accepts (at "
+                                "most n_subbands when not set)",
+                                flags=("--min-subbands",))
+    in_flight: int = setting(2, "groups processed at once", flags=("--in-flight",))
+    image_slots: int = setting(1, "image stages run at once (imaging a full group needs "
+                               "~3.5 GB)", flags=("--image-slots",))
+    image_mgain: float = setting(0.9, "major-cycle gain of the stream's quick-look images "
+                                 "(one major cycle fewer than [image] mgain's 0.8, same "
+                                 "residual noise on a full group)")
+    max_retries: int = setting(2, "failed attempts of a group re-queued before it is failed",
+                               flags=("--max-retries",))
+    stale_after_s: float = setting(1800.0, "an in-progress group whose owner is gone, or "
+                                   "silent this long (s), goes back to pending",
+                                   flags=("--stale-after",))
+    skip: frozenset[str] = setting(frozenset(), "stages not to run (comma-separated on the "
+                                   "command line)", flags=("--skip",),
+                                   choices=STAGES, metavar="STAGE,...")
+    placement: str = setting("any", "which worker reads which file: 'any' (shared disk), "
+                             "'discover' (ask the workers) or a JSON file {worker: [dirs]}",
+                             flags=("--placement",))
+    flag_in_convert: bool = setting(True, "flag while converting (placement 'any')")
+    calibration_wait_s: float = setting(900.0, "apply waits this long at most for a "
+                                        "calibrator group in flight to solve (s)")
+    status_every_s: float = setting(30.0, "period of the queue summary in the log (s)")
+    use_notifications: bool = setting(True, "watch the incoming directory with filesystem "
+                                      "notifications (polling stays the safety net)")
+    collecting_timeout_s: float = setting(3600.0, "housekeeping fails collecting groups "
+                                          "older than this (s)",
+                                          flags=("--collecting-timeout",))
+    tmp_age_hours: float = setting(6.0, "housekeeping removes temporary outputs older than "
+                                   "this even if their process may live",
+                                   flags=("--tmp-age-hours",))
+
+    def _check(self):
+        if "convert" in self.skip:
+            raise ValueError("skip convert: every later stage needs the MS")
+        if not 1 <= self.min_subbands <= self.n_subbands:
+            raise ValueError(f"min_subbands={self.min_subbands}: must be 1..{self.n_subbands}")
+        for name in ("in_flight", "image_slots", "n_subbands"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class FlagConfig(_Section):
+    """The RFI flagger: the keys of :class:`graphs.flag.FlagStrategy` in ``[flag]``, and
+    optionally a strategy file whose keys override them (``contimg flag --strategy``)."""
+
+    strategy_file: Path | None = setting(None, "flagging strategy: a TOML file of "
+                                         "graphs.flag.FlagStrategy keys (top level or a "
+                                         "[flag] table)", flags=("--strategy", "--flag-strategy"),
+                                         metavar="FILE")
+    #: every FlagStrategy key with its value, in its order (complete after construction)
+    options: tuple = field(default=(), metadata={"internal": True})
+
+    def _check(self):
+        st = _flag_strategy_class()(**dict(self.options))
+        object.__setattr__(self, "options", tuple(
+            (k, tuple(v) if isinstance(v, list) else v) for k, v in st.to_dict().items()))
+
+    @property
+    def strategy(self):
+        """The flagger's :class:`graphs.flag.FlagStrategy` (a fresh copy)."""
+        return _flag_strategy_class()(**dict(self.options))
+
+    def __getattr__(self, name):   # cfg.flag.threshold, ...
+        opts = dict(object.__getattribute__(self, "options"))
+        if name in opts:
+            return opts[name]
+        raise AttributeError(name)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(_Section):
+    """Calibrator matching, solving and applying."""
+
+    catalog: str | None = setting(None, "calibrator list: CSV, SQLite or VLA list format "
+                                  "(default: the built-in Perley-Butler 2017 list)",
+                                  env="VLA_CATALOG", flags=("--catalog",), metavar="FILE")
+    match_radius_deg: float = setting(1.5, "calibrators within this of the pointing "
+                                      "declination match (deg; half the beam FWHM)",
+                                      env="CAL_MATCH_RADIUS_DEG")
+    match_topn: int = setting(3, "the brightest this many matches are kept",
+                              env="CAL_MATCH_TOPN")
+    pointing_dec_deg: float | None = setting(None, "pointing declination (deg) when the data "
+                                             "do not say (default 54.57)",
+                                             env="PIPELINE_POINTING_DEC_DEG")
+    refant: int | None = setting(None, "reference antenna (default: chosen automatically)",
+                                 flags=("--refant",))
+    gain_interval: int = setting(1, "integrations per gain solution",
+                                 flags=("--gain-interval",))
+    gain_mode: str = setting("ap", "gains: amplitude+phase (ap) or phase only (p)",
+                             flags=("--gain-mode",), choices=("ap", "p"))
+    min_snr: float = setting(3.0, "flag solutions below this SNR", flags=("--min-snr",))
+    validity_hours: float = setting(12.0, "a calibration set is valid this long either side "
+                                    "of the calibrator's transit (h)")
+    interp: str = setting("linear", "apply: interpolation of the solutions in time",
+                          flags=("--interp",), choices=("linear", "nearest"))
+    apply_flag: bool = setting(True, "apply: flag samples whose solutions are flagged",
+                               flags=("--no-flag",))
+
+    def _check(self):
+        if self.match_topn < 1:
+            raise ValueError(f"match_topn must be >= 1, got {self.match_topn}")
+
+
+@dataclass(frozen=True)
+class ImageConfig(_Section):
+    """Continuum imaging (the keywords of :func:`contimg.imaging.image_dataset`, whose
+    docstring says what each does, plus ``data_column`` and ``workers`` of
+    ``contimg image``)."""
+
+    npix: int = setting(2048, "image size in pixels (square, even)", env="IMG_IMSIZE",
+                        flags=("--size", "--imsize"))
+    cell_arcsec: float = setting(6.0, "pixel size, arcsec", flags=("--cell",))
+    weighting: str = setting("briggs", "visibility weighting", flags=("--weighting",),
+                             choices=("natural", "uniform", "briggs"))
+    robust: float = setting(0.0, "Briggs robust parameter", env="IMG_ROBUST",
+                            flags=("--robust",))
+    epsilon: float = setting(1e-4, "gridding accuracy (< 1e-5 runs in double precision)",
+                             flags=("--epsilon",))
+    niter: int = setting(1000, "maximum CLEAN components (0: dirty image only)",
+                         env="IMG_NITER", flags=("--niter",))
+    threshold: float = setting(0.0, "absolute CLEAN threshold, Jy (or e.g. 0.5mJy)",
+                               env="IMG_THRESHOLD", flags=("--threshold",),
+                               parse=parse_threshold)
+    auto_threshold_sigma: float = setting(3.0, "CLEAN down to this many times the residual's "
+                                          "robust rms (0: off)", flags=("--auto-threshold",))
+    algorithm: str = setting("clark", "CLEAN minor cycles", flags=("--algorithm",),
+                             choices=("clark", "hogbom"))
+    gain: float = setting(0.1, "CLEAN loop gain", flags=("--gain",))
+    mgain: float = setting(0.8, "major-cycle gain (contimg image and library calls; the "
+                           "stream uses [stream] image_mgain)", flags=("--mgain",))
+    max_major: int = setting(10, "at most this many major cycles")
+    clark_patch: int | None = setting(None, "half-size of the Clark PSF patch, pixels "
+                                      "(default npix/8, >= 32)")
+    gridder: str = setting("contimg", "gridder (ducc0: for comparison)", flags=("--gridder",),
+                           choices=("contimg", "ducc0"))
+    nthreads: int = setting(1, "threads per gridding task", flags=("--threads",))
+    grid_tasks: int | None = setting(None, "gridding tasks per image (default: the "
+                                     "scheduler's thread count)")
+    persist: bool = setting(True, "keep the Stokes I visibilities in memory between major "
+                            "cycles")
+    pb_cutoff: float = setting(0.1, "primary-beam level below which the PB-corrected image "
+                               "is NaN")
+    double: bool = setting(False, "grid in double precision")
+    uv_min_lambda: float = setting(0.0, "image only baselines at least this long "
+                                   "(wavelengths)")
+    uv_max_lambda: float | None = setting(None, "image only baselines at most this long "
+                                          "(wavelengths)")
+    psf_wterm: bool = setting(False, "make the PSF with the w term")
+    mask_radius_arcsec: float = setting(60.0, "CLEAN mask radius around mask_sources, "
+                                        "arcsec")
+    average: bool = setting(True, "baseline-dependent averaging within smear_loss (--no-"
+                            "average: grid every visibility)", flags=("--no-average",))
+    smear_loss: float = setting(0.01, "largest amplitude loss from averaging at the smear "
+                                "radius", flags=("--smear-loss",))
+    smear_radius_deg: float | None = setting(None, "where the smearing loss is budgeted, deg "
+                                             "(default: the primary beam's half-power radius "
+                                             "or the image's half-width, the smaller)",
+                                             flags=("--smear-radius",))
+    w_mode: str = setting("auto", "w term: snapshot (2-D in the baselines' plane), wstack "
+                          "(exact) or auto (the snapshot when it loses at most w_loss)",
+                          flags=("--w-mode",), choices=W_MODES)
+    w_loss: float = setting(3e-3, "the snapshot's loss budget for w_mode auto",
+                            flags=("--w-loss",))
+    data_column: str | None = setting(None, "MS column (default CORRECTED_DATA if present, "
+                                      "else DATA)", flags=("--data-column",))
+    workers: int = setting(0, "contimg image: local Dask worker processes (0: threads in "
+                           "this process)", flags=("--workers",))
+
+    def _check(self):
+        if self.npix < 16 or self.npix % 2:
+            raise ValueError(f"npix must be even and >= 16, got {self.npix}")
+        if not self.cell_arcsec > 0:
+            raise ValueError(f"cell_arcsec must be positive, got {self.cell_arcsec}")
+
+    def dataset_options(self) -> dict:
+        """The keywords of ``image_dataset`` (everything but data_column and workers)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("data_column", "workers")}
+
+
+@dataclass(frozen=True)
+class ScienceConfig(_Section):
+    """Science products: photometry, variability, mosaics."""
+
+    photometry_pb_cut: float = setting(0.2, "forced photometry only where the primary beam "
+                                       "is above this")
+    match_radius_arcsec: float = setting(10.0, "catalogue cross-match radius, arcsec")
+    ese_preset: str = setting("default", "extreme-scattering-event detection preset")
+    mosaic_hour_utc: int | None = setting(None, "hour (UTC) the nightly mosaic is built",
+                                          env="SCHED_MOSAIC_HOUR_UTC")
+    reference_min_snr: float = setting(20.0, "reference sources need at least this SNR")
+
+    def _check(self):
+        if self.mosaic_hour_utc is not None and not 0 <= self.mosaic_hour_utc <= 23:
+            raise ValueError(f"mosaic_hour_utc must be 0..23, got {self.mosaic_hour_utc}")
+
+
+@dataclass(frozen=True)
+class AppConfig(_Section):
+    """The operators' app (Panel pages and REST API)."""
+
+    address: str = setting("127.0.0.1", "address the app listens on")
+    port: int = setting(5006, "port the app listens on")
+    scheduler: str = setting("", "Dask scheduler the app shows")
+    dashboard_url: str = setting("", "Dask dashboard URL linked from the app")
+    cookie_secret: str = setting("", "secret that signs the app's cookies",
+                                 env="CONTIMG_APP_COOKIE_SECRET")
+    oauth_provider: str = setting("", "OAuth provider ('': local accounts)")
+    oauth_key: str = setting("", "OAuth client key")
+    oauth_secret: str = setting("", "OAuth client secret")
+    login_max_failures: int = setting(5, "failed logins before the back-off starts")
+    login_backoff_s: float = setting(1.0, "back-off after failed logins, s (doubles)")
+
+
+SECTIONS: dict[str, type] = {
+    "paths": PathsConfig, "dask": DaskConfig, "stream": StreamSettings, "flag": FlagConfig,
+    "calibrate": CalibrateConfig, "image": ImageConfig, "science": ScienceConfig,
+    "app": AppConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration; ``provenance`` maps ``"section.field"`` to where its
+    value came from (not part of equality)."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dask: DaskConfig = field(default_factory=DaskConfig)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    flag: FlagConfig = field(default_factory=FlagConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    science: ScienceConfig = field(default_factory=ScienceConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    provenance: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def items(self):
+        """``("section.field", value)`` for every setting, in order."""
+        for name in SECTIONS:
+            for key, value in _section_items(self, name):
+                yield f"{name}.{key}", value
+
+
+# ---------------------------------------------------------------------------------
+# field specs and values
+# ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    hint: Any
+    default: Any
+    md: Mapping
+
+
+def _flag_strategy_class():
+    from graphs.flag import FlagStrategy
+
+    return FlagStrategy
+
+
+@functools.cache
+def _own_specs(cls) -> dict[str, _Spec]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _Spec(f.name, hints[f.name], f.default, f.metadata) for f in fields(cls)
+            if f.init and not f.metadata.get("internal")}
+
+
+@functools.cache
+def _strategy_specs() -> dict[str, _Spec]:
+    cls = _flag_strategy_class()
+    hints = typing.get_type_hints(cls)
+    return {f.name: _Spec(f.name, hints[f.name], f.default, {"help": ""}) for f in fields(cls)}
+
+
+def _spec(section: str, name: str, where: str) -> _Spec:
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section [{section}]{_suggest(section, SECTIONS)}"
+                          f"; sections: {', '.join(SECTIONS)}")
+    specs = dict(_own_specs(SECTIONS[section]))
+    if section == "flag":
+        specs.update(_strategy_specs())
+    if name not in specs:
+        raise ConfigError(f"{where}: unknown key {name!r} in [{section}]"
+                          f"{_suggest(name, specs)}")
+    return specs[name]
+
+
+def _suggest(name, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unpack(hint):
+    """(base type, container or None, optional)."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    origin = typing.get_origin(hint)
+    if origin in (tuple, frozenset):
+        return typing.get_args(hint)[0], origin, optional
+    return hint, None, optional
+
+
+_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+          "Path": "a path (string)"}
+
+
+def _scalar(base, value, text: bool):
+    if text:
+        value = value.strip()
+        if base is bool:
+            low = value.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        return base(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if isinstance(value, bool):
+        raise ValueError
+    if base is int:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        raise ValueError
+    if base is float and isinstance(value, (int, float)):
+        return float(value)
+    if base is str and isinstance(value, str):
+        return value
+    if base is Path and isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ValueError
+
+
+def _convert(spec: _Spec, value, where: str, text: bool):
+    base, container, optional = _unpack(spec.hint)
+    parse = spec.md.get("parse")
+    if value is None or (text and optional and not value.strip()):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    try:
+        if parse is not None and (text or isinstance(value, str)):
+            out = parse(value)
+        elif container is not None:
+            items = ([v for v in value.split(",") if v.strip()] if isinstance(value, str)
+                     else list(value) if isinstance(value, (list, tuple, set, frozenset))
+                     else None)
+            if items is None:
+                raise ValueError
+            out = container(_scalar(base, v, isinstance(v, str) and base is not str)
+                            for v in items)
+            if container is frozenset and base is str:
+                out = frozenset(v.strip() for v in out)
+        else:
+            out = _scalar(base, value, text)
+    except (ValueError, TypeError) as exc:
+        what = _WORDS.get(getattr(base, "__name__", ""), str(base))
+        if container is not None:
+            what = f"a list of {what.removeprefix('an ').removeprefix('a ')}s"
+        detail = f" ({exc})" if str(exc) else ""
+        raise ConfigError(f"{where}: {value!r} is not {what}{detail}") from None
+    choices = spec.md.get("choices")
+    if choices is not None:
+        bad = sorted(set(out if container else [out]) - set(choices))
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(map(repr, bad))} not one of "
+                              f"{', '.join(choices)}")
+    return out
+
+
+def _from_value(spec, value, where):
+    """A value from TOML, a keyword or the command line (already typed)."""
+    return _convert(spec, value, where, text=False)
+
+
+def _from_text(spec, text, where):
+    """A value from an environment variable (text)."""
+    return _convert(spec, text, where, text=True)
+
+
+# ---------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------
+
+#: the operators' environment variables -> "section.field"
+ENVIRONMENT: dict[str, str] = {
+    spec.md["env"]: f"{name}.{spec.name}" for name, cls in SECTIONS.items()
+    for spec in _own_specs(cls).values() if spec.md.get("env")}
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what}: not valid TOML ({exc})") from None
+
+
+def load_config(path=None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """The configuration from the defaults < ``path`` (else ``$CONTIMG_CONFIG``) <
+    the environment ``env`` (default ``os.environ``) < ``overrides`` (``{"image.niter":
+    50}`` or ``{"image": {"niter": 50}}``; the command line's)."""
+    env = os.environ if env is None else env
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    prov: dict[str, str] = {}
+
+    def put(section, name, value, source):
+        values[section][name] = value
+        prov[f"{section}.{name}"] = source
+
+    if path is None and env.get("CONTIMG_CONFIG"):
+        path, what = Path(env["CONTIMG_CONFIG"]), f"CONTIMG_CONFIG={env['CONTIMG_CONFIG']}"
+    else:
+        what = str(path)
+    if path is not None:
+        path = Path(path)
+        for section, table in _read_toml(path, what).items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section!r} must be a table ([{section}]); "
+                                  f"sections: {', '.join(SECTIONS)}")
+            for name, raw in table.items():
+                spec = _spec(section, name, str(path))
+                put(section, name, _from_value(spec, raw, f"{path}: [{section}] {name}"),
+                    f"file:{path}")
+    for var, key in ENVIRONMENT.items():
+        raw = env.get(var)
+        if raw is not None and raw.strip():
+            section, name = key.split(".")
+            spec = _spec(section, name, var)
+            put(section, name, _from_text(spec, raw, f"{var}={raw!r} ({key})"), f"env:{var}")
+    for key, raw in _flatten(overrides or {}):
+        section, _, name = key.partition(".")
+        spec = _spec(section, name, key)
+        put(section, name, _from_value(spec, raw, f"{key}"), "cli")
+    sfile = values["flag"].get("strategy_file")
+    if sfile is not None:
+        data = _read_toml(Path(sfile), f"flag strategy {sfile}")
+        table = data["flag"] if isinstance(data.get("flag"), dict) else data
+        for name, raw in table.items():
+            spec = _spec("flag", name, f"flag strategy {sfile}")
+            if spec.name == "strategy_file":
+                raise ConfigError(f"flag strategy {sfile}: strategy_file inside a strategy")
+            put("flag", name, _from_value(spec, raw, f"{sfile}: {name}"), f"file:{sfile}")
+    st = values["stream"]
+    if "min_subbands" not in st and st.get("n_subbands", 16) < StreamSettings.min_subbands:
+        st["min_subbands"] = st["n_subbands"]     # the default, for fewer subbands
+    if values["paths"].get("db") is None:
+        state = values["paths"].get("state_dir", PathsConfig.state_dir)
+        values["paths"]["db"] = Path(state) / "db" / "pipeline.sqlite3"
+        if "paths.state_dir" in prov:
+            prov["paths.db"] = prov["paths.state_dir"]
+    sections = {}
+    for name, cls in SECTIONS.items():
+        kw = values[name]
+        if name == "flag":
+            own = _own_specs(cls)
+            kw = {k: v for k, v in kw.items() if k in own}
+            kw["options"] = tuple((k, v) for k, v in values[name].items() if k not in own)
+        try:
+            sections[name] = cls(**kw)
+        except (ValueError, TypeError) as exc:
+            keys = sorted(k for k in prov if k.startswith(name + "."))
+            came = "; ".join(f"{k} from {prov[k]}" for k in keys) or "defaults"
+            raise ConfigError(f"[{name}]: {exc} ({came})") from None
+    cfg = Config(**sections)
+    full = {key: prov.get(key, "default") for key, _ in cfg.items()}
+    return dataclasses.replace(cfg, provenance=types.MappingProxyType(full))
+
+
+def _flatten(overrides: Mapping) -> list:
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and "." not in key:
+            out.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            out.append((key, value))
+    return out
+
+
+_ACTIVE: Config | None = None
+
+
+def use(cfg: Config | None) -> Config | None:
+    """Make ``cfg`` the configuration :func:`current` returns in this process (the CLI
+    does, once); ``None`` goes back to reading the file and environment at each call.
+    Returns the previous one."""
+    global _ACTIVE
+    prev, _ACTIVE = _ACTIVE, cfg
+    return prev
+
+
+def current() -> Config:
+    """The configuration library defaults come from (see the module docstring)."""
+    return _ACTIVE if _ACTIVE is not None else load_config()
+
+
+def ensure_environment() -> None:
+    """Set what this process's libraries read from the environment, unless the operator
+    did: ``HDF5_USE_FILE_LOCKING=FALSE`` (subband files are read while the correlator
+    may still hold them; HDF5 reads it when a file is opened). Called by
+    :func:`contimg.runtime.configure`."""
+    os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+
+def load_flag_strategy(obj=None):
+    """A :class:`graphs.flag.FlagStrategy` from a strategy, a mapping, a TOML file path or
+    TOML text (top level or a ``[flag]`` table), or None (the configured ``[flag]``)."""
+    cls = _flag_strategy_class()
+    if isinstance(obj, cls):
+        return obj
+    if obj is None:
+        return current().flag.strategy
+    if isinstance(obj, Mapping):
+        return cls.from_mapping(obj)
+    s = str(obj)
+    if isinstance(obj, os.PathLike) or ("\n" not in s and "=" not in s):
+        data = _read_toml(Path(s), f"flag strategy {s}")
+    else:
+        try:
+            data = tomllib.loads(s)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"flag strategy: not valid TOML ({exc}): {s[:80]!r}") from None
+    return cls.from_mapping(data)
+
+
+# ---------------------------------------------------------------------------------
+# output: TOML and a table
+# ---------------------------------------------------------------------------------
+
+def _section_items(cfg: Config, name: str):
+    sec = getattr(cfg, name)
+    for spec in _own_specs(type(sec)).values():
+        yield spec.name, getattr(sec, spec.name)
+    if name == "flag":
+        yield from sec.options
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")) \
+            if not math.isfinite(v) else repr(v)
+    if isinstance(v, (str, Path)):
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, (tuple, list, frozenset, set)):
+        items = sorted(v) if isinstance(v, (frozenset, set)) else v
+        return "[" + ", ".join(_toml_value(x) for x in items) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config, *, sources: bool = True) -> str:
+    """The configuration as a TOML file (loads back equal); each line says where its
+    value came from. Unset optional values are comments."""
+    lines = ["# contimg configuration: defaults < file < environment < command line"]
+    for name in SECTIONS:
+        lines.append(f"\n[{name}]")
+        for key, value in _section_items(cfg, name):
+            src = cfg.provenance.get(f"{name}.{key}", "default")
+            note = f"  # {src}" if sources else ""
+            if value is None:
+                lines.append(f"# {key} = (unset){note}")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}{note}")
+    return "\n".join(lines) + "\n"
+
+
+def to_table(cfg: Config) -> str:
+    """The configuration as aligned ``key  value  source`` lines."""
+    rows = [(k, "-" if v is None else _toml_value(v), cfg.provenance.get(k, "default"))
+            for k, v in cfg.items()]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = min(60, max(len(r[1]) for r in rows))
+    return "\n".join(f"{k:<{w0}}  {v:<{w1}}  {s}" for k, v, s in rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------
+# the command line, derived from the fields
+# ---------------------------------------------------------------------------------
+
+def add_options(parser: argparse.ArgumentParser, *keys: str) -> None:
+    """Add the command-line options of configuration fields (``"stream.poll_s"``, or
+    ``"stream.*"`` for every field of a section that has flags). An option the user does
+    not give leaves the value to the file, the environment or the default."""
+    for key in keys:
+        section, _, name = key.partition(".")
+        specs = (list(_own_specs(SECTIONS[section]).values()) if name == "*"
+                 else [_spec(section, name, "add_options")])
+        for spec in specs:
+            if spec.md.get("flags"):
+                _add_option(parser, section, spec)
+            elif name != "*":
+                raise ValueError(f"{key}: this field has no command-line flag")
+
+
+def _add_option(parser, section, spec):
+    flags = spec.md["flags"]
+    dest = f"{section}.{spec.name}"
+    base, container, _ = _unpack(spec.hint)
+    default = spec.default
+    shown = ",".join(sorted(default)) if isinstance(default, frozenset) else default
+    extra = [dest]
+    if shown not in (None, "", ","):
+        extra.append(f"default {shown!s}")
+    if spec.md.get("env"):
+        extra.append(f"env {spec.md['env']}")
+    help_ = f"{spec.md['help']} [{'; '.join(extra)}]".replace("%", "%%")
+    kw = dict(dest=dest, default=argparse.SUPPRESS, help=help_)
+    if base is bool and container is None:
+        kw["action"] = "store_false" if flags[0].startswith("--no-") else "store_true"
+    else:
+        def parse(text, spec=spec, flag=flags[0]):
+            try:
+                return _from_text(spec, text, flag)
+            except ConfigError as exc:
+                raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+
+        parse.__name__ = spec.name
+        kw["type"] = parse
+        if spec.md.get("metavar"):
+            kw["metavar"] = spec.md["metavar"]
+        elif spec.md.get("choices") and container is None:
+            kw["metavar"] = "{" + ",".join(spec.md["choices"]) + "}"
+        else:
+            kw["metavar"] = flags[0].lstrip("-").upper().replace("-", "_")
+    parser.add_argument(*flags, **kw)
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration of a parsed command line: ``args.config`` (the file) and every
+    ``section.field`` option given."""
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return load_config(getattr(args, "config", None), env, overrides)
