@@ -477,7 +477,7 @@ def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
         flag_b = flag_in.astype(bool).rechunk(vis_b.chunks)
     is_auto = da.from_array(ant1 == ant2, chunks=(vis_b.chunks[1],))
     args = st.kernel_args()
-    tok = tokenize(vis_b, flag_b, st.to_json())
+    tok = tokenize(vis_b, flag_b, st.to_json(), ant1, ant2, n_ant)
 
     codes = da.blockwise(
         partial(_flag_block, args=args), "tbfp", vis_b, "tbfp", flag_b, "tbfp",

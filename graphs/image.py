@@ -148,12 +148,12 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
         uvw_new = da.from_array(uvw_target, chunks=(tchunks, bchunks, 3), name=False)
         vis_i = da.blockwise(_vis_i_block, "tbf", vis, "tbfp", flag, "tbfp", weight, "tbfp",
                              uvw_old, "tbc", uvw_new, "tbc", freq, "f", concatenate=True,
-                             dtype=np.complex64, name="stokes-i-rephase")
+                             dtype=np.complex64, token="stokes-i-rephase")
         uvw_out = uvw_new
     else:
         vis_i = da.blockwise(_vis_i_block, "tbf", vis, "tbfp", flag, "tbfp", weight, "tbfp",
                              uvw_old, "tbc", None, None, freq, "f", concatenate=True,
-                             dtype=np.complex64, name="stokes-i")
+                             dtype=np.complex64, token="stokes-i")
         uvw_out = uvw_old
     cross = np.asarray(ds.baseline_antenna1_id.values != ds.baseline_antenna2_id.values,
                        dtype=np.float32)
@@ -161,7 +161,7 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
     uv_min, uv_max = float(uv_range[0]), float(uv_range[1])
     w_i = da.blockwise(_w_i_block, "tbf", vis, "tbfp", flag, "tbfp", weight, "tbfp",
                        cross, "b", uvw_out, "tbc", freq, "f", concatenate=True,
-                       dtype=np.float32, name="weight-i", uv_min=uv_min, uv_max=uv_max)
+                       dtype=np.float32, token="weight-i", uv_min=uv_min, uv_max=uv_max)
     out = xr.Dataset(
         {
             "VIS_I": (VIS_DIMS[:3], vis_i),
@@ -492,7 +492,7 @@ def density(dsi: xr.Dataset, npix_x, npix_y, cell_x_rad, cell_y_rad=None):
     g = da.blockwise(_density_block, "tbfxy", w, "tbf", uvw, "tbc",
                      freq, "f", concatenate=True, dtype=np.float64,
                      new_axes={"x": npix_x, "y": npix_y},
-                     adjust_chunks={"t": 1, "b": 1, "f": 1}, name="uv-density",
+                     adjust_chunks={"t": 1, "b": 1, "f": 1}, token="uv-density",
                      nu=npix_x, nv=npix_y, du=du, dv=dv)
     return g.sum(axis=(0, 1, 2), split_every=4), du, dv
 
@@ -547,11 +547,11 @@ def weight_sums(dsi: xr.Dataset, wspec: WeightSpec):
         s = da.blockwise(_weight_sum_rows_block, "tbfxy", w, "tbf", uvw, "tbc", freq, "f",
                          ti, "tbf", fi, "tbf", g, gi, concatenate=True, dtype=np.float64,
                          new_axes={"x": nt, "y": nf}, adjust_chunks={"t": 1, "b": 1, "f": 1},
-                         name="weight-sums-rows", wspec=wspec, nt=nt, nf=nf)
+                         token="weight-sums-rows", wspec=wspec, nt=nt, nf=nf)
         return s.sum(axis=(0, 1, 2), split_every=8)
     s = da.blockwise(_weight_sum_block, "tbf", dsi.WEIGHT_I.data, "tbf", _uvw_arr(dsi),
                      "tbc", _freq_arr(dsi), "f", g, gi, concatenate=True, dtype=np.float64,
-                     adjust_chunks={"b": 1}, name="weight-sums", wspec=wspec)
+                     adjust_chunks={"b": 1}, token="weight-sums", wspec=wspec)
     return s.sum(axis=1)
 
 
@@ -574,7 +574,7 @@ def grid_index(dsi: xr.Dataset, plan, wspec: WeightSpec = WeightSpec(), *, nthre
     _v, w, uvw, freq = _cube(dsi)
     return da.blockwise(_index_block, "tbf", w, "tbf", uvw, "tbc", freq, "f", g, gi,
                         concatenate=True, dtype=object,
-                        adjust_chunks={"t": 1, "b": 1, "f": 1}, name="grid-index",
+                        adjust_chunks={"t": 1, "b": 1, "f": 1}, token="grid-index",
                         plan=plan, wspec=wspec, nthreads=nthreads)
 
 
@@ -680,6 +680,6 @@ def dirty_image(dsi: xr.Dataset, plan, wspec: WeightSpec = WeightSpec(), *, mode
         _dirty_block, "tbfxy", vis, "tbf", w, "tbf", uvw, "tbc", freq, "f", g, gi, *margs,
         *iargs, concatenate=True, align_arrays=index is None,
         dtype=plan.image_dtype, new_axes=new_axes, adjust_chunks={"t": 1, "b": 1, "f": 1},
-        name=f"grid-{name}", plan=plan, wspec=wspec, psf=psf, gridder=gridder,
+        token=f"grid-{name}", plan=plan, wspec=wspec, psf=psf, gridder=gridder,
         nthreads=nthreads, epsilon=plan.epsilon if epsilon is None else epsilon)
     return imgs.sum(axis=(0, 1, 2), split_every=4, dtype=plan.image_dtype)
