@@ -20,6 +20,7 @@ import gc
 import importlib
 import logging
 import os
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -79,8 +80,29 @@ def local_dask():
     or deadlock when the stage computes with the threaded scheduler."""
     import dask
 
-    with dask.config.set({"scheduler": "threads", "array.rechunk.method": "tasks"}):
+    # dask's configuration is process-wide and ``config.set`` restores what it saw on
+    # entry: two worker threads running stages at once would unset it under each
+    # other's feet and leave it set for good. The first stage in sets it, the last out
+    # restores it.
+    global _LOCAL_USERS, _LOCAL_CFG
+    with _LOCAL_LOCK:
+        if _LOCAL_USERS == 0:
+            _LOCAL_CFG = dask.config.set({"scheduler": "threads",
+                                          "array.rechunk.method": "tasks"})
+        _LOCAL_USERS += 1
+    try:
         yield
+    finally:
+        with _LOCAL_LOCK:
+            _LOCAL_USERS -= 1
+            if _LOCAL_USERS == 0:
+                _LOCAL_CFG.__exit__(None, None, None)
+                _LOCAL_CFG = None
+
+
+_LOCAL_LOCK = threading.Lock()
+_LOCAL_USERS = 0
+_LOCAL_CFG = None
 
 
 def _worker_threads() -> int:

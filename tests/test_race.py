@@ -26,8 +26,6 @@ import threading
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROUNDS = 4  # rounds of (one after the other, both at once)
 KW = dict(npix=128, cell_arcsec=20.0, niter=150, auto_threshold_sigma=0.0, threshold=0.01,
           mgain=0.5, grid_tasks=2)
@@ -78,6 +76,7 @@ def _worker(files_json, out_dir):
         json.dump({"n_images": len(results), "n_major": majors}, fh)
 
 
+@pytest.mark.slow
 def test_two_threads_of_one_process_give_identical_images(tmp_path):
     import datetime as dt
 
@@ -105,6 +104,38 @@ def test_two_threads_of_one_process_give_identical_images(tmp_path):
                     err = float(np.abs(img - refs[g]).max() / np.abs(refs[g]).max())
                     bad.append(f"{kind} round {r} group {g}: max |diff| {err:.2e} of the peak")
     assert not bad, "images differ from the synchronous scheduler's:\n" + "\n".join(bad)
+
+
+def test_local_dask_holds_while_any_thread_is_inside():
+    """``contimg.pipeline.local_dask`` in two overlapping threads (two stages on one
+    worker): the threaded scheduler stays set until the last one leaves, then the
+    configuration is back to what it was (dask's configuration is process-wide)."""
+    import time
+
+    import dask
+
+    from contimg.pipeline import local_dask
+
+    before = dask.config.get("scheduler", None)
+    seen = []
+
+    def first():
+        with local_dask():
+            time.sleep(0.2)
+
+    def second():
+        time.sleep(0.05)
+        with local_dask():
+            time.sleep(0.3)  # ``first`` leaves meanwhile
+            seen.append(dask.config.get("scheduler", None))
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == ["threads"]
+    assert dask.config.get("scheduler", None) == before
 
 
 if __name__ == "__main__":
