@@ -156,42 +156,63 @@ def bda_average(vis, wgt, uvw, freq, tf, ff, start, chan0,
     middle). Output order: baseline, then time bin, then channel bin.
     """
     nt, nb, nf = vis.shape
+    no4 = np.empty((0, 0, 0, 2), dtype=np.float32)
+    _average_bins(False, vis, wgt, no4, no4 != 0, no4, uvw[:, :, 2], uvw, freq, tf[:0] == 0,
+                  0.0, 0.0, True, 0.0, tf, ff, start, chan0, out_vis, out_w, out_uvw,
+                  out_t, out_f)
+
+
+@njit(nogil=True, cache=True)
+def _average_bins(xxyy, vis, wgt, vis4, flag4, weight4, w_old, uvw, freq, cross, uv_min,
+                  uv_max, uniform, df, tf, ff, start, chan0,
+                  out_vis, out_w, out_uvw, out_t, out_f):
+    """The loop over the bins of a chunk in output order (baseline, time bin, channel
+    bin) shared by :func:`bda_average` (Stokes I ``vis``/``wgt``) and, with ``xxyy``,
+    :func:`bda_stokes_i` (``vis4``/``flag4``/``weight4`` and the rest of its arguments)."""
+    nt = uvw.shape[0]
+    nb = uvw.shape[1]
+    nf = freq.shape[0]
     for b in range(nb):
         k = start[b]
         tfb = tf[b]
         ffb = ff[b]
-        ntb = (nt + tfb - 1) // tfb
-        nfb = (nf + ffb - 1) // ffb
-        for it in range(ntb):
-            t0 = it * tfb
+        for t0 in range(0, nt, tfb):
             t1 = min(nt, t0 + tfb)
-            for jf in range(nfb):
-                f0 = jf * ffb
+            for f0 in range(0, nf, ffb):
                 f1 = min(nf, f0 + ffb)
-                sw = 0.0
-                sr = 0.0
-                si = 0.0
-                su = 0.0
-                sv = 0.0
-                sz = 0.0
-                for t in range(t0, t1):
-                    u = uvw[t, b, 0]
-                    v = uvw[t, b, 1]
-                    z = uvw[t, b, 2]
-                    for f in range(f0, f1):
-                        w = wgt[t, b, f]
-                        if w > 0.0:
-                            s = w * freq[f] / SPEED_OF_LIGHT
-                            x = vis[t, b, f]
-                            sw += w
-                            sr += w * x.real
-                            si += w * x.imag
-                            su += s * u
-                            sv += s * v
-                            sz += s * z
+                if not xxyy:
+                    sw, sr, si, su, sv, sz = _sum_bin(vis, wgt, uvw, freq, b, t0, t1, f0, f1)
+                elif cross[b]:
+                    sw, sr, si, su, sv, sz = _sum_bin_xxyy(
+                        vis4, flag4, weight4, w_old, uvw, freq, uv_min, uv_max, uniform, df,
+                        b, t0, t1, f0, f1)
+                else:
+                    sw = sr = si = su = sv = sz = 0.0
                 _store(k, b, t0, t1, f0, f1, chan0, sw, sr, si, su, sv, sz, uvw, freq,
                        out_vis, out_w, out_uvw, out_t, out_f)
                 k += 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sum_bin(vis, wgt, uvw, freq, b, t0, t1, f0, f1):
+    """Weighted sums (w, w Re V, w Im V, w u/lambda, w v/lambda, w w/lambda) of a bin."""
+    sw = sr = si = su = sv = sz = 0.0
+    for t in range(t0, t1):
+        u = uvw[t, b, 0]
+        v = uvw[t, b, 1]
+        z = uvw[t, b, 2]
+        for f in range(f0, f1):
+            w = wgt[t, b, f]
+            if w > 0.0:
+                s = w * freq[f] / SPEED_OF_LIGHT
+                x = vis[t, b, f]
+                sw += w
+                sr += w * x.real
+                si += w * x.imag
+                su += s * u
+                sv += s * v
+                sz += s * z
+    return sw, sr, si, su, sv, sz
 
 
 @njit(nogil=True, cache=True)
@@ -216,66 +237,56 @@ def bda_stokes_i(vis, flag, weight, w_old, uvw, freq, cross, uv_min, uv_max, tf,
             if abs((freq[f] - freq[f - 1]) - d0) > 1e-9 * abs(freq[f]):
                 uniform = False
     df = freq[1] - freq[0] if nf > 1 else 0.0
+    no3 = np.empty((0, 0, 0), dtype=np.complex64)
+    _average_bins(True, no3, no3.real, vis, flag, weight, w_old, uvw, freq, cross, uv_min,
+                  uv_max, uniform, df, tf, ff, start, chan0, out_vis, out_w, out_uvw,
+                  out_t, out_f)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sum_bin_xxyy(vis, flag, weight, w_old, uvw, freq, uv_min, uv_max, uniform, df, b, t0,
+                  t1, f0, f1):
+    """:func:`_sum_bin` of Stokes I from XX/YY, re-phased (see :func:`bda_stokes_i`)."""
     twopi_c = 2.0 * math.pi / SPEED_OF_LIGHT
-    for b in range(nb):
-        k = start[b]
-        tfb = tf[b]
-        ffb = ff[b]
-        ntb = (nt + tfb - 1) // tfb
-        nfb = (nf + ffb - 1) // ffb
-        for it in range(ntb):
-            t0 = it * tfb
-            t1 = min(nt, t0 + tfb)
-            for jf in range(nfb):
-                f0 = jf * ffb
-                f1 = min(nf, f0 + ffb)
-                sw = 0.0
-                sr = 0.0
-                si = 0.0
-                su = 0.0
-                sv = 0.0
-                sz = 0.0
-                if cross[b]:
-                    for t in range(t0, t1):
-                        u = uvw[t, b, 0]
-                        v = uvw[t, b, 1]
-                        z = uvw[t, b, 2]
-                        uvlen = math.sqrt(u * u + v * v)
-                        a = twopi_c * (w_old[t, b] - z)
-                        cr = math.cos(a * freq[f0])
-                        ci = math.sin(a * freq[f0])
-                        stc = math.cos(a * df)
-                        sts = math.sin(a * df)
-                        for f in range(f0, f1):
-                            if not uniform:
-                                cr = math.cos(a * freq[f])
-                                ci = math.sin(a * freq[f])
-                            wx = weight[t, b, f, 0]
-                            wy = weight[t, b, f, 1]
-                            ok = not (flag[t, b, f, 0] or flag[t, b, f, 1]) and wx > 0.0 \
-                                and wy > 0.0
-                            if ok:
-                                x = 0.5 * (vis[t, b, f, 0] + vis[t, b, f, 1])
-                                xr = x.real
-                                xi = x.imag
-                                ok = math.isfinite(xr) and math.isfinite(xi)
-                            if ok:
-                                s = freq[f] / SPEED_OF_LIGHT
-                                lam_len = uvlen * s
-                                ok = lam_len >= uv_min and lam_len <= uv_max
-                            if ok:
-                                w = 4.0 / (1.0 / wx + 1.0 / wy)
-                                sw += w
-                                sr += w * (xr * cr - xi * ci)
-                                si += w * (xr * ci + xi * cr)
-                                ws = w * s
-                                su += ws * u
-                                sv += ws * v
-                                sz += ws * z
-                            if uniform:
-                                tmp = cr * stc - ci * sts
-                                ci = cr * sts + ci * stc
-                                cr = tmp
-                _store(k, b, t0, t1, f0, f1, chan0, sw, sr, si, su, sv, sz, uvw, freq,
-                       out_vis, out_w, out_uvw, out_t, out_f)
-                k += 1
+    sw = sr = si = su = sv = sz = 0.0
+    for t in range(t0, t1):
+        u = uvw[t, b, 0]
+        v = uvw[t, b, 1]
+        z = uvw[t, b, 2]
+        uvlen = math.sqrt(u * u + v * v)
+        a = twopi_c * (w_old[t, b] - z)
+        cr = math.cos(a * freq[f0])
+        ci = math.sin(a * freq[f0])
+        stc = math.cos(a * df)
+        sts = math.sin(a * df)
+        for f in range(f0, f1):
+            if not uniform:
+                cr = math.cos(a * freq[f])
+                ci = math.sin(a * freq[f])
+            wx = weight[t, b, f, 0]
+            wy = weight[t, b, f, 1]
+            ok = not (flag[t, b, f, 0] or flag[t, b, f, 1]) and wx > 0.0 \
+                and wy > 0.0
+            if ok:
+                x = 0.5 * (vis[t, b, f, 0] + vis[t, b, f, 1])
+                xr = x.real
+                xi = x.imag
+                ok = math.isfinite(xr) and math.isfinite(xi)
+            if ok:
+                s = freq[f] / SPEED_OF_LIGHT
+                lam_len = uvlen * s
+                ok = lam_len >= uv_min and lam_len <= uv_max
+            if ok:
+                w = 4.0 / (1.0 / wx + 1.0 / wy)
+                sw += w
+                sr += w * (xr * cr - xi * ci)
+                si += w * (xr * ci + xi * cr)
+                ws = w * s
+                su += ws * u
+                sv += ws * v
+                sz += ws * z
+            if uniform:
+                tmp = cr * stc - ci * sts
+                ci = cr * sts + ci * stc
+                cr = tmp
+    return sw, sr, si, su, sv, sz

@@ -17,6 +17,8 @@ from graphs.flag import (FlagStrategy, flag_arrays, flag_dataset, flag_summary,
                          flag_summary_of_cube)
 from kernels import flagging as kf
 from kernels.constants import SPEED_OF_LIGHT as C
+from kernels.flagging import background as kfb
+from kernels.flagging import robust as kfr
 
 
 # =================================================================================
@@ -278,7 +280,7 @@ def test_median_helper_matches_numpy():
     for n in (1, 2, 3, 10, 33, 100, 1001):
         v = rng.standard_normal(n)
         v[rng.random(n) < 0.2] = 0.5  # ties
-        assert kf._median(v.copy(), n) == np.median(v)
+        assert kfr._median(v.copy(), n) == np.median(v)
 
 
 def _median_inputs(rng):
@@ -311,24 +313,24 @@ def test_median_bucket_matches_numpy():
     for v in _median_inputs(rng):
         aux = np.empty(v.size)
         buf = v.copy()
-        got = kf._median_bucket(buf, v.size, cnt, aux)
+        got = kfr._median_bucket(buf, v.size, cnt, aux)
         assert got == np.median(v), (v.size, got, np.median(v))
         # only the first n samples count
         big = np.concatenate([v, rng.standard_normal(7) * 1e9])
-        assert kf._median_bucket(big, v.size, cnt, np.empty(big.size)) == np.median(v)
+        assert kfr._median_bucket(big, v.size, cnt, np.empty(big.size)) == np.median(v)
 
 
 def test_sort_network_sorts_columns():
     rng = np.random.default_rng(12)
     for n in range(1, 70):
-        pairs = kf._sort_pairs(n)
+        pairs = kfr._sort_pairs(n)
         assert np.all(pairs[:, 0] < pairs[:, 1]) and np.all(pairs < n)
         for _ in range(5):
             x = rng.standard_normal((n, 9))
             x[rng.random(x.shape) < 0.2] = 0.5          # ties
             x[rng.random(x.shape) < 0.2] = np.inf       # what flagged samples become
             y = x.copy()
-            kf._sort_columns(y, pairs)
+            kfr._sort_columns(y, pairs)
             assert np.array_equal(y, np.sort(x, axis=0)), n
 
 
@@ -378,8 +380,8 @@ def test_channel_noise_matches_reference(T):
     mask[:, 100:150] = True                        # a flagged run wider than a window
     mask[:, 7] = True
     s = np.empty(F)
-    pairs = kf._sort_pairs(T) if T <= kf._NET_MAX else np.empty((0, 2), np.int64)
-    kf._column_abs_medians(r, mask, s, np.empty(max(T, F)), pairs, np.empty((T, F)),
+    pairs = kfr._sort_pairs(T) if T <= kfr._NET_MAX else np.empty((0, 2), np.int64)
+    kfb._column_abs_medians(r, mask, s, np.empty(max(T, F)), pairs, np.empty((T, F)),
                            np.empty(F, np.int64))
     np.testing.assert_array_equal(s, ref_column_abs_medians(r, mask))
     for h in (0, 1, 16):

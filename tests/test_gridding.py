@@ -314,7 +314,9 @@ def test_scipy_fft_fallback(monkeypatch):
     with_ducc = g.vis2dirty(p["uvw"], p["freq"], p["vis"], npix_x=p["nx"], npix_y=p["ny"],
                             **common)
     v_ducc = g.dirty2vis(p["uvw"], p["freq"], img, **common)
-    monkeypatch.setattr(g, "_ducc_fft", None)
+    from kernels.gridding import fft
+
+    monkeypatch.setattr(fft, "_ducc_fft", None)
     out = g.vis2dirty(p["uvw"], p["freq"], p["vis"], npix_x=p["nx"], npix_y=p["ny"],
                       nthreads=2, **common)
     ref = dft_dirty(p["uvw"], p["freq"], p["vis"], p["nx"], p["ny"], p["pixx"], p["pixy"])
@@ -351,11 +353,43 @@ def test_agrees_with_ducc0():
 # ------------------------------------------------------------------ kernel machinery
 
 
+def _tool(name):
+    """A generator script of tools/ (not an installed package), imported by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tools_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_kernel_table_entry_reproduced():
-    from kernels._es_table import ES_KERNELS
+    from kernels.gridding._es_table import ES_KERNELS
 
     W, sigma, eps1d, bw, e0 = next(r for r in ES_KERNELS if r[0] == 7 and r[1] == 1.5)
     assert g.kernel_error(W, sigma, bw * W, e0) == pytest.approx(eps1d, rel=1e-3)
+
+
+def test_kernel_table_is_what_its_generator_writes(tmp_path):
+    """tools/make_es_table.py: its optimiser finds the entry (W=7, sigma=1.5) again from
+    its neighbour's optimum (as the generator walks the table), and its writer gives the
+    checked-in file byte for byte."""
+    from pathlib import Path
+
+    import kernels.gridding._es_table as table
+
+    gen = _tool("make_es_table")
+    rows = [tuple(r) for r in table.ES_KERNELS]
+    prev = next(r for r in rows if r[0] == 7 and r[1] == 1.45)
+    W, sigma, eps1d, bw, e0 = next(r for r in rows if r[0] == 7 and r[1] == 1.5)
+    err, bw2, e02 = gen.optimise(W, sigma, np.array(prev[3:]))
+    assert err == pytest.approx(eps1d, rel=2e-2)
+    assert bw2 == pytest.approx(bw, rel=2e-2) and e02 == pytest.approx(e0, rel=2e-2)
+    out = tmp_path / "table.py"
+    gen.write(rows, out)
+    assert out.read_text() == Path(table.__file__).read_text()
 
 
 def test_plan_respects_epsilon_and_sigma_bounds():
@@ -371,7 +405,8 @@ def test_plan_respects_epsilon_and_sigma_bounds():
 def test_generated_loops_are_up_to_date():
     from pathlib import Path
 
-    from kernels import _gen_gridding_loops as gen
+    from kernels.gridding import _loops
 
-    path = Path(gen.__file__).with_name("_gridding_loops.py")
-    assert path.read_text() == gen.render(), "run: python -m kernels._gen_gridding_loops"
+    gen = _tool("gen_gridding_loops")
+    assert Path(_loops.__file__).read_text() == gen.render(), \
+        "stale: run python tools/gen_gridding_loops.py"

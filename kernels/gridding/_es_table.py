@@ -1,4 +1,4 @@
-"""Gridding kernels: (W, sigma, eps1d, beta / W, e0), made by bench/make_es_table.py.
+"""Gridding kernels: (W, sigma, eps1d, beta / W, e0), made by tools/make_es_table.py.
 
 Kernel ``phi(z) = exp(beta ((1 - z^2)^e0 - 1))`` on ``|z| < 1`` with support ``W``
 cells, at oversampling ``sigma``; ``eps1d`` is its RMS relative 1-D aliasing error

@@ -1,11 +1,11 @@
-"""Regenerate ``kernels/_es_table.py``: optimal (beta, e0) of the gridding kernel per (W, sigma).
+"""Regenerate ``kernels/gridding/_es_table.py``: optimal (beta, e0) of the gridding kernel per (W, sigma).
 
 For every support W in 4..12 (by default) and oversampling sigma in 1.20..2.50 (step 0.05) this
 minimises the RMS 1-D aliasing error ``kernels.gridding.kernel_error`` of the
 kernel ``exp(beta ((1 - z^2)^e0 - 1))`` over (beta / W, e0) with Nelder-Mead, and writes
 the table the gridder chooses its kernel from. Takes ~10 minutes on one core.
 
-    python bench/make_es_table.py [--out kernels/_es_table.py]
+    PYTHONPATH=. python tools/make_es_table.py [--out kernels/gridding/_es_table.py]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def optimise(W, sigma, x0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parents[1] / "kernels" / "_es_table.py"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "kernels"
+                                         / "gridding" / "_es_table.py"))
     ap.add_argument("--wmax", type=int, default=12)
     args = ap.parse_args(argv)
     rows = []
@@ -50,7 +51,7 @@ def main(argv=None):
 
 def write(rows, out):
     lines = [
-        '"""Gridding kernels: (W, sigma, eps1d, beta / W, e0), made by bench/make_es_table.py.',
+        '"""Gridding kernels: (W, sigma, eps1d, beta / W, e0), made by tools/make_es_table.py.',
         "",
         "Kernel ``phi(z) = exp(beta ((1 - z^2)^e0 - 1))`` on ``|z| < 1`` with support ``W``",
         "cells, at oversampling ``sigma``; ``eps1d`` is its RMS relative 1-D aliasing error",
