@@ -225,6 +225,17 @@ def _bda_block(vis, w, uvw, freq, tf, ff, start, n, chan0):
     return out_vis, out_w, out_uvw, out_t, out_f
 
 
+def _factors(tf, ff, nb):
+    """The per-baseline averaging factors as int64 arrays, checked."""
+    tf = np.ascontiguousarray(tf, dtype=np.int64)
+    ff = np.ascontiguousarray(ff, dtype=np.int64)
+    if tf.shape != (nb,) or ff.shape != (nb,):
+        raise ValueError(f"tf/ff must have one entry per baseline ({nb})")
+    if (tf < 1).any() or (ff < 1).any():
+        raise ValueError("averaging factors must be >= 1")
+    return tf, ff
+
+
 def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
     """Lazy baseline-dependent average of a Stokes I Dataset (:func:`stokes_i_dataset`).
 
@@ -241,12 +252,7 @@ def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
     nt, nb, nf = dsi.VIS_I.shape
     if len(dsi.VIS_I.data.chunks[0]) != 1 or len(dsi.VIS_I.data.chunks[1]) != 1:
         dsi = dsi.chunk({"time": -1, "baseline_id": -1})
-    tf = np.ascontiguousarray(tf, dtype=np.int64)
-    ff = np.ascontiguousarray(ff, dtype=np.int64)
-    if tf.shape != (nb,) or ff.shape != (nb,):
-        raise ValueError(f"tf/ff must have one entry per baseline ({nb})")
-    if (tf < 1).any() or (ff < 1).any():
-        raise ValueError("averaging factors must be >= 1")
+    tf, ff = _factors(tf, ff, nb)
     fchunks = dsi.VIS_I.data.chunks[2]
     freq = np.asarray(dsi.frequency.values, dtype=np.float64)
     vis_b = dsi.VIS_I.data.to_delayed().ravel()
@@ -298,12 +304,7 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
     uvw_target = np.asarray(uvw_target, dtype=np.float64)
     if uvw_target.shape != (nt, nb, 3):
         raise ValueError(f"uvw_target shape {uvw_target.shape} != UVW {(nt, nb, 3)}")
-    tf = np.ascontiguousarray(tf, dtype=np.int64)
-    ff = np.ascontiguousarray(ff, dtype=np.int64)
-    if tf.shape != (nb,) or ff.shape != (nb,):
-        raise ValueError(f"tf/ff must have one entry per baseline ({nb})")
-    if (tf < 1).any() or (ff < 1).any():
-        raise ValueError("averaging factors must be >= 1")
+    tf, ff = _factors(tf, ff, nb)
     arrs = []
     for name in ("VISIBILITY", "FLAG", "WEIGHT"):
         a = ds[name].data

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.constants import SPEED_OF_LIGHT as C
+from kernels.predict import add_points
 
 
 @njit(nogil=True, cache=True)
@@ -28,25 +28,12 @@ def predict_points(uvw, lmn, flux, f0, df, out):
     f0, df : first channel frequency and channel step, Hz
     """
     ntime, nbl = uvw.shape[0], uvw.shape[1]
-    nsrc = lmn.shape[1]
     nchan, npol = out.shape[2], out.shape[3]
-    two_pi_over_c = 2.0 * np.pi / C
     acc = np.zeros(nchan, np.complex128)
     for t in range(ntime):
         for b in range(nbl):
-            u = uvw[t, b, 0]
-            v = uvw[t, b, 1]
-            w = uvw[t, b, 2]
             acc[:] = 0.0
-            for s in range(nsrc):
-                delay = u * lmn[t, s, 0] + v * lmn[t, s, 1] + w * lmn[t, s, 2]
-                ph0 = two_pi_over_c * delay * f0
-                dph = two_pi_over_c * delay * df
-                z = complex(np.cos(ph0), np.sin(ph0))
-                step = complex(np.cos(dph), np.sin(dph))
-                for k in range(nchan):
-                    acc[k] += flux[t, s, k] * z
-                    z *= step
+            add_points(acc, uvw[t, b], lmn[t], flux[t], f0, df)
             for k in range(nchan):
                 val = np.complex64(acc[k])
                 for p in range(npol):

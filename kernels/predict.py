@@ -26,25 +26,29 @@ def predict_uniform(uvw, lmn, flux, f0, df, out, bl_start, bl_stop):
     f0, df: first channel frequency and channel step (Hz; df may be negative)
     out   : (ntime, nbl, nchan) complex128, accumulated in place
     """
-    ntime = uvw.shape[0]
-    nsrc = lmn.shape[1]
-    nchan = out.shape[2]
-    two_pi_over_c = 2.0 * np.pi / C
-    for t in range(ntime):
+    for t in range(uvw.shape[0]):
         for b in range(bl_start, bl_stop):
-            u = uvw[t, b, 0]
-            v = uvw[t, b, 1]
-            w = uvw[t, b, 2]
-            for s in range(nsrc):
-                delay = u * lmn[t, s, 0] + v * lmn[t, s, 1] + w * lmn[t, s, 2]
-                ph0 = two_pi_over_c * delay * f0
-                dph = two_pi_over_c * delay * df
-                z = complex(np.cos(ph0), np.sin(ph0))
-                step = complex(np.cos(dph), np.sin(dph))
-                for k in range(nchan):
-                    out[t, b, k] += flux[t, s, k] * z
-                    z *= step
+            add_points(out[t, b], uvw[t, b], lmn[t], flux[t], f0, df)
     return out
+
+
+@njit(nogil=True, cache=True, inline="always")
+def add_points(acc, uvw, lmn, flux, f0, df):
+    """``acc`` (nchan,) complex128 += the sources' visibilities on one row: ``uvw`` (3,)
+    metres, ``lmn`` (nsrc, 3), ``flux`` (nsrc, nchan); channels f0 + k df (recurrence)."""
+    two_pi_over_c = 2.0 * np.pi / C
+    u = uvw[0]
+    v = uvw[1]
+    w = uvw[2]
+    for s in range(lmn.shape[0]):
+        delay = u * lmn[s, 0] + v * lmn[s, 1] + w * lmn[s, 2]
+        ph0 = two_pi_over_c * delay * f0
+        dph = two_pi_over_c * delay * df
+        z = complex(np.cos(ph0), np.sin(ph0))
+        step = complex(np.cos(dph), np.sin(dph))
+        for k in range(acc.shape[0]):
+            acc[k] += flux[s, k] * z
+            z *= step
 
 
 @njit(nogil=True, cache=True)

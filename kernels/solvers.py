@@ -32,6 +32,26 @@ import numpy as np
 from numba import njit
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _solvable(p, q):
+    """A cross-correlation between two antennas that are solved for."""
+    return p != q and p >= 0 and q >= 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _usable(flag, weight, t, b, f, c):
+    """(sample (t, b, f, c) is used, its weight): not flagged and a positive weight."""
+    w = weight[t, b, f, c]
+    return (not flag[t, b, f, c]) and w > 0.0, w
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _terms(w, m, v):
+    """The sums' terms of one sample: w conj(m) v, w |m|^2, w |v|^2."""
+    return (w * (np.conj(m) * v), w * (m.real * m.real + m.imag * m.imag),
+            w * (v.real * v.real + v.imag * v.imag))
+
+
 @njit(nogil=True, cache=True)
 def accumulate(vis, model, flag, weight, a1, a2, tbin, fbin, prior_t, prior_f,
                A, B, C, N):
@@ -52,30 +72,26 @@ def accumulate(vis, model, flag, weight, a1, a2, tbin, fbin, prior_t, prior_f,
     ntime, nbl, nchan, npol = vis.shape
     for t in range(ntime):
         ct = tbin[t]
-        for b in range(nbl):
-            p = a1[b]
-            q = a2[b]
-            if p == q or p < 0 or q < 0:
-                continue
-            for c in range(npol):
+        for c in range(npol):  # baselines innermost but for channels, as in A, B, C, N
+            for b in range(nbl):
+                p = a1[b]
+                q = a2[b]
+                if not _solvable(p, q):
+                    continue
                 pt = prior_t[t, p, c] * np.conj(prior_t[t, q, c])
                 for f in range(nchan):
-                    if flag[t, b, f, c]:
-                        continue
-                    w = weight[t, b, f, c]
-                    if not w > 0.0:
+                    ok, w = _usable(flag, weight, t, b, f, c)
+                    if not ok:
                         continue
                     cf = fbin[f]
                     m = (pt * prior_f[p, f, c] * np.conj(prior_f[q, f, c])
                          * model[t, b, f, c])
                     if m == 0:
                         continue
-                    v = vis[t, b, f, c]
-                    vr = v.real
-                    vi = v.imag
-                    A[ct, cf, c, b] += w * np.conj(m) * v
-                    B[ct, cf, c, b] += w * (m.real * m.real + m.imag * m.imag)
-                    C[ct, cf, c, b] += w * (vr * vr + vi * vi)
+                    ta, tb, tc = _terms(w, m, vis[t, b, f, c])
+                    A[ct, cf, c, b] += ta
+                    B[ct, cf, c, b] += tb
+                    C[ct, cf, c, b] += tc
                     N[ct, cf, c, b] += 1
     return A, B, C, N
 
@@ -93,27 +109,48 @@ def accumulate_bandpass(vis, model, flag, weight, a1, a2, prior_t, A, B, C, N):
         for b in range(nbl):
             p = a1[b]
             q = a2[b]
-            if p == q or p < 0 or q < 0:
+            if not _solvable(p, q):
                 continue
             for c in range(npol):
                 pt = prior_t[t, p, c] * np.conj(prior_t[t, q, c])
                 if pt == 0:
                     continue
                 for f in range(nchan):
-                    if flag[t, b, f, c]:
-                        continue
-                    w = weight[t, b, f, c]
-                    if not w > 0.0:
+                    ok, w = _usable(flag, weight, t, b, f, c)
+                    if not ok:
                         continue
                     m = pt * model[t, b, f, c]
                     if m == 0:
                         continue
-                    v = vis[t, b, f, c]
-                    A[c, b, f] += w * (np.conj(m) * v)
-                    B[c, b, f] += w * (m.real * m.real + m.imag * m.imag)
-                    C[c, b, f] += w * (v.real * v.real + v.imag * v.imag)
+                    ta, tb, tc = _terms(w, m, vis[t, b, f, c])
+                    A[c, b, f] += ta
+                    B[c, b, f] += tb
+                    C[c, b, f] += tc
                     N[c, b, f] += 1
     return A, B, C, N
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _channel_sums(vis, model, flag, weight, prior_f, p, q, t, b, c):
+    """Sums over the channels of one (integration, baseline, polarisation), with the
+    bandpass ``prior_f`` applied to the model: (A, B, C, N) terms as :func:`accumulate`."""
+    sa = 0.0 + 0.0j
+    sb = 0.0
+    sc = 0.0
+    n = 0
+    for f in range(vis.shape[2]):
+        ok, w = _usable(flag, weight, t, b, f, c)
+        if not ok:
+            continue
+        m = prior_f[p, f, c] * np.conj(prior_f[q, f, c]) * model[t, b, f, c]
+        if m == 0:
+            continue
+        ta, tb, tc = _terms(w, m, vis[t, b, f, c])
+        sa += ta
+        sb += tb
+        sc += tc
+        n += 1
+    return sa, sb, sc, n
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -127,33 +164,14 @@ def accumulate_gains(vis, model, flag, weight, a1, a2, tbin, prior_f, A, B, C, N
     for t in range(ntime):
         ct = tbin[t]
         for b in range(nbl):
-            p = a1[b]
-            q = a2[b]
-            if p == q or p < 0 or q < 0:
-                continue
-            for c in range(npol):
-                sa = 0.0 + 0.0j
-                sb = 0.0
-                sc = 0.0
-                n = 0
-                for f in range(nchan):
-                    if flag[t, b, f, c]:
-                        continue
-                    w = weight[t, b, f, c]
-                    if not w > 0.0:
-                        continue
-                    m = prior_f[p, f, c] * np.conj(prior_f[q, f, c]) * model[t, b, f, c]
-                    if m == 0:
-                        continue
-                    v = vis[t, b, f, c]
-                    sa += w * (np.conj(m) * v)
-                    sb += w * (m.real * m.real + m.imag * m.imag)
-                    sc += w * (v.real * v.real + v.imag * v.imag)
-                    n += 1
-                A[ct, c, b] += sa
-                B[ct, c, b] += sb
-                C[ct, c, b] += sc
-                N[ct, c, b] += n
+            if _solvable(a1[b], a2[b]):
+                for c in range(npol):
+                    sa, sb, sc, n = _channel_sums(vis, model, flag, weight, prior_f, a1[b],
+                                                  a2[b], t, b, c)
+                    A[ct, c, b] += sa
+                    B[ct, c, b] += sb
+                    C[ct, c, b] += sc
+                    N[ct, c, b] += n
     return A, B, C, N
 
 

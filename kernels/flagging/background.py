@@ -268,6 +268,18 @@ def _robust_quadratic(y, ok, out):
             use[i] = ok[i] and abs(y[i] - out[i]) <= lim
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _ratio_median(x, skip, d, buf):
+    """(median of x[i] / d[i] over the i not skipped with d[i] != 0, their number);
+    0 when there are none."""
+    n = 0
+    for i in range(x.shape[0]):
+        if not skip[i] and d[i] != 0.0:
+            buf[n] = x[i] / d[i]
+            n += 1
+    return (_median(buf, n) if n > 0 else 0.0), n
+
+
 @njit(nogil=True, cache=True)
 def _rank1_inplace(values, mask, model, g, b, buf):
     """Rank-1 robust model ``G(t) B(f)``: ``B`` per channel by medians over time,
@@ -281,23 +293,13 @@ def _rank1_inplace(values, mask, model, g, b, buf):
     for rnd in range(3):
         # B(f) = median_t x / G
         for f in range(F):
-            n = 0
-            for t in range(T):
-                if not mask[t, f] and g[t] != 0.0:
-                    buf[n] = values[t, f] / g[t]
-                    n += 1
-            b[f] = _median(buf, n) if n > 0 else 0.0
+            b[f], _ = _ratio_median(values[:, f], mask[:, f], g, buf)
         if rnd == 2:
             break
         # G(t): per-integration medians of x / B, then a robust quadratic in time
         for t in range(T):
-            n = 0
-            for f in range(F):
-                if not mask[t, f] and b[f] != 0.0:
-                    buf[n] = values[t, f] / b[f]
-                    n += 1
+            graw[t], n = _ratio_median(values[t], mask[t], b, buf)
             gok[t] = n > 0
-            graw[t] = _median(buf, n) if n > 0 else 0.0
         _robust_quadratic(graw, gok, g)
     for t in range(T):
         for f in range(F):

@@ -150,6 +150,20 @@ def sir_dilate_2d(flags, eta_time, eta_freq, missing):
 
 
 @njit(nogil=True, cache=True)
+def _over_fraction(mask, missing, frac, out):
+    """out[i] = more than ``frac`` of row i's samples that are not missing are flagged."""
+    for i in range(mask.shape[0]):
+        c = 0
+        n = 0
+        for j in range(mask.shape[1]):
+            if not missing[i, j]:
+                n += 1
+                if mask[i, j]:
+                    c += 1
+        out[i] = n > 0 and c > frac * n
+
+
+@njit(nogil=True, cache=True)
 def _extend_inplace(mask, missing, chan_frac, time_frac, col, row):
     T, F = mask.shape
     for f in range(F):
@@ -157,25 +171,9 @@ def _extend_inplace(mask, missing, chan_frac, time_frac, col, row):
     for t in range(T):
         row[t] = False
     if chan_frac < 1.0:
-        for f in range(F):
-            c = 0
-            n = 0
-            for t in range(T):
-                if not missing[t, f]:
-                    n += 1
-                    if mask[t, f]:
-                        c += 1
-            col[f] = n > 0 and c > chan_frac * n
+        _over_fraction(mask.T, missing.T, chan_frac, col)
     if time_frac < 1.0:
-        for t in range(T):
-            c = 0
-            n = 0
-            for f in range(F):
-                if not missing[t, f]:
-                    n += 1
-                    if mask[t, f]:
-                        c += 1
-            row[t] = n > 0 and c > time_frac * n
+        _over_fraction(mask, missing, time_frac, row)
     for t in range(T):
         for f in range(F):
             if col[f] or row[t]:

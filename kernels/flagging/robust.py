@@ -57,21 +57,27 @@ def _select(buf, n, k):
 
 
 @njit(nogil=True, cache=True)
-def _median(buf, n):
-    """Median of buf[:n] (as numpy: mean of the two middle values for even n); reorders
-    buf; NaN for n == 0. No allocation."""
-    if n == 0:
-        return np.nan
-    k = n >> 1
+def _middle(buf, n, k, odd):
+    """Median from buf[:n] whose k-th smallest is the upper middle value: that value
+    (``odd``), else its mean with the largest of the k values below it. Reorders buf."""
     hi = _select(buf, n, k)
-    if n & 1:
+    if odd:
         return hi
-    # the largest of the lower part is the (k-1)-th smallest
+    # after the selection buf[:k] holds the k smallest: the lower middle is their max
     lo = buf[0]
     for i in range(1, k):
         if buf[i] > lo:
             lo = buf[i]
     return (lo + hi) / 2.0
+
+
+@njit(nogil=True, cache=True)
+def _median(buf, n):
+    """Median of buf[:n] (as numpy: mean of the two middle values for even n); reorders
+    buf; NaN for n == 0. No allocation."""
+    if n == 0:
+        return np.nan
+    return _middle(buf, n, n >> 1, n & 1)
 
 
 @njit(nogil=True, cache=True)
@@ -138,15 +144,7 @@ def _median_bucket(buf, n, cnt, aux):
         if b >= b_lo and b <= b_hi:
             aux[m] = v
             m += 1
-    kk = k - base
-    hi = _select(aux, m, kk)
-    if n & 1:
-        return hi
-    lo = aux[0]
-    for i in range(1, kk):
-        if aux[i] > lo:
-            lo = aux[i]
-    return (lo + hi) / 2.0
+    return _middle(aux, m, k - base, n & 1)
 
 
 @njit(nogil=True, cache=True)

@@ -196,18 +196,25 @@ def _st_pass(xv, rows, nrow, lim, window, two_sided, s, nf, lv, hit, done, mask,
 
 
 @njit(nogil=True, cache=True)
+def _take_out(t, f, xv, xvt, rows_t, nrow_t, rows_f, nrow_f):
+    """Sample (t, f) out of both layouts of the pass inputs: zero there, and listed as
+    flagged in its integration's and its channel's rows."""
+    xv[t, f] = 0.0
+    xvt[f, t] = 0.0
+    rows_t[t, nrow_t[t]] = f
+    nrow_t[t] += 1
+    rows_f[f, nrow_f[f]] = t
+    nrow_f[f] += 1
+
+
+@njit(nogil=True, cache=True)
 def _st_apply_new(new_idx, n_new, F, xv, xvt, rows_t, nrow_t, rows_f, nrow_f):
     """Take newly flagged samples out of both layouts of the pass inputs."""
     for i in range(n_new):
         q = new_idx[i]
         t = q // F
         f = q - t * F
-        xv[t, f] = 0.0
-        xvt[f, t] = 0.0
-        rows_t[t, nrow_t[t]] = f
-        nrow_t[t] += 1
-        rows_f[f, nrow_f[f]] = t
-        nrow_f[f] += 1
+        _take_out(t, f, xv, xvt, rows_t, nrow_t, rows_f, nrow_f)
 
 
 @njit(nogil=True, cache=True)
@@ -244,12 +251,7 @@ def _sumthreshold_2d_inplace(values, mask, time_windows, freq_windows, threshold
             if scaled:
                 values[t, f] = values[t, f] / scale[f]
             if mask[t, f]:
-                xv[t, f] = 0.0
-                xvt[f, t] = 0.0
-                rows_t[t, nrow_t[t]] = f
-                nrow_t[t] += 1
-                rows_f[f, nrow_f[f]] = t
-                nrow_f[f] += 1
+                _take_out(t, f, xv, xvt, rows_t, nrow_t, rows_f, nrow_f)
             else:
                 x = values[t, f]
                 xv[t, f] = x
