@@ -49,7 +49,6 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Mapping
 
 import dask.array as da
