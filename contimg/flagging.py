@@ -80,6 +80,8 @@ __all__ = [
     "list_flag_versions",
     "delete_flag_version",
     "write_flag_summary",
+    "summary_part",
+    "summary_record",
     "flag_versions_dir",
     "default_summary_path",
     "FLAG_VERSIONS_SUFFIX",
@@ -361,8 +363,9 @@ def _write_block_hook(tb, layout, tsl, bsl, csl, block):
 # summary
 # ---------------------------------------------------------------------------------
 
-def _summary_part(s):
-    """A computed :func:`graphs.flag.flag_summary` Dataset -> plain dict."""
+def summary_part(s):
+    """A computed :func:`graphs.flag.flag_summary` Dataset -> plain dict (``overall``,
+    ``antenna`` {name: fraction}, ``channel`` [...], ``integration`` [...])."""
     frac_ant = np.asarray(s["flag_fraction_antenna"].values, dtype=np.float64)
     names = [str(n) for n in s["antenna_name"].values] if "antenna_name" in s.coords else [
         str(i) for i in range(frac_ant.size)]
@@ -373,6 +376,31 @@ def _summary_part(s):
         "channel": [float(x) for x in np.asarray(s["flag_fraction_channel"].values)],
         "integration": [float(x) for x in np.asarray(s["flag_fraction_time"].values)],
     }
+
+
+def summary_record(ms, ds, strategy: dict, *, group, after, before=None, **extra) -> dict:
+    """The flag summary of an MS as ``contimg flag`` and conversion write it: what was
+    flagged (``after``, and ``before`` when known: :func:`summary_part` dicts) with the
+    MS's shape, frequencies and times; ``extra`` keys are added as they are."""
+    out = {
+        "ms": ms,
+        "group": group,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in extra.items() if k != "timing_s"},
+        "strategy": strategy,
+        "shape": {k: int(ds.sizes[k]) for k in
+                  ("time", "baseline_id", "frequency", "polarization")},
+        "frequency_hz": [float(f) for f in np.asarray(ds["frequency"].values)],
+        "time_unix": [float(t) for t in np.asarray(ds["time"].values)],
+    }
+    if before is not None:
+        out["before"] = before
+    out["after"] = after
+    if before is not None:
+        out["newly_flagged"] = after["overall"] - before["overall"]
+    if "timing_s" in extra:
+        out["timing_s"] = extra["timing_s"]
+    return out
 
 
 def write_flag_summary(summary: dict, path) -> str:
@@ -512,21 +540,12 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     if not backup:
         _delete_version(ms, name)
 
-    summary = {
-        "ms": ms,
-        "group": os.path.basename(ms)[:-3] if ms.endswith(".ms") else os.path.basename(ms),
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "backup": ({"name": name, "path": version_path, "format": "casa-flagversions"}
-                   if backup else None),
-        "strategy": st.to_dict(),
-        "shape": {k: int(ds.sizes[k]) for k in
-                  ("time", "baseline_id", "frequency", "polarization")},
-        "frequency_hz": [float(f) for f in ds["frequency"].values],
-        "time_unix": [float(t) for t in ds["time"].values],
-        "before": _summary_part(before),
-        "after": _summary_part(after),
-    }
-    summary["newly_flagged"] = summary["after"]["overall"] - summary["before"]["overall"]
+    summary = summary_record(
+        ms, ds, st.to_dict(),
+        group=os.path.basename(ms)[:-3] if ms.endswith(".ms") else os.path.basename(ms),
+        backup=({"name": name, "path": version_path, "format": "casa-flagversions"}
+                if backup else None),
+        before=summary_part(before), after=summary_part(after))
     timing["total"] = _time.perf_counter() - t_start
     summary["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
     log.info("%s: flagged %.2f %% -> %.2f %% in %.1f s (backup %s)", ms,
