@@ -399,14 +399,18 @@ def process_ms(client, db, ms_path, *, output, skip=frozenset(), flag_strategy=N
     """Run the stages after conversion on an existing Measurement Set (what
     ``contimg backfill --ms`` and the notebooks do); products are registered in ``db``.
     Returns ``{stage: result}``."""
+    import numpy as np
+
     from contimg.io.ms import open_ms
 
     ms = os.path.abspath(str(ms_path))
     if not os.path.isdir(ms):
         raise FileNotFoundError(f"{ms}: no such Measurement Set")
-    ds = open_ms(ms)
-    times = ds.time.values
-    del ds
+    # on local threads: a compute through the distributed client would leave the MS's
+    # dask-ms tables referenced by the scheduler's task records (in this process),
+    # open for every stage of an in-process cluster
+    with local_dask():
+        times = np.asarray(open_ms(ms).time.values)
     db.register_ms(ms, t_start=float(times[0]), t_end=float(times[-1]))
     run = GroupRun(ms=ms, name=Path(ms).name.removesuffix(".ms"),
                    t_mid=float(times[len(times) // 2]), db=db, output=Path(output),
