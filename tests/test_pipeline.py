@@ -35,6 +35,9 @@ def test_stage_names_and_what_a_retry_may_keep():
     assert pipeline.STAGES == ("convert", "flag", "calibrate", "apply", "image")
     assert pipeline.REUSABLE == ("convert", "flag", "calibrate", "apply")
     assert not hasattr(pipeline, "stage_available")
+    from contimg import config
+
+    assert config.STAGES == pipeline.STAGES     # the configuration's --skip choices
 
 
 def test_runner_order_skip_done_reuse_and_register_steps():
