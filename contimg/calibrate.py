@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import time as _time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -413,8 +412,70 @@ def _apply_step(tb, nchan, npol, target=64 << 20):
     return step
 
 
+_TMPCOL = "CORRECTED_DATA_CONTIMG_TMP"
+
+
+def _begin_apply(tb, path, rows_per_chunk):
+    """In the MS's table thread, under a write lock held until :func:`_end_apply`: the
+    MS's rows, channels and antennas, checked; an empty copy of DATA's column added as
+    the temporary column."""
+    from casacore import tables as ct
+
+    from kernels.constants import MJD_UNIX_OFFSET_S
+
+    tb.lock(write=True)
+    with ct.table(os.path.join(path, "SPECTRAL_WINDOW"), ack=False) as t:
+        if t.nrows() != 1:
+            raise ValueError(f"{path}: {t.nrows()} spectral windows; one supported")
+        freqs = t.getcell("CHAN_FREQ", 0)
+        width = float(np.abs(t.getcell("CHAN_WIDTH", 0)).max())
+    with ct.table(os.path.join(path, "ANTENNA"), ack=False) as t:
+        nant = t.nrows()
+    a1 = tb.getcol("ANTENNA1").astype(np.int64)
+    a2 = tb.getcol("ANTENNA2").astype(np.int64)
+    if max(a1.max(), a2.max()) >= nant:
+        raise ValueError(f"{path}: ANTENNA1/2 beyond the ANTENNA table")
+    ddid = np.unique(tb.getcol("DATA_DESC_ID"))
+    if ddid.size != 1:
+        raise ValueError(f"{path}: {ddid.size} DATA_DESC_IDs; one supported")
+    times, tidx = np.unique(tb.getcol("TIME") - MJD_UNIX_OFFSET_S, return_inverse=True)
+    npol = tb.getcell("DATA", 0).shape[1]
+    if _TMPCOL in tb.colnames():
+        tb.removecols([_TMPCOL])
+    desc = tb.getcoldesc("DATA")
+    desc.pop("comment", None)
+    dm = tb.getdminfo("DATA")
+    # a data manager name not in use (an earlier run's renamed column keeps its own)
+    dm = {"TYPE": dm["TYPE"], "NAME": f"CorrectedData_{os.getpid()}_{_time.time_ns()}",
+          "SPEC": dm.get("SPEC", {})}
+    tb.addcols(ct.maketabdesc(ct.makecoldesc(_TMPCOL, desc)), dm)
+    return dict(nrow=a1.size, a1=a1, a2=a2, tidx=tidx.astype(np.int64), times=times,
+                freqs=freqs, width=width, nant=nant, npol=npol,
+                step=rows_per_chunk or _apply_step(tb, freqs.size, npol))
+
+
+def _end_apply(tb, ok):
+    """In the table thread: the temporary column becomes CORRECTED_DATA (``ok``) or is
+    removed; the write lock of :func:`_begin_apply` is released."""
+    try:
+        if ok:
+            if "CORRECTED_DATA" in tb.colnames():
+                tb.removecols(["CORRECTED_DATA"])
+            tb.renamecol(_TMPCOL, "CORRECTED_DATA")
+            tb.flush()
+        elif _TMPCOL in tb.colnames():
+            tb.removecols([_TMPCOL])
+    finally:
+        tb.unlock()
+
+
 def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None):
     """Write CORRECTED_DATA = DATA corrected by bandpass and gain tables.
+
+    One lazy computation, computed here on local threads: the MS's rows in contiguous,
+    tile-aligned runs (read in the MS's table thread) through
+    :func:`graphs.calibrate.apply_rows` (the correction of ``graphs.calibrate.apply``)
+    and written back run by run.
 
     Parameters
     ----------
@@ -430,16 +491,16 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
         ``applycal`` does (``applymode='calflag'``). Weights are not rescaled
         (CASA's ``calwt=False``).
     rows_per_chunk : int, optional
-        Rows corrected per step (default ~64 MiB of visibilities).
+        Rows corrected per task (default ~64 MiB of visibilities, whole tiles).
 
     The corrected data go to a temporary column that replaces CORRECTED_DATA only when
     complete, so an interrupted run leaves the previous CORRECTED_DATA (if any).
     """
-    from casacore import tables as ct
+    import dask
+    import dask.array as da
 
-    from graphs.calibrate import _match_channels, interpolate_gains
-    from kernels.constants import MJD_UNIX_OFFSET_S
-    from kernels.solvers import apply_jones
+    from contimg.io.mscolumns import RowTarget, ms_proxy, read_rows, run_in_table
+    from graphs.calibrate import _solution_arrays, apply_rows, prepare_solutions
 
     ms_path = os.path.abspath(os.fspath(ms_path))
     if not os.path.isfile(os.path.join(ms_path, "table.dat")):
@@ -449,109 +510,38 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
     if isinstance(tables, dict):
         tables = list(tables.values())
     sol = caltables.read_solutions(tables)
-    with ct.table(os.path.join(ms_path, "SPECTRAL_WINDOW"), ack=False) as t:
-        if t.nrows() != 1:
-            raise ValueError(f"{ms_path}: {t.nrows()} spectral windows; one supported")
-        freqs = t.getcell("CHAN_FREQ", 0)
-        width = float(np.abs(t.getcell("CHAN_WIDTH", 0)).max())
-    with ct.table(os.path.join(ms_path, "ANTENNA"), ack=False) as t:
-        nant = t.nrows()
     tic = _time.perf_counter()
-    tb = ct.table(ms_path, readonly=False, ack=False)
-    # an explicit write lock: when dask-ms in this process still has the MS open (with
-    # user locking), casacore hands out that same table, and writes need the lock
-    tb.lock(write=True)
-    tmpcol = "CORRECTED_DATA_CONTIMG_TMP"
+    proxy = ms_proxy(ms_path)
+    ok = False
     try:
-        nrow = tb.nrows()
-        time = tb.getcol("TIME") - MJD_UNIX_OFFSET_S
-        a1 = tb.getcol("ANTENNA1").astype(np.int64)
-        a2 = tb.getcol("ANTENNA2").astype(np.int64)
-        if max(a1.max(), a2.max()) >= nant:
-            raise ValueError(f"{ms_path}: ANTENNA1/2 beyond the ANTENNA table")
-        ddid = np.unique(tb.getcol("DATA_DESC_ID"))
-        if ddid.size != 1:
-            raise ValueError(f"{ms_path}: {ddid.size} DATA_DESC_IDs; one supported")
-        ut, tidx = np.unique(time, return_inverse=True)
-        npol = tb.getcell("DATA", 0).shape[1]
-        # solutions -> CASA convention (the MS's DATA)
-        if "BANDPASS" in sol:
-            if sol["BANDPASS"].shape[0] != nant:
-                raise ValueError(f"{sol['bandpass_table']}: {sol['BANDPASS'].shape[0]} "
-                                 f"antennas, {ms_path} has {nant}")
-            idx = _match_channels(np.asarray(sol["frequency"], float), freqs, width)
-            bf = np.ascontiguousarray(np.conj(sol["BANDPASS"][:, idx]).astype(np.complex128))
-            bff = np.ascontiguousarray(sol["BANDPASS_FLAG"][:, idx])
-        else:
-            bf = np.ones((nant, freqs.size, npol), np.complex128)
-            bff = np.zeros(bf.shape, bool)
-        if "GAIN" in sol:
-            if sol["GAIN"].shape[1] != nant:
-                raise ValueError(f"{sol['gain_table']}: {sol['GAIN'].shape[1]} antennas, "
-                                 f"{ms_path} has {nant}")
-            gt, gtf = interpolate_gains(sol["gain_time"], np.conj(sol["GAIN"]),
-                                        sol["GAIN_FLAG"], ut, interp)
-        else:
-            gt = np.ones((ut.size, nant, npol), np.complex128)
-            gtf = np.zeros(gt.shape, bool)
-        if bf.shape[2] != npol or gt.shape[2] != npol:
-            raise ValueError(f"{ms_path}: {npol} correlations, solutions have {bf.shape[2]}")
-        if tmpcol in tb.colnames():
-            tb.removecols([tmpcol])
-        desc = tb.getcoldesc("DATA")
-        desc.pop("comment", None)
-        dm = tb.getdminfo("DATA")
-        # a data manager name not in use (an earlier run's renamed column keeps its own)
-        dm = {"TYPE": dm["TYPE"], "NAME": f"CorrectedData_{os.getpid()}_{_time.time_ns()}",
-              "SPEC": dm.get("SPEC", {})}
-        tb.addcols(ct.maketabdesc(ct.makecoldesc(tmpcol, desc)), dm)
-        nchan = freqs.size
-        step = rows_per_chunk or _apply_step(tb, nchan, npol)
-        tidx = tidx.astype(np.int64)
-
-        def correct(r0, data, flg):
-            n = data.shape[0]
-            out = np.empty(data.shape, np.complex64)
-            oflag = np.empty(data.shape, bool)
-            apply_jones(np.ascontiguousarray(data, np.complex64), np.ascontiguousarray(flg),
-                        a1[r0:r0 + n], a2[r0:r0 + n], tidx[r0:r0 + n], gt, gtf, bf, bff,
-                        out, oflag)
-            return r0, out, oflag
-
-        def write(res):
-            r0, out, oflag = res
-            tb.putcol(tmpcol, out, r0, out.shape[0])
-            if flag:
-                tb.putcol("FLAG", oflag, r0, out.shape[0])
-
-        # every table call stays in this thread (casacore is not thread-safe); the
-        # correction of one chunk (numba, no GIL) runs while the next is read and the
-        # previous one written
-        with ThreadPoolExecutor(1, thread_name_prefix="applycal") as pool:
-            pending = None
-            for r0 in range(0, nrow, step):
-                n = min(step, nrow - r0)
-                fut = pool.submit(correct, r0, tb.getcol("DATA", r0, n),
-                                  tb.getcol("FLAG", r0, n))
-                if pending is not None:
-                    write(pending.result())
-                pending = fut
-            if pending is not None:
-                write(pending.result())
-        if "CORRECTED_DATA" in tb.colnames():
-            tb.removecols(["CORRECTED_DATA"])
-        tb.renamecol(tmpcol, "CORRECTED_DATA")
-        tb.flush()
-    except BaseException:
+        m = run_in_table(proxy, _begin_apply, ms_path, rows_per_chunk, write=False)
         try:
-            if tmpcol in tb.colnames():
-                tb.removecols([tmpcol])
-        except Exception:  # noqa: BLE001
-            pass
-        raise
+            # solutions -> the MS's DATA convention (conjugated)
+            prepared = prepare_solutions(
+                *_solution_arrays(sol), freqs=m["freqs"], times=m["times"],
+                nstations=m["nant"], npol=m["npol"], channel_width=m["width"],
+                interp=interp, conjugate=True)
+        except ValueError as exc:
+            raise ValueError(f"{ms_path} with {', '.join(map(str, tables))}: {exc}") \
+                from None
+        cell = (m["freqs"].size, m["npol"])
+        data = read_rows(proxy, "DATA", m["nrow"], m["step"], cell, np.complex64,
+                         "apply-read-data")
+        flg = read_rows(proxy, "FLAG", m["nrow"], m["step"], cell, bool, "apply-read-flag")
+        vis, new_flag = apply_rows(data, flg, m["a1"], m["a2"], m["tidx"],
+                                   dask.delayed(prepared, traverse=False))
+        stores = [da.store(vis, RowTarget(proxy, _TMPCOL), lock=False, compute=False)]
+        if flag:
+            stores.append(da.store(new_flag, RowTarget(proxy, "FLAG"), lock=False,
+                                   compute=False))
+        dask.compute(*stores, scheduler="threads")
+        ok = True
     finally:
-        tb.unlock()
-        tb.close()
+        try:
+            run_in_table(proxy, _end_apply, ok, write=False)
+        except Exception:  # noqa: BLE001 - the first error is the one raised
+            if ok:
+                raise
     log.info("%s: CORRECTED_DATA written from %s in %.2f s", ms_path, ", ".join(
         map(str, tables)), _time.perf_counter() - tic)
 

@@ -277,23 +277,11 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
 def _write_flag_summary(ms, ds, info):
     """``<ms>.flag_summary.json``, as ``contimg flag`` writes it (no ``before``: the
     flags were made while the MS was written)."""
-    import datetime as _dt
+    from contimg.flagging import default_summary_path, summary_record, write_flag_summary
 
-    import numpy as np
-
-    from contimg.flagging import default_summary_path, write_flag_summary
-
-    after = info["_after"]
-    summary = {
-        "ms": ms, "group": ds.attrs.get("group_start"),
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "during": "conversion", "strategy": info["strategy"],
-        "shape": {k: int(ds.sizes[k]) for k in
-                  ("time", "baseline_id", "frequency", "polarization")},
-        "frequency_hz": [float(f) for f in np.asarray(ds.frequency.values)],
-        "time_unix": [float(t) for t in np.asarray(ds.time.values)],
-        "after": after, "timing_s": {"flag": round(info["flag_seconds"], 4)},
-    }
+    summary = summary_record(ms, ds, info["strategy"], group=ds.attrs.get("group_start"),
+                             after=info["_after"], during="conversion",
+                             timing_s={"flag": round(info["flag_seconds"], 4)})
     return str(write_flag_summary(summary, default_summary_path(ms)))
 
 
@@ -313,14 +301,14 @@ def _flag_future(client, ds, flag_strategy, info):
     fut = client.compute(new, priority=-10)
 
     def result():
-        from contimg.flagging import _summary_part
+        from contimg.flagging import summary_part
         from graphs.flag import flag_summary_of_cube
 
         cube = fut.result()
         info["flag_seconds"] = time.perf_counter() - t0
         fs = flag_summary_of_cube(ds, cube)
         info["flagged"] = float(fs["flag_fraction"].values)
-        info["_after"] = _summary_part(fs)
+        info["_after"] = summary_part(fs)
         return cube
 
     return result

@@ -61,15 +61,16 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time as _time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from contimg.io.ms import MSFormatError, open_ms
+from contimg.io.mscolumns import StoreTarget, put_block, put_flag_row, read_layout
+from contimg.io.mscolumns import ms_proxy as _proxy
+from contimg.io.mscolumns import run_in_table as _run
 
 __all__ = [
     "flag_ms",
@@ -79,6 +80,8 @@ __all__ = [
     "list_flag_versions",
     "delete_flag_version",
     "write_flag_summary",
+    "summary_part",
+    "summary_record",
     "flag_versions_dir",
     "default_summary_path",
     "FLAG_VERSIONS_SUFFIX",
@@ -113,31 +116,6 @@ def _ms_path(path) -> str:
     if not os.path.isdir(p) or not os.path.isfile(os.path.join(p, "table.dat")):
         raise MSFormatError(f"{p}: not a Measurement Set (not a casacore table directory)")
     return p
-
-
-def _proxy(path):
-    """A writable dask-ms TableProxy of the MS, on dask-ms's executor for this MS.
-
-    dask-ms runs every call of every proxy with the same executor key in one thread,
-    and its readers of ``path`` (:func:`open_ms`) use ``executor_key(path)``: so all
-    casacore I/O on the MS in this process happens in that one thread.
-    """
-    from casacore import tables as ct
-    from daskms.table_executor import executor_key
-    from daskms.table_proxy import TableProxy
-
-    try:
-        return TableProxy(ct.table, path, ack=False, readonly=False, lockoptions="user",
-                          __executor_key__=executor_key(path))
-    except Exception as exc:
-        raise MSFormatError(f"{path}: cannot open the MS for writing ({exc})") from exc
-
-
-def _run(proxy, fn, *args, write=True):
-    """Run ``fn(table, *args)`` in the MS's table thread (under a write lock)."""
-    from daskms.table_proxy import NOLOCK, WRITELOCK
-
-    return proxy.submit(fn, WRITELOCK if write else NOLOCK, *args).result()
 
 
 def _check_main(tb, path):
@@ -371,173 +349,9 @@ def _next_version_name(ms):
     return f"contimg_flag_{k}"
 
 
-# ---------------------------------------------------------------------------------
-# Dataset <-> MS rows and channels
-# ---------------------------------------------------------------------------------
-
-@dataclass
-class _Layout:
-    """Where each Dataset (time, baseline) and channel lives in the MS."""
-
-    nrow: int
-    ntime: int
-    nbl: int
-    npol: int
-    pos: np.ndarray          # (ntime * nbl,) MS row of each (time, baseline); -1: missing
-    identity: bool           # pos == arange(nrow) (the layout write_ms produces)
-    swapped: np.ndarray      # (ntime * nbl,) rows stored as (ant2, ant1)
-    perm: np.ndarray         # polarization permutation of a swapped row
-    chan_ms: np.ndarray      # (nchan,) MS channel of each (ascending) Dataset channel
-
-
-def _read_layout(tb, path, ds):
-    """In the table thread: map the Dataset of :func:`open_ms` back to MS rows."""
-    from casacore import tables as ct
-
-    time_col = tb.getcol("TIME")
-    a1 = tb.getcol("ANTENNA1").astype(np.int64)
-    a2 = tb.getcol("ANTENNA2").astype(np.int64)
-    ddid = int(tb.getcell("DATA_DESC_ID", 0))
-    nrow = time_col.size
-    with ct.table(os.path.join(path, "DATA_DESCRIPTION"), ack=False) as t:
-        spw = int(t.getcell("SPECTRAL_WINDOW_ID", ddid))
-    with ct.table(os.path.join(path, "SPECTRAL_WINDOW"), ack=False) as t:
-        freq_ms = np.asarray(t.getcell("CHAN_FREQ", spw), dtype=np.float64)
-
-    ntime, nbl = ds.sizes["time"], ds.sizes["baseline_id"]
-    pols = [str(p) for p in ds["polarization"].values]
-    chan_ms = np.argsort(freq_ms, kind="stable")
-    if not np.array_equal(freq_ms[chan_ms], np.asarray(ds["frequency"].values)):
-        raise MSFormatError(f"{path}: channel frequencies changed while flagging")
-
-    times, t_index = np.unique(time_col, return_inverse=True)
-    if times.size != ntime:
-        raise MSFormatError(f"{path}: {times.size} distinct TIMEs, the Dataset has {ntime}")
-    lo, hi = np.minimum(a1, a2), np.maximum(a1, a2)
-    big = int(max(hi.max(), np.max(ds["baseline_antenna2_id"].values)) + 1)
-    key = lo * big + hi
-    ds_key = (np.asarray(ds["baseline_antenna1_id"].values, np.int64) * big
-              + np.asarray(ds["baseline_antenna2_id"].values, np.int64))
-    order = np.argsort(ds_key)
-    idx = np.searchsorted(ds_key[order], key)
-    idx = np.minimum(idx, nbl - 1)
-    if not np.array_equal(ds_key[order][idx], key):
-        raise MSFormatError(f"{path}: rows with baselines the Dataset does not have")
-    b_index = order[idx]
-    flat = t_index.ravel() * nbl + b_index
-    pos = np.full(ntime * nbl, -1, dtype=np.int64)
-    pos[flat] = np.arange(nrow)
-    if np.count_nonzero(pos >= 0) != nrow:
-        raise MSFormatError(f"{path}: some (TIME, ANTENNA1, ANTENNA2) appear in more "
-                            "than one row")
-    swapped = np.zeros(ntime * nbl, dtype=bool)
-    swapped[flat] = a1 > a2
-    perm = np.array([pols.index(p[::-1]) if (len(p) == 2 and p[::-1] in pols) else i
-                     for i, p in enumerate(pols)], dtype=np.int64)
-    identity = bool(nrow == ntime * nbl and np.array_equal(pos, np.arange(nrow)))
-    return _Layout(nrow=nrow, ntime=ntime, nbl=nbl, npol=len(pols), pos=pos,
-                   identity=identity, swapped=swapped, perm=perm, chan_ms=chan_ms)
-
-
-def _row_runs(rows):
-    """Contiguous runs of MS rows: [(first row, positions in ``rows``)], -1 skipped."""
-    valid = np.nonzero(rows >= 0)[0]
-    if valid.size == 0:
-        return []
-    srt = valid[np.argsort(rows[valid], kind="stable")]
-    r = rows[srt]
-    breaks = np.nonzero(np.diff(r) != 1)[0] + 1
-    return [(int(r[s[0]]), srt[s]) for s in np.split(np.arange(r.size), breaks)]
-
-
 def _put_flag_block(tb, layout, tsl, bsl, csl, block):
     """In the table thread: write one Dataset block of FLAG into the MS."""
-    nt, nb, nc = tsl.stop - tsl.start, bsl.stop - bsl.start, csl.stop - csl.start
-    data = np.ascontiguousarray(block, dtype=bool).reshape(nt * nb, nc, layout.npol)
-    flat = (np.arange(tsl.start, tsl.stop)[:, None] * layout.nbl
-            + np.arange(bsl.start, bsl.stop)[None, :]).ravel()
-    rows = layout.pos[flat]
-    sw = layout.swapped[flat]
-    if sw.any():
-        data = data.copy()
-        data[sw] = data[sw][:, :, layout.perm]
-    ms_ch = layout.chan_ms[csl]
-    step = np.diff(ms_ch)
-    if nc == 1 or np.all(step == 1):
-        reverse, lo_ch = False, int(ms_ch[0])
-    elif np.all(step == -1):
-        reverse, lo_ch = True, int(ms_ch[-1])
-    else:
-        reverse, lo_ch = None, None   # scattered channels: read-modify-write cells
-    if layout.identity and nb == layout.nbl:
-        runs = [(int(tsl.start * layout.nbl), None)]
-    else:
-        runs = _row_runs(rows)
-    for r0, sel in runs:
-        part = data if sel is None else data[sel]
-        n = part.shape[0]
-        if reverse is None:
-            cells = tb.getcol("FLAG", startrow=r0, nrow=n)
-            cells[:, ms_ch, :] = part
-            tb.putcol("FLAG", cells, startrow=r0, nrow=n)
-            continue
-        if reverse:
-            part = part[:, ::-1]
-        tb.putcolslice("FLAG", np.ascontiguousarray(part), [lo_ch, 0],
-                       [lo_ch + nc - 1, layout.npol - 1], startrow=r0, nrow=n)
-
-
-def _put_flag_row(tb, layout, flag_row):
-    """In the table thread: FLAG_ROW from the (time, baseline) all-flagged array."""
-    if "FLAG_ROW" not in tb.colnames():
-        return
-    fr = np.zeros(layout.nrow, dtype=bool)
-    flat = np.asarray(flag_row, dtype=bool).ravel()
-    ok = layout.pos >= 0
-    fr[layout.pos[ok]] = flat[ok]
-    tb.putcol("FLAG_ROW", fr)
-    tb.flush()
-
-
-class _StoreTarget:
-    """``da.store`` target: hands each computed block to the MS's table thread.
-
-    ``__setitem__`` runs in a scheduler thread and waits for its write, so at most one
-    block per scheduler thread is held. After :meth:`close` no further write is
-    queued (blocks of a failed compute still running in other threads are dropped),
-    so a restore queued after it runs last.
-    """
-
-    def __init__(self, proxy, layout, n_blocks, progress):
-        self.proxy, self.layout = proxy, layout
-        self.n_blocks, self.progress = n_blocks, progress
-        self.done = 0
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def close(self):
-        with self._lock:
-            self._closed = True
-
-    def __setitem__(self, key, value):
-        from daskms.table_proxy import WRITELOCK
-
-        tsl, bsl, csl = (slice(*k.indices(n)) for k, n in zip(
-            key[:3], (self.layout.ntime, self.layout.nbl, self.layout.chan_ms.size),
-            strict=True))
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("flag_ms: writing was stopped")
-            fut = self.proxy.submit(_write_block_hook, WRITELOCK, self.layout, tsl, bsl,
-                                    csl, value)
-        fut.result()
-        with self._lock:
-            self.done += 1
-            done = self.done
-        log.debug("wrote FLAG block time %s baseline %s channel %s (%d/%d)",
-                  tsl, bsl, csl, done, self.n_blocks)
-        if self.progress is not None:
-            self.progress(done, self.n_blocks)
+    return put_block(tb, layout, "FLAG", tsl, bsl, csl, np.asarray(block, dtype=bool))
 
 
 def _write_block_hook(tb, layout, tsl, bsl, csl, block):
@@ -549,8 +363,9 @@ def _write_block_hook(tb, layout, tsl, bsl, csl, block):
 # summary
 # ---------------------------------------------------------------------------------
 
-def _summary_part(s):
-    """A computed :func:`graphs.flag.flag_summary` Dataset -> plain dict."""
+def summary_part(s):
+    """A computed :func:`graphs.flag.flag_summary` Dataset -> plain dict (``overall``,
+    ``antenna`` {name: fraction}, ``channel`` [...], ``integration`` [...])."""
     frac_ant = np.asarray(s["flag_fraction_antenna"].values, dtype=np.float64)
     names = [str(n) for n in s["antenna_name"].values] if "antenna_name" in s.coords else [
         str(i) for i in range(frac_ant.size)]
@@ -561,6 +376,31 @@ def _summary_part(s):
         "channel": [float(x) for x in np.asarray(s["flag_fraction_channel"].values)],
         "integration": [float(x) for x in np.asarray(s["flag_fraction_time"].values)],
     }
+
+
+def summary_record(ms, ds, strategy: dict, *, group, after, before=None, **extra) -> dict:
+    """The flag summary of an MS as ``contimg flag`` and conversion write it: what was
+    flagged (``after``, and ``before`` when known: :func:`summary_part` dicts) with the
+    MS's shape, frequencies and times; ``extra`` keys are added as they are."""
+    out = {
+        "ms": ms,
+        "group": group,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in extra.items() if k != "timing_s"},
+        "strategy": strategy,
+        "shape": {k: int(ds.sizes[k]) for k in
+                  ("time", "baseline_id", "frequency", "polarization")},
+        "frequency_hz": [float(f) for f in np.asarray(ds["frequency"].values)],
+        "time_unix": [float(t) for t in np.asarray(ds["time"].values)],
+    }
+    if before is not None:
+        out["before"] = before
+    out["after"] = after
+    if before is not None:
+        out["newly_flagged"] = after["overall"] - before["overall"]
+    if "timing_s" in extra:
+        out["timing_s"] = extra["timing_s"]
+    return out
 
 
 def write_flag_summary(summary: dict, path) -> str:
@@ -647,7 +487,7 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     # --- the Dataset, its row layout and the flags before -------------------------
     t0 = _time.perf_counter()
     ds = open_ms(ms, chunks=chunks)
-    layout = _run(proxy, _read_layout, ms, ds, write=False)
+    layout = _run(proxy, read_layout, ms, ds, write=False)
     before = flag_summary(ds).compute(scheduler=scheduler)
     timing["open_and_summary_before"] = _time.perf_counter() - t0
 
@@ -671,7 +511,8 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     try:
         flagged = flag_dataset(ds, st)
         new = flagged["FLAG"].data
-        target = _StoreTarget(proxy, layout, int(np.prod(new.numblocks)), progress)
+        target = StoreTarget(proxy, layout, int(np.prod(new.numblocks)), progress,
+                             _write_block_hook)
         stored = da.store(new, target, lock=False, compute=False)
         flag_row = new.all(axis=(2, 3))
         after_lazy = flag_summary(flagged)
@@ -699,21 +540,12 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     if not backup:
         _delete_version(ms, name)
 
-    summary = {
-        "ms": ms,
-        "group": os.path.basename(ms)[:-3] if ms.endswith(".ms") else os.path.basename(ms),
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "backup": ({"name": name, "path": version_path, "format": "casa-flagversions"}
-                   if backup else None),
-        "strategy": st.to_dict(),
-        "shape": {k: int(ds.sizes[k]) for k in
-                  ("time", "baseline_id", "frequency", "polarization")},
-        "frequency_hz": [float(f) for f in ds["frequency"].values],
-        "time_unix": [float(t) for t in ds["time"].values],
-        "before": _summary_part(before),
-        "after": _summary_part(after),
-    }
-    summary["newly_flagged"] = summary["after"]["overall"] - summary["before"]["overall"]
+    summary = summary_record(
+        ms, ds, st.to_dict(),
+        group=os.path.basename(ms)[:-3] if ms.endswith(".ms") else os.path.basename(ms),
+        backup=({"name": name, "path": version_path, "format": "casa-flagversions"}
+                if backup else None),
+        before=summary_part(before), after=summary_part(after))
     timing["total"] = _time.perf_counter() - t_start
     summary["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
     log.info("%s: flagged %.2f %% -> %.2f %% in %.1f s (backup %s)", ms,
@@ -725,7 +557,7 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
 
 
 def _write_flag_row_hook(tb, layout, flag_row):
-    return _put_flag_row(tb, layout, flag_row)
+    return put_flag_row(tb, layout, flag_row)
 
 
 def default_summary_path(path) -> Path:

@@ -1,56 +1,37 @@
-"""The stages of one group after conversion, as functions a Dask worker runs.
+"""The stage spine: the stages of one group after conversion, and the one runner.
 
-Each takes and returns plain values (paths, dicts), so the streaming service, backfill
-and a Jupyter user can submit them to any cluster. Every stage is idempotent: it may be
-re-run after a worker died half-way (outputs are written to a temporary path and
-renamed; flagging recovers an interrupted run), which is what lets Dask re-schedule it.
+:data:`PIPELINE` is the ordered list of :class:`Stage` s: ``flag`` → ``calibrate`` (only
+when a calibrator transits) → ``apply`` (the valid calibration set nearest in time) →
+``image``. Each stage is a task a Dask worker runs (``stage_*`` below: plain values in
+and out, so the streaming service, backfill and a Jupyter user can submit them to any
+cluster) and a *register* step the driver runs on its result (the state database, the
+group's summary). :func:`run_stages` runs them for one :class:`GroupRun`; the streaming
+service (``contimg.stream.Stream``), ``contimg backfill --ms`` (:func:`process_ms`) and
+the notebooks all go through it. A new stage (photometry, mosaic) is one more entry in
+:data:`PIPELINE`.
 
-A stage whose implementation is not installed in this version, or that has nothing to
-do (no calibrator transits, no valid calibration set), returns
-``{"status": "skipped", "reason": ...}`` instead of failing the group.
-
-Stages: ``flag`` → ``calibrate`` (only when a calibrator transits) → ``apply`` (the
-valid calibration set nearest in time) → ``image``.
+Every stage is idempotent: it may be re-run after a worker died half-way (outputs are
+written to a temporary path and renamed; flagging recovers an interrupted run), which is
+what lets Dask re-schedule it. A stage that has nothing to do (no calibrator transits,
+no valid calibration set) returns ``{"status": "skipped", "reason": ...}`` instead of
+failing the group.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import importlib
 import logging
 import os
 import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
-
-STAGES = ("convert", "flag", "calibrate", "apply", "image")
-
-
-def _available(module: str, *names: str) -> bool:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return False
-    return all(hasattr(mod, n) for n in names)
-
-
-def stage_available(stage: str) -> bool:
-    """Whether this installation implements ``stage``."""
-    if stage in ("convert", "flag"):
-        return True
-    if stage == "calibrate":
-        return _available("contimg.calibrate", "calibrate_ms", "find_calibrator")
-    if stage == "apply":
-        return _available("contimg.calibrate", "apply_ms")
-    if stage == "image":
-        return _available("contimg.imaging", "image_ms")
-    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
 
 
 def _plain(obj):
@@ -186,8 +167,6 @@ def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
     written as CASA tables in ``cal_dir`` and registered in the state database. A solve
     that fails its quality checks is registered as rejected (by ``calibrate_ms``) and
     reported here as ``status="rejected"``: it is not a failure of the group."""
-    if not stage_available("calibrate"):
-        return skipped("calibration is not available in this installation")
     from contimg import calibrate
 
     with local_dask():
@@ -212,8 +191,6 @@ def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
 @_stage
 def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
     """Apply the valid calibration set nearest in time (CORRECTED_DATA)."""
-    if not stage_available("apply"):
-        return skipped("calibration is not available in this installation")
     from contimg import calibrate
     from contimg.state import StateDB
 
@@ -234,8 +211,6 @@ def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
 @_stage
 def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> dict:
     """Image the MS (CORRECTED_DATA when present) to FITS files ``<prefix>-*.fits``."""
-    if not stage_available("image"):
-        return skipped("imaging is not available in this installation")
     from contimg import imaging
 
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
@@ -253,3 +228,223 @@ def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> di
     out = _plain(res)
     out.update(status="ok", seconds=time.perf_counter() - t0)
     return out
+
+
+# ---------------------------------------------------------------------------------
+# the spine
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupRun:
+    """One group (or one MS) going through the stages: what they need, what they gave.
+
+    ``db`` is the driver's :class:`contimg.state.StateDB` (the register steps use it;
+    the tasks get its path). ``summary`` collects what the group's log line reports.
+    """
+
+    ms: str
+    name: str                      # the group's stamp: names its products
+    t_mid: float                   # unix time of the middle integration
+    db: object
+    output: Path
+    group_id: str | None = None
+    attempt: int = 1
+    flag_strategy: object = None
+    catalog: object = None
+    refant: int | None = None
+    image_options: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)   # stage name -> result dict
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def calset_id(self):
+        return self.results.get("apply", {}).get("calset_id")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One entry of :data:`PIPELINE`.
+
+    ``task(ms_path, **kwargs(run))`` runs on a worker and returns a dict;
+    ``register(run, result)`` runs in the driver afterwards (also on a result kept from
+    an earlier attempt). ``reusable``: a retry keeps this stage's result when every
+    stage before it was kept too (the MS still on disk). ``slot``: a named limit on how
+    many of these run at once (the streaming service's ``image_slots``).
+    ``waits_for_calibration``: the stream first waits for a calibrator group in flight.
+    """
+
+    name: str
+    task: Callable
+    kwargs: Callable[[GroupRun], dict]
+    register: Callable[[GroupRun, dict], None] | None = None
+    reusable: bool = True
+    slot: str | None = None
+    waits_for_calibration: bool = False
+
+
+def _register_flag(run, res):
+    if res.get("status") == "ok":
+        run.db.register_ms(run.ms, flagged_fraction=res["flagged"], status="flagged")
+        run.summary["flagged"] = round(res["flagged"], 4)
+
+
+def _register_calibration(run, res):
+    if res.get("status") in ("ok", "rejected"):
+        run.summary["calibration"] = res["status"]
+
+
+def _register_apply(run, res):
+    if res.get("status") == "ok":
+        run.db.register_ms(run.ms, calset_id=res.get("calset_id"), status="calibrated")
+        run.summary["applied"] = res.get("calset")
+
+
+def _register_image(run, res):
+    if res.get("status") == "ok":
+        run.summary["image"] = register_image_result(
+            run.db, res, group_id=run.group_id, ms_path=run.ms, calset_id=run.calset_id)
+
+
+def register_image_result(db, res: dict, *, group_id=None, ms_path=None,
+                          calset_id=None):
+    """Record the FITS products of an imaging stage result in the images table."""
+    src = res["paths"] if isinstance(res.get("paths"), dict) else res
+    paths = {k: str(v) for k, v in src.items() if isinstance(v, str) and v.endswith(".fits")}
+    main = paths.get("image") or next(iter(paths.values()), None)
+    if main is None:
+        log.warning("imaging of %s returned no FITS path: %s", ms_path, res)
+        return None
+    beam = res.get("beam")
+    if isinstance(beam, (list, tuple)) and len(beam) == 3:   # (bmaj ", bmin ", bpa deg)
+        beam = {"bmaj_arcsec": beam[0], "bmin_arcsec": beam[1], "bpa_deg": beam[2]}
+    elif beam is not None and not isinstance(beam, dict):
+        beam = {"beam": beam}
+    db.register_image(main, group_id=group_id, ms_path=ms_path, products=paths,
+                      noise_jy=res.get("noise_jy", res.get("noise")),
+                      peak_jy=res.get("peak_jy", res.get("peak")), beam=beam,
+                      calset_id=calset_id)
+    return main
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("flag", stage_flag, lambda r: dict(strategy=r.flag_strategy), _register_flag),
+    Stage("calibrate", stage_calibrate,
+          lambda r: dict(db_path=str(r.db.path), cal_dir=str(Path(r.output) / "cal"),
+                         name=r.name, catalog=r.catalog, refant=r.refant),
+          _register_calibration),
+    Stage("apply", stage_apply, lambda r: dict(db_path=str(r.db.path), t_mid=r.t_mid),
+          _register_apply, waits_for_calibration=True),
+    Stage("image", stage_image,
+          lambda r: dict(prefix=str(Path(r.output) / "images" / r.name),
+                         options=r.image_options),
+          _register_image, reusable=False, slot="image"),
+)
+
+#: every stage a group goes through, conversion first (names for ``--skip`` and timings)
+STAGES: tuple[str, ...] = ("convert",) + tuple(s.name for s in PIPELINE)
+
+
+def _reusable_prefix(stages) -> tuple[str, ...]:
+    names = ["convert"]
+    for s in stages:
+        if not s.reusable:
+            break
+        names.append(s.name)
+    return tuple(names)
+
+
+#: the stages a retry may keep from the previous attempt, in order (a prefix of STAGES)
+REUSABLE: tuple[str, ...] = _reusable_prefix(PIPELINE)
+
+
+def stage_key(stage: str, name: str, attempt: int = 1) -> str:
+    """A readable, unique Dask key for a stage task: ``<stage>-<group>-a<attempt>-<ns>``."""
+    return f"{stage}-{name}-a{attempt}-{time.time_ns()}"
+
+
+def submitter(client):
+    """``execute`` for :func:`run_stages`: the stage as one task on ``client``."""
+
+    def execute(run, stage, kwargs):
+        fut = client.submit(stage.task, run.ms, **kwargs, pure=False,
+                            key=stage_key(stage.name, run.group_id or run.name,
+                                          run.attempt))
+        return fut.result()
+
+    return execute
+
+
+def run_stages(run: GroupRun, execute, *, skip=frozenset(), done=None, reuse=None,
+               before=None, on_skip=None, stages=PIPELINE) -> GroupRun:
+    """Run ``stages`` in order for ``run``; returns it (``results``, ``summary``).
+
+    execute(run, stage, kwargs) -> dict
+        runs the stage's task (e.g. :func:`submitter`; the stream's adds retries'
+        records, timings and slots) and returns its result.
+    skip
+        stage names not to run (recorded as ``skipped``/``disabled``).
+    done
+        stage name -> result already obtained (e.g. flags made during conversion).
+    reuse
+        stage name -> callable() giving the result kept from an earlier attempt.
+    before(run, stage)
+        called before a stage's task is submitted (the stream waits for calibration).
+    on_skip(run, stage, result)
+        called for a stage skipped by ``skip`` (the stream records it).
+
+    Each result then goes through the stage's register step, in the driver.
+    """
+    done = dict(done or {})
+    reuse = dict(reuse or {})
+    for stage in stages:
+        if stage.name in done:
+            res = done[stage.name]
+        elif stage.name in reuse:
+            res = reuse[stage.name]()
+        elif stage.name in skip:
+            res = skipped("disabled")
+            if on_skip is not None:
+                on_skip(run, stage, res)
+        else:
+            if before is not None:
+                before(run, stage)
+            res = execute(run, stage, stage.kwargs(run))
+        run.results[stage.name] = res
+        if stage.register is not None:
+            stage.register(run, res)
+    return run
+
+
+def process_ms(client, db, ms_path, *, output, skip=frozenset(), flag_strategy=None,
+               catalog=None, refant=None, image_options=None) -> dict:
+    """Run the stages after conversion on an existing Measurement Set (what
+    ``contimg backfill --ms`` and the notebooks do); products are registered in ``db``.
+    Returns ``{stage: result}``."""
+    import numpy as np
+
+    from contimg.io.ms import open_ms
+
+    ms = os.path.abspath(str(ms_path))
+    if not os.path.isdir(ms):
+        raise FileNotFoundError(f"{ms}: no such Measurement Set")
+    # on local threads: a compute through the distributed client would leave the MS's
+    # dask-ms tables referenced by the scheduler's task records (in this process),
+    # open for every stage of an in-process cluster
+    with local_dask():
+        times = np.asarray(open_ms(ms).time.values)
+    db.register_ms(ms, t_start=float(times[0]), t_end=float(times[-1]))
+    run = GroupRun(ms=ms, name=Path(ms).name.removesuffix(".ms"),
+                   t_mid=float(times[len(times) // 2]), db=db, output=Path(output),
+                   flag_strategy=flag_strategy, catalog=catalog, refant=refant,
+                   image_options=dict(image_options or {}))
+    submit = submitter(client)
+
+    def execute(run, stage, kwargs):
+        t0 = time.perf_counter()
+        res = submit(run, stage, kwargs)
+        log.info("%s: %s %s in %.1f s", ms, stage.name, res.get("status"),
+                 time.perf_counter() - t0)
+        return res
+
+    return run_stages(run, execute, skip=frozenset(skip)).results

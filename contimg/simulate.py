@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 CALIBRATOR_NAME = "SIMCAL"   # the name of the simulator's transiting calibrator
+CALIBRATOR_CATALOG = "calibrators.csv"   # written beside the files of a calibrator group
 
 
 @dataclass
@@ -539,7 +540,10 @@ def simulate(outdir, n_groups=1, start="2026-01-15T08:00:00", cfg: SimConfig | N
     """Simulate ``n_groups`` consecutive groups (5 min apart in file time) sharing one sky.
 
     ``calibrator_group``: index of the group in which a bright calibrator transits (it
-    is part of the sky of every group, so neighbours see it drift through the beam).
+    is part of the sky of every group, so neighbours see it drift through the beam);
+    its catalogue entry is written beside the files as ``calibrators.csv``
+    (:func:`write_calibrator_catalog`), for ``contimg calibrate --catalog`` or
+    ``VLA_CATALOG``.
     """
     cfg = cfg or SimConfig()
     if isinstance(start, str):
@@ -563,6 +567,10 @@ def simulate(outdir, n_groups=1, start="2026-01-15T08:00:00", cfg: SimConfig | N
             if cal is not None:
                 _add_source(sky, cal["name"], cal["ra"], cal["dec"], cal["flux"], cal["alpha"])
         out.append(simulate_group(outdir, g_start, cfg, sky=sky, progress=progress))
+    if cal is not None:
+        path = write_calibrator_catalog(out, Path(outdir) / CALIBRATOR_CATALOG)
+        log.info("wrote the calibrator catalogue %s (for contimg calibrate --catalog, or "
+                 "VLA_CATALOG)", path)
     return out
 
 

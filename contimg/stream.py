@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from pathlib import Path
 from contimg import pipeline
 from contimg import telescope as tel
 from contimg.config import Config, ImageConfig, StreamSettings
+from contimg.pipeline import register_image_result  # noqa: F401 - its old home
 from contimg.state import StateDB, owner_id
 
 if typing.TYPE_CHECKING:
@@ -192,27 +194,6 @@ def resume_stale_groups(db: StateDB, stale_after_s: float, *, reason_prefix="res
     return out
 
 
-def register_image_result(db: StateDB, res: dict, *, group_id=None, ms_path=None,
-                          calset_id=None):
-    """Record the FITS products of an imaging stage result in the images table."""
-    src = res["paths"] if isinstance(res.get("paths"), dict) else res
-    paths = {k: str(v) for k, v in src.items() if isinstance(v, str) and v.endswith(".fits")}
-    main = paths.get("image") or next(iter(paths.values()), None)
-    if main is None:
-        log.warning("imaging of %s returned no FITS path: %s", ms_path, res)
-        return None
-    beam = res.get("beam")
-    if isinstance(beam, (list, tuple)) and len(beam) == 3:   # (bmaj ", bmin ", bpa deg)
-        beam = {"bmaj_arcsec": beam[0], "bmin_arcsec": beam[1], "bpa_deg": beam[2]}
-    elif beam is not None and not isinstance(beam, dict):
-        beam = {"beam": beam}
-    db.register_image(main, group_id=group_id, ms_path=ms_path, products=paths,
-                      noise_jy=res.get("noise_jy", res.get("noise")),
-                      peak_jy=res.get("peak_jy", res.get("peak")), beam=beam,
-                      calset_id=calset_id)
-    return main
-
-
 class Stream:
     """The streaming service on one Dask client (see the module docstring)."""
 
@@ -231,7 +212,9 @@ class Stream:
         self._pool = ThreadPoolExecutor(cfg.in_flight, thread_name_prefix="group")
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._image_slots = threading.BoundedSemaphore(max(1, cfg.image_slots))
+        # named limits on stages running at once (a Stage's `slot`)
+        self._slots = {"image": threading.BoundedSemaphore(max(1, cfg.image_slots))}
+        self._submit = pipeline.submitter(client)
         self._last_status = 0.0
         self._lockfile = None
         self.completed: list[str] = []
@@ -589,9 +572,10 @@ class Stream:
         """Stages of the previous attempt whose results this attempt keeps.
 
         A retry resumes where the previous attempt stopped: the stages it finished (a
-        prefix of convert → flag → calibrate → apply, the MS still on disk) are not run
-        again; their records are carried over. The last allowed attempt starts again
-        from the raw files, in case the MS itself was what went wrong.
+        prefix of the reusable stages, convert → flag → calibrate → apply, the MS still
+        on disk) are not run again; their records are carried over. The last allowed
+        attempt starts again from the raw files, in case the MS itself was what went
+        wrong.
         """
         gid, attempt = g["group_id"], g["attempts"]
         if attempt <= 1 or g["retries"] >= self.cfg.max_retries:
@@ -600,7 +584,7 @@ class Stream:
             return {}
         prev = {r["stage"]: r for r in self.db.timings(gid) if r["attempt"] == attempt - 1}
         keep = {}
-        for stage in pipeline.STAGES[:-1]:
+        for stage in pipeline.REUSABLE:
             r = prev.get(stage)
             if r is not None and r["detail"] == "disabled":
                 continue            # skipped by configuration: decided again below
@@ -625,36 +609,37 @@ class Stream:
                  res["reused_from_attempt"])
         return res
 
-    def _stage(self, g, stage, fn, *args, reuse=None, **kw):
-        """Run one stage as a Dask task; record its timing; return its result dict.
-        ``reuse``: the stage records this attempt keeps (see ``_reusable``)."""
-        gid, attempt = g["group_id"], g["attempts"]
-        t0 = time.time()
-        if reuse and stage in reuse:
-            return self._reuse(g, stage, reuse[stage])
-        if stage in self.cfg.skip:
-            self.db.record_stage(gid, attempt, stage, "skipped", 0.0, t0, "disabled")
-            return pipeline.skipped("disabled")
+    def _execute(self, run, stage, kwargs):
+        """``execute`` of :func:`contimg.pipeline.run_stages`: the stage as one Dask task
+        (within its slot, e.g. ``image_slots``), timed into ``stage_timings``."""
+        gid, attempt = run.group_id, run.attempt
         if self._stop.is_set():
             raise RuntimeError("stream stopping")
+        t0 = time.time()
         try:
             # groups in flight overlap, but at most `image_slots` images at once: the
             # next group converts, flags and calibrates while this one images
-            with self._image_slots if stage == "image" else contextlib.nullcontext():
+            with self._slots.get(stage.slot) or contextlib.nullcontext():
                 t0 = time.time()
-                fut = self.client.submit(fn, *args, **kw, pure=False,
-                                         key=f"{stage}-{gid}-a{attempt}-{time.time_ns()}")
-                res = fut.result()
+                res = self._submit(run, stage, kwargs)
         except Exception as exc:
-            self.db.record_stage(gid, attempt, stage, "failed", time.time() - t0, t0,
+            self.db.record_stage(gid, attempt, stage.name, "failed", time.time() - t0, t0,
                                  _why(exc))
             raise
         status = "skipped" if res.get("status") == "skipped" else "ok"
-        self.db.record_stage(gid, attempt, stage, status, time.time() - t0, t0,
+        self.db.record_stage(gid, attempt, stage.name, status, time.time() - t0, t0,
                              json.dumps(res, default=str))
-        log.info("group %s: %s %s in %.1f s%s", gid, stage, res.get("status", "ok"),
+        log.info("group %s: %s %s in %.1f s%s", gid, stage.name, res.get("status", "ok"),
                  time.time() - t0, f" ({res['reason']})" if "reason" in res else "")
         return res
+
+    def _disabled(self, run, stage, res):
+        self.db.record_stage(run.group_id, run.attempt, stage.name, "skipped", 0.0,
+                             time.time(), "disabled")
+
+    def _before(self, run, stage):
+        if stage.waits_for_calibration:
+            self._wait_for_calibration(run.group_id, run.t_mid)
 
     def _open(self, gid):
         """The group's ready files and its lazy Dataset (headers only)."""
@@ -683,42 +668,21 @@ class Stream:
         os.makedirs(os.path.dirname(ms), exist_ok=True)
         times = ds.time.values
         t_mid = float(times[len(times) // 2])
-        out = {"ms": ms}
 
         reuse = self._reusable(g, ms)
-        flagged = None
+        done = {}
         if reuse:
-            self._reuse(g, "convert", reuse["convert"])
+            self._reuse(g, "convert", reuse.pop("convert"))
         else:
             flagged = self._convert(g, ds, ms)
-        fl = flagged or self._stage(g, "flag", pipeline.stage_flag, ms, reuse=reuse,
-                                    strategy=self.cfg.flag_strategy)
-        if fl.get("status") == "ok":
-            self.db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
-            out["flagged"] = round(fl["flagged"], 4)
-
-        cal = self._stage(g, "calibrate", pipeline.stage_calibrate, ms, reuse=reuse,
-                          db_path=str(self.db.path), cal_dir=str(self.cfg.output / "cal"),
-                          name=stamp, catalog=self.cfg.catalog, refant=self.cfg.refant)
-        if cal.get("status") in ("ok", "rejected"):
-            out["calibration"] = cal["status"]
-
-        if "apply" not in reuse:
-            self._wait_for_calibration(gid, t_mid)
-        ap = self._stage(g, "apply", pipeline.stage_apply, ms, reuse=reuse,
-                         db_path=str(self.db.path), t_mid=t_mid)
-        calset_id = ap.get("calset_id")
-        if ap.get("status") == "ok":
-            self.db.register_ms(ms, calset_id=calset_id, status="calibrated")
-            out["applied"] = ap["calset"]
-
-        im = self._stage(g, "image", pipeline.stage_image, ms,
-                         prefix=str(self.cfg.output / "images" / stamp),
-                         options=self.cfg.image_options)
-        if im.get("status") == "ok":
-            out["image"] = register_image_result(self.db, im, group_id=gid, ms_path=ms,
-                                                 calset_id=calset_id)
-        return out
+            if flagged:
+                done["flag"] = flagged
+        run = group_run(self.cfg, self.db, ms, stamp, t_mid, group_id=gid, attempt=attempt)
+        pipeline.run_stages(run, self._execute, skip=self.cfg.skip, done=done,
+                            reuse={k: functools.partial(self._reuse, g, k, r)
+                                   for k, r in reuse.items()},
+                            before=self._before, on_skip=self._disabled)
+        return {"ms": ms, **run.summary}
 
     def _convert(self, g, ds, ms):
         """Write the group's MS (the reads run on the workers; headers were read here),
@@ -760,7 +724,7 @@ class Stream:
     def _note_calibrator(self, gid, ds):
         """Record whether a calibrator transits in this group (header data only), so
         that groups in flight beside it can wait for its solutions."""
-        if "calibrate" in self.cfg.skip or not pipeline.stage_available("calibrate"):
+        if "calibrate" in self.cfg.skip:
             return
         from contimg import calibrate
 
@@ -834,41 +798,16 @@ def housekeeping(db: StateDB, *, output=None, stale_after_s: float = 1800.0,
     return {"resumed": resumed, "expired": expired, "removed": removed}
 
 
+def group_run(cfg: StreamConfig, db: StateDB, ms, name, t_mid, **kw) -> pipeline.GroupRun:
+    """A :class:`contimg.pipeline.GroupRun` with the stream configuration's settings."""
+    return pipeline.GroupRun(ms=ms, name=name, t_mid=t_mid, db=db, output=cfg.output,
+                             flag_strategy=cfg.flag_strategy, catalog=cfg.catalog,
+                             refant=cfg.refant, image_options=cfg.image_options, **kw)
+
+
 def process_ms(client, db: StateDB, ms_path, cfg: StreamConfig) -> dict:
-    """Run the stages after conversion (flag → calibrate → apply → image) on an existing
-    Measurement Set, as ``contimg backfill --ms`` does; products are registered."""
-    from contimg.io.ms import open_ms
-
-    ms = os.path.abspath(str(ms_path))
-    if not os.path.isdir(ms):
-        raise FileNotFoundError(f"{ms}: no such Measurement Set")
-    ds = open_ms(ms)
-    times = ds.time.values
-    t_mid = float(times[len(times) // 2])
-    stamp = Path(ms).name.removesuffix(".ms")
-    db.register_ms(ms, t_start=float(times[0]), t_end=float(times[-1]))
-    out = {}
-
-    def run(stage, fn, *args, **kw):
-        if stage in cfg.skip:
-            out[stage] = pipeline.skipped("disabled")
-            return out[stage]
-        t0 = time.perf_counter()
-        out[stage] = client.submit(fn, *args, **kw, pure=False).result()
-        log.info("%s: %s %s in %.1f s", ms, stage, out[stage].get("status"),
-                 time.perf_counter() - t0)
-        return out[stage]
-
-    fl = run("flag", pipeline.stage_flag, ms, strategy=cfg.flag_strategy)
-    if fl.get("status") == "ok":
-        db.register_ms(ms, flagged_fraction=fl["flagged"], status="flagged")
-    run("calibrate", pipeline.stage_calibrate, ms, db_path=str(db.path),
-        cal_dir=str(cfg.output / "cal"), name=stamp, catalog=cfg.catalog, refant=cfg.refant)
-    ap = run("apply", pipeline.stage_apply, ms, db_path=str(db.path), t_mid=t_mid)
-    if ap.get("status") == "ok":
-        db.register_ms(ms, calset_id=ap["calset_id"], status="calibrated")
-    im = run("image", pipeline.stage_image, ms, prefix=str(cfg.output / "images" / stamp),
-             options=cfg.image_options)
-    if im.get("status") == "ok":
-        register_image_result(db, im, ms_path=ms, calset_id=ap.get("calset_id"))
-    return out
+    """Run the stages after conversion on an existing Measurement Set, as ``contimg
+    backfill --ms`` does (:func:`contimg.pipeline.process_ms`); products are registered."""
+    return pipeline.process_ms(client, db, ms_path, output=cfg.output, skip=cfg.skip,
+                               flag_strategy=cfg.flag_strategy, catalog=cfg.catalog,
+                               refant=cfg.refant, image_options=cfg.image_options)

@@ -537,18 +537,6 @@ def interpolate_gains(gain_time, gain, flag, times, interp="linear"):
     return out, oflag
 
 
-def _apply_block(vis, flag, a1, a2, gt, gt_flag, bf, bf_flag):
-    nt, nbl, nf, npol = vis.shape
-    out = np.empty((nt * nbl, nf, npol), np.complex64)
-    oflag = np.empty((nt * nbl, nf, npol), bool)
-    tidx = np.repeat(np.arange(nt, dtype=np.int64), nbl)
-    solvers.apply_jones(np.ascontiguousarray(vis).reshape(nt * nbl, nf, npol),
-                        np.ascontiguousarray(flag).reshape(nt * nbl, nf, npol),
-                        np.tile(a1, nt), np.tile(a2, nt), tidx, gt, gt_flag, bf, bf_flag,
-                        out, oflag)
-    return out.reshape(nt, nbl, nf, npol), oflag.reshape(nt, nbl, nf, npol)
-
-
 def _match_channels(sol_freqs, freqs, width):
     idx = np.abs(freqs[:, None] - sol_freqs[None, :]).argmin(axis=1)
     bad = np.abs(sol_freqs[idx] - freqs) > 0.5 * abs(width)
@@ -556,6 +544,112 @@ def _match_channels(sol_freqs, freqs, width):
         raise ValueError(f"{int(bad.sum())} channel(s) of the data (e.g. "
                          f"{freqs[bad][0] / 1e6:.4f} MHz) have no bandpass solution")
     return idx
+
+
+def _solution_arrays(solutions):
+    """``(B, B_flag, G, G_flag, gain_time, bandpass frequencies)`` of solutions as
+    :func:`solve` returns them (xarray, lazy or not) or as
+    :func:`contimg.caltables.read_solutions` does (a dict of numpy arrays); the
+    missing ones None."""
+    has_b, has_g = "BANDPASS" in solutions, "GAIN" in solutions
+    if not (has_b or has_g):
+        raise ValueError("solutions hold neither BANDPASS nor GAIN")
+
+    def data_of(name):
+        if name not in solutions:
+            return None
+        x = solutions[name]
+        return x.data if hasattr(x, "data") else x
+
+    sol_f = (solutions["BANDPASS"].frequency.values if has_b
+             and hasattr(solutions["BANDPASS"], "frequency") else
+             solutions.get("frequency") if has_b else None)
+    gain_t = (np.asarray(solutions["GAIN"].gain_time.values) if has_g and hasattr(
+        solutions["GAIN"], "gain_time") else (solutions.get("gain_time") if has_g else None))
+    return (data_of("BANDPASS"), data_of("BANDPASS_FLAG"), data_of("GAIN"),
+            data_of("GAIN_FLAG"), gain_t, sol_f)
+
+
+def _check_solutions(B, G, nstations, npol):
+    for name, x, axis in (("BANDPASS", B, 0), ("GAIN", G, 1)):
+        if x is None:
+            continue
+        if x.shape[axis] < nstations:
+            raise ValueError(f"{name} has {x.shape[axis]} antennas, the data's antenna "
+                             f"table has {nstations}")
+        if x.shape[-1] != npol:
+            raise ValueError(f"{name} has {x.shape[-1]} correlations, the data {npol}")
+
+
+def prepare_solutions(B, Bf, G, Gf, gain_time, sol_freqs, *, freqs, times, nstations,
+                      npol, channel_width=np.inf, interp="linear", conjugate=False):
+    """Solutions on the data's grid, as :func:`correct_rows` takes them: ``(gt, gt_flag)``
+    (ntime, nstations, npol) interpolated to ``times`` and ``(bf, bf_flag)``
+    (nstations, nchan, npol) matched to ``freqs`` (any order); unity where a term is
+    missing (None). ``conjugate``: for data in the MS convention (CASA's ``DATA``, the
+    contract's ``conj(VISIBILITY)``)."""
+    freqs = np.asarray(freqs, float)
+    times = np.asarray(times, float)
+    conj = np.conj if conjugate else (lambda x: x)
+    _check_solutions(B, G, nstations, npol)
+    if B is not None:
+        idx = _match_channels(np.asarray(sol_freqs, float), freqs, channel_width)
+        bf = np.ascontiguousarray(conj(np.asarray(B, np.complex128)[:, idx]))
+        bff = np.ascontiguousarray(np.asarray(Bf, bool)[:, idx])
+    else:
+        bf = np.ones((nstations, freqs.size, npol), np.complex128)
+        bff = np.zeros(bf.shape, bool)
+    if G is not None:
+        gt, gtf = interpolate_gains(gain_time, conj(np.asarray(G)), Gf, times, interp)
+    else:
+        gt = np.ones((times.size, nstations, npol), np.complex128)
+        gtf = np.zeros(gt.shape, bool)
+    return gt, gtf, bf, bff
+
+
+def correct_rows(vis, flag, a1, a2, tidx, prepared, chan=slice(None)):
+    """Corrected ``(vis, flag)`` of rows ``(nrow, nchan, npol)`` (any row order: row r
+    is baseline ``a1[r], a2[r]`` at integration ``tidx[r]``); ``prepared`` from
+    :func:`prepare_solutions`, ``chan`` the rows' channels in it."""
+    gt, gtf, bf, bff = prepared
+    out = np.empty(vis.shape, np.complex64)
+    oflag = np.empty(vis.shape, bool)
+    solvers.apply_jones(np.ascontiguousarray(vis, np.complex64), np.ascontiguousarray(flag),
+                        np.asarray(a1, np.int64), np.asarray(a2, np.int64),
+                        np.asarray(tidx, np.int64), gt, gtf,
+                        np.ascontiguousarray(bf[:, chan]), np.ascontiguousarray(bff[:, chan]),
+                        out, oflag)
+    return out, oflag
+
+
+def _correct_block(vis, flag, a1, a2, prepared, t0, c0):
+    """:func:`correct_rows` of a contract block ``(time, baseline, frequency, pol)``
+    starting at integration ``t0``, channel ``c0``."""
+    nt, nbl, nf, npol = vis.shape
+    tidx = t0 + np.repeat(np.arange(nt, dtype=np.int64), nbl)
+    out, oflag = correct_rows(vis.reshape(nt * nbl, nf, npol),
+                              flag.reshape(nt * nbl, nf, npol), np.tile(a1, nt),
+                              np.tile(a2, nt), tidx, prepared, slice(c0, c0 + nf))
+    return out.reshape(vis.shape), oflag.reshape(vis.shape)
+
+
+def apply_rows(vis, flag, a1, a2, tidx, prepared, *, name="apply-cal"):
+    """Lazy corrected ``(vis, flag)`` of row-major arrays ``(row, channel, pol)``
+    (dask, chunked along rows, all channels in a chunk): the MS's own layout, read and
+    written in contiguous runs of rows. ``a1, a2, tidx``: numpy, per row; ``prepared``:
+    :func:`prepare_solutions` (numpy or delayed). Task names ``<name>-r<k>``."""
+    rch = vis.chunks[0]
+    edges = np.concatenate([[0], np.cumsum(rch)]).astype(int)
+    vblk, fblk = vis.to_delayed().ravel(), flag.to_delayed().ravel()
+    out_v, out_f = [], []
+    for k in range(len(rch)):
+        r0, r1 = edges[k], edges[k + 1]
+        res = dask.delayed(correct_rows, pure=True, nout=2)(
+            vblk[k], fblk[k], a1[r0:r1], a2[r0:r1], tidx[r0:r1], prepared,
+            dask_key_name=f"{name}-r{k:03d}-{vis.name}")
+        out_v.append(da.from_delayed(res[0], (r1 - r0,) + vis.shape[1:], dtype=np.complex64))
+        out_f.append(da.from_delayed(res[1], (r1 - r0,) + vis.shape[1:], dtype=bool))
+    return da.concatenate(out_v, axis=0), da.concatenate(out_f, axis=0)
 
 
 def apply(ds, solutions, *, interp="linear"):
@@ -578,63 +672,28 @@ def apply(ds, solutions, *, interp="linear"):
     -------
     xarray.Dataset
         ``ds`` with ``VISIBILITY`` corrected and ``FLAG`` extended by flagged
-        solutions; lazy, same chunks.
+        solutions; lazy, same chunks. Each block is :func:`correct_rows` of its rows,
+        as :func:`apply_rows` (what ``contimg.calibrate.apply_ms`` runs on an MS).
     """
     if interp not in ("nearest", "linear"):
         raise ValueError(f"interp must be 'nearest' or 'linear', got {interp!r}")
     nstations = ds.sizes["antenna_id"] if "antenna_id" in ds.sizes else int(
         max(ds.baseline_antenna1_id.max(), ds.baseline_antenna2_id.max()) + 1)
     npol = ds.sizes["polarization"]
-    times = np.asarray(ds.time.values, float)
-    freqs = np.asarray(ds.frequency.values, float)
     a1 = np.asarray(ds.baseline_antenna1_id.values, np.int64)
     a2 = np.asarray(ds.baseline_antenna2_id.values, np.int64)
-    has_b = "BANDPASS" in solutions
-    has_g = "GAIN" in solutions
-    if not (has_b or has_g):
-        raise ValueError("solutions hold neither BANDPASS nor GAIN")
+    arrays = _solution_arrays(solutions)
     for key in ("BANDPASS", "GAIN"):
-        if key in solutions:
-            spol = [str(p) for p in np.asarray(solutions[key].polarization.values)] \
-                if hasattr(solutions[key], "polarization") else None
-            if spol is not None and spol != [str(p) for p in ds.polarization.values]:
+        if key in solutions and hasattr(solutions[key], "polarization"):
+            spol = [str(p) for p in np.asarray(solutions[key].polarization.values)]
+            if spol != [str(p) for p in ds.polarization.values]:
                 raise ValueError(f"{key} polarizations {spol} differ from the data's "
                                  f"{list(ds.polarization.values)}")
-            nant_sol = solutions[key].shape[0 if key == "BANDPASS" else 1]
-            if nant_sol < nstations:
-                raise ValueError(f"{key} has {nant_sol} antennas, the data's antenna table "
-                                 f"has {nstations}")
-
-    def prep(B, Bf, G, Gf, Gt, sol_f):
-        if B is not None:
-            idx = _match_channels(np.asarray(sol_f, float), freqs,
-                                  ds.frequency.attrs.get("channel_width", np.inf))
-            bf = np.ascontiguousarray(np.asarray(B, np.complex128)[:, idx])
-            bff = np.ascontiguousarray(np.asarray(Bf, bool)[:, idx])
-        else:
-            bf = np.ones((nstations, freqs.size, npol), np.complex128)
-            bff = np.zeros(bf.shape, bool)
-        if G is not None:
-            gt, gtf = interpolate_gains(Gt, G, Gf, times, interp)
-        else:
-            gt = np.ones((times.size, nstations, npol), np.complex128)
-            gtf = np.zeros(gt.shape, bool)
-        return gt, gtf, bf, bff
-
-    def data_of(name):
-        if name not in solutions:
-            return None
-        x = solutions[name]
-        return x.data if hasattr(x, "data") else x
-
-    sol_f = (solutions["BANDPASS"].frequency.values if has_b
-             and hasattr(solutions["BANDPASS"], "frequency") else
-             solutions.get("frequency") if has_b else None)
-    gt_coord = (np.asarray(solutions["GAIN"].gain_time.values) if has_g and hasattr(
-        solutions["GAIN"], "gain_time") else (solutions.get("gain_time") if has_g else None))
-    prepared = dask.delayed(prep, pure=True, nout=4)(
-        data_of("BANDPASS"), data_of("BANDPASS_FLAG"), data_of("GAIN"),
-        data_of("GAIN_FLAG"), gt_coord, sol_f)
+    _check_solutions(arrays[0], arrays[2], nstations, npol)
+    prepared = dask.delayed(prepare_solutions, pure=True, nout=4)(
+        *arrays, freqs=np.asarray(ds.frequency.values, float),
+        times=np.asarray(ds.time.values, float), nstations=nstations, npol=npol,
+        channel_width=ds.frequency.attrs.get("channel_width", np.inf), interp=interp)
 
     vis = ds.VISIBILITY.data
     flag = ds.FLAG.data
@@ -643,29 +702,17 @@ def apply(ds, solutions, *, interp="linear"):
     vis = vis.rechunk({1: -1, 3: -1})
     flag = da.asarray(flag).rechunk(vis.chunks)
     tch, fch = vis.chunks[0], vis.chunks[2]
-    t_edges = np.concatenate([[0], np.cumsum(tch)])
-    f_edges = np.concatenate([[0], np.cumsum(fch)])
+    t_edges = np.concatenate([[0], np.cumsum(tch)]).astype(int)
+    f_edges = np.concatenate([[0], np.cumsum(fch)]).astype(int)
     vblk = vis.to_delayed()
     fblk = flag.to_delayed()
-
-    def corrected(i, k):
-        def run(v, f, prep_):
-            gt, gtf, bf, bff = prep_
-            t0, t1 = t_edges[i], t_edges[i + 1]
-            c0, c1 = f_edges[k], f_edges[k + 1]
-            return _apply_block(v, f, a1, a2, np.ascontiguousarray(gt[t0:t1]),
-                                np.ascontiguousarray(gtf[t0:t1]),
-                                np.ascontiguousarray(bf[:, c0:c1]),
-                                np.ascontiguousarray(bff[:, c0:c1]))
-        return run
-
     out_v, out_f = [], []
     for i in range(len(tch)):
         row_v, row_f = [], []
         for k in range(len(fch)):
-            res = dask.delayed(corrected(i, k), pure=True, nout=2)(
-                vblk[i, 0, k, 0], fblk[i, 0, k, 0], prepared,
-                dask_key_name=f"apply-cal-t{i:02d}-sb{k:02d}-{vis.name}")
+            res = dask.delayed(_correct_block, pure=True, nout=2)(
+                vblk[i, 0, k, 0], fblk[i, 0, k, 0], a1, a2, prepared, t_edges[i],
+                f_edges[k], dask_key_name=f"apply-cal-t{i:02d}-sb{k:02d}-{vis.name}")
             shape = (tch[i], vis.shape[1], fch[k], npol)
             row_v.append(da.from_delayed(res[0], shape, dtype=np.complex64))
             row_f.append(da.from_delayed(res[1], shape, dtype=bool))

@@ -721,3 +721,88 @@ def test_auto_w_mode_takes_the_snapshot_only_within_its_budget(wide_ds):
     assert "planes" in strict.plan and "planes" not in auto.plan
     with pytest.raises(ValueError, match="w_mode"):
         image_dataset(ds, w_mode="faceted", **kw)
+
+
+# ---------------------------------------------------------------------------------
+# the CLEAN driver's named steps; the FITS header is its WCS
+# ---------------------------------------------------------------------------------
+
+
+def test_named_steps_compose_to_image_dataset(ps_ds):
+    """The steps of contimg.imaging_steps, called one by one, make the image
+    image_dataset makes (bit for bit), and each step's product is what it says."""
+    import dask
+
+    from contimg import imaging_steps as st
+    from contimg.imaging import image_config, image_dataset
+    from graphs import image as gi
+    from kernels import clean as kc
+
+    kw = dict(npix=256, cell_arcsec=10.0, niter=100, grid_tasks=2)
+    want = image_dataset(ps_ds, **kw)
+
+    c = image_config(None, kw)
+    opts = st.recorded_options(c)
+    vis = st.prepare_visibilities(ps_ds, c, opts)
+    assert vis.averaged and opts["n_vis_gridded"] < opts["n_vis_in"]   # averaging ran
+    snapshot, slant = st.choose_w_mode(vis, c, opts)
+    assert snapshot == (not opts["w_stacking"]) and slant == want.slant
+    plan, psf_plan = st.plan_imaging(vis, c, snapshot)
+    assert plan.describe() == want.plan
+    wspec = st.imaging_weights(vis, c)
+    d = st.dirty_and_psf(vis, c, plan, psf_plan, wspec)
+    np.testing.assert_array_equal(d.dirty, want.dirty)
+    np.testing.assert_array_equal(d.psf, want.psf)
+    assert d.psf.max() == pytest.approx(1.0, abs=1e-6)                 # normalised PSF
+    beam = kc.fit_beam(d.psf, st.cell_rad(c))
+
+    def residual_of(model):
+        (res,) = dask.compute(gi.dirty_image(vis.dsi, plan, wspec,
+                                             model=model.astype(plan.image_dtype),
+                                             gridder=c.gridder, nthreads=c.nthreads,
+                                             index=d.index))
+        return res.astype(np.float64) / d.norm
+
+    cr = st.clean(d.dirty, d.psf, c, st.clean_mask(vis, c, slant), residual_of)
+    assert 0 < cr.n_components <= c.niter and cr.n_major >= 1
+    # CLEAN took flux out of the residual: its peak is below the dirty image's
+    assert np.abs(cr.residual).max() < 0.5 * np.abs(d.dirty).max()
+    prod = st.image_products(ps_ds, vis, c, d, cr, beam, slant, opts, {}, plan)
+    for name in ("image", "residual", "model", "psf", "pb", "image_pb", "dirty"):
+        np.testing.assert_array_equal(getattr(prod, name), getattr(want, name), err_msg=name)
+    assert (prod.n_components, prod.n_major, prod.beam) == (want.n_components,
+                                                            want.n_major, want.beam)
+
+
+def test_fits_header_is_its_wcs_and_reads_back_without_fixes(small_ms, tmp_path):
+    """Imaging writes no astropy FITSFixedWarning, and a reader's wcslib finds nothing
+    to fix in the header (it is WCS(...).to_header() plus the keywords that are not
+    WCS): the WCS read back is the one the image was made with."""
+    import warnings
+
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    from contimg.imaging import image_ms
+    from contimg.io.fits import image_wcs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = image_ms(small_ms, tmp_path / "g", npix=256, cell_arcsec=10.0, niter=20,
+                       keep_products=True)
+    assert not [w for w in caught if issubclass(w.category, FITSFixedWarning)], \
+        [str(w.message) for w in caught]
+    want = image_wcs(res.products)
+    for key, value in want.to_header().items():
+        with fits.open(res.paths["image"]) as hdul:
+            assert hdul[0].header[key] == value, key
+    h = fits.getheader(res.paths["image"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FITSFixedWarning)
+        got = WCS(h)
+    pix = np.array([[0.0, 0.0, 0, 0], [255.0, 17.0, 0, 0], [128.0, 128.0, 0, 0]])
+    g, w = got.all_pix2world(pix, 0), want.all_pix2world(pix, 0)
+    np.testing.assert_allclose(g[:, :2], w[:, :2], rtol=0, atol=1e-9)    # deg
+    np.testing.assert_allclose(g[:, 2:], w[:, 2:], rtol=1e-12)            # Hz, Stokes
+    assert h["OBSGEO-H"] == pytest.approx(1222.0, abs=5.0)   # the geodetic set is there
+    assert h["BMAJ"] * 3600 == pytest.approx(res.beam[0], rel=1e-6)

@@ -181,3 +181,35 @@ def test_bad_config_is_refused():
         SimConfig(n_subbands=17)
     with pytest.raises(ValueError, match="n_chan"):
         SimConfig(n_chan=0)
+
+
+def test_calibrator_group_writes_its_catalogue_for_the_cli(tmp_path):
+    """``contimg simulate --calibrator-group K`` writes ``calibrators.csv`` beside the
+    files and says so; ``contimg calibrate --catalog`` then finds and solves the
+    simulated calibrator without any Python."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sim"
+    r = subprocess.run([sys.executable, "-m", "contimg.cli", "simulate", "--out", str(out),
+                        "--groups", "2", "--calibrator-group", "1", "--antennas", "12",
+                        "--subbands", "2", "--channels", "8", "--integrations", "6",
+                        "--no-rfi"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cat = out / "calibrators.csv"
+    assert cat.is_file() and str(cat) in r.stdout + r.stderr     # and it says so
+    lines = cat.read_text().splitlines()
+    assert lines[0].startswith("name,ra_deg,dec_deg,flux_jy") and lines[1].startswith("SIMCAL,")
+
+    from contimg.io.ms import write_ms
+    from contimg.io.uvh5 import find_groups, open_group
+
+    groups = find_groups(out)
+    ms = write_ms(open_group(groups[1], n_subbands=2), tmp_path / "cal.ms")
+    r = subprocess.run([sys.executable, "-m", "contimg.cli", "calibrate", str(ms),
+                        "--catalog", str(cat), "--db", str(tmp_path / "s.sqlite3"),
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["calibrator"] == "SIMCAL" and res["status"] == "valid"
