@@ -303,8 +303,8 @@ class ImageConfig(_Section):
     psf_wterm: bool = setting(False, "make the PSF with the w term")
     mask_radius_arcsec: float = setting(60.0, "CLEAN mask radius around mask_sources, "
                                         "arcsec")
-    average: bool = setting(True, "baseline-dependent averaging within smear_loss (--no-"
-                            "average: grid every visibility)", flags=("--no-average",))
+    average: bool = setting(True, "baseline-dependent averaging within smear_loss (off: "
+                            "grid every visibility)", flags=("--no-average",))
     smear_loss: float = setting(0.01, "largest amplitude loss from averaging at the smear "
                                 "radius", flags=("--smear-loss",))
     smear_radius_deg: float | None = setting(None, "where the smearing loss is budgeted, deg "
@@ -776,7 +776,9 @@ def _add_option(parser, section, spec):
     help_ = f"{spec.md['help']} [{'; '.join(extra)}]".replace("%", "%%")
     kw = dict(dest=dest, default=argparse.SUPPRESS, help=help_)
     if base is bool and container is None:
-        kw["action"] = "store_false" if flags[0].startswith("--no-") else "store_true"
+        off = flags[0].startswith("--no-")
+        kw["action"] = "store_false" if off else "store_true"
+        kw["help"] = ("turn off: " if off else "turn on: ") + help_
     else:
         def parse(text, spec=spec, flag=flags[0]):
             try:
