@@ -245,7 +245,9 @@ def main(argv=None):
     ap.add_argument("--skip-wsclean", action="store_true")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+    from contimg.runtime import configure
+
+    configure()
 
     from contimg.io.uvh5 import open_group
 

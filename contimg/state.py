@@ -275,8 +275,12 @@ class StateDB:
                 raise StateError(f"{self.path}: schema version {v} is newer than this "
                                  f"contimg ({SCHEMA_VERSION}); upgrade contimg")
             for i in range(v, SCHEMA_VERSION):
-                log.info("%s: migrating schema %d -> %d", self.path, i, i + 1)
                 with self.transaction() as con:
+                    # the write lock is ours now: another process opening the same new
+                    # database may have migrated it since ``v`` was read
+                    if con.execute("PRAGMA user_version").fetchone()["user_version"] > i:
+                        continue
+                    log.info("%s: migrating schema %d -> %d", self.path, i, i + 1)
                     for stmt in MIGRATIONS[i].split(";"):
                         if stmt.strip():
                             con.execute(stmt)

@@ -7,9 +7,12 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+from contimg.runtime import configure
+from contimg.simulate import SimConfig, simulate_group
 
-from contimg.simulate import SimConfig, simulate_group  # noqa: E402
+# the process settings the CLI, the stream and the workers apply (HDF5 file locking
+# off, astropy offline, dask's worker malloc setting)
+configure()
 
 SMALL = dict(n_ant=10, n_subbands=4, n_chan=8, n_times=6)
 

@@ -47,6 +47,14 @@ def test_simulate_then_info(tmp_path):
     r = _run("info", str(tmp_path), "--subbands", "2")
     assert r.returncode == 0, r.stderr
     assert "21 (117 antennas in table)" in r.stdout and "channels       8:" in r.stdout
+    # the same setting from a configuration file (contimg --config), and the option wins
+    conf = tmp_path / "contimg.toml"
+    conf.write_text("[stream]\nn_subbands = 2\n")
+    r2 = _run("--config", str(conf), "info", str(tmp_path))
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == r.stdout
+    r3 = _run("--config", str(conf), "info", str(tmp_path), "--subbands", "3")
+    assert r3.returncode == 2 and "missing subband(s) sb02" in r3.stderr
 
 
 def test_info_reports_bad_input_in_one_line(tmp_path):

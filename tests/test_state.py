@@ -42,6 +42,15 @@ def test_newer_schema_is_refused(tmp_path):
         _db(tmp_path)
 
 
+def test_two_processes_opening_a_new_database_migrate_once(monkeypatch, tmp_path):
+    """A process that read the schema version before another one migrated (both opened
+    the new database at once: the stream and `contimg status`) does not migrate again."""
+    StateDB(tmp_path / "db.sqlite3").close()
+    monkeypatch.setattr(StateDB, "version", property(lambda self: 0))   # the stale read
+    db = StateDB(tmp_path / "db.sqlite3")
+    assert db.query("PRAGMA user_version")[0]["user_version"] == SCHEMA_VERSION
+
+
 def test_default_path_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("PIPELINE_DB", raising=False)
     monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path / "st"))
