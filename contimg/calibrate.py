@@ -289,6 +289,18 @@ def _open_db(db):
     return db
 
 
+def configured_solver_options(**given) -> dict:
+    """Solver keywords: ``given`` over the configured ``[calibrate]`` ``gain_interval``,
+    ``gain_mode`` and ``min_snr`` (a configuration file reaches the stream's workers
+    through ``CONTIMG_CONFIG``)."""
+    from contimg.config import current
+
+    conf = current().calibrate
+    out = {k: getattr(conf, k) for k in ("gain_interval", "gain_mode", "min_snr")}
+    out.update(given)
+    return out
+
+
 def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, name=None,
                  validity_hours=None, **solver_opts):
     """Calibrate a calibrator group's MS: solve, write CASA tables, register.
@@ -312,9 +324,10 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
         Half-width of the validity window around the transit (default: the configured
         ``[calibrate] validity_hours``, 12 h).
     **solver_opts
-        ``gain_interval``, ``gain_mode``, ``min_snr``, ``max_iter``, ``tol``,
-        ``max_data_flagged``, ``max_solutions_flagged``, ``min_converged``,
-        ``radius_deg``, ``topn`` (see :func:`solve_dataset`).
+        ``gain_interval``, ``gain_mode``, ``min_snr`` (default: the configured
+        ``[calibrate]`` values), ``max_iter``, ``tol``, ``max_data_flagged``,
+        ``max_solutions_flagged``, ``min_converged``, ``radius_deg``, ``topn`` (see
+        :func:`solve_dataset`).
 
     Returns
     -------
@@ -332,6 +345,7 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
         from contimg.config import current
 
         validity_hours = current().calibrate.validity_hours
+    solver_opts = configured_solver_options(**solver_opts)
     ms_path = os.path.abspath(os.fspath(ms_path))
     base = os.path.basename(ms_path.rstrip("/"))
     name = name or (base[:-3] if base.endswith(".ms") else base)
@@ -339,11 +353,7 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, name)
     db = _open_db(db)
-    params = dict(solver="stefcal", refant_requested=refant, **{
-        k: v for k, v in solver_opts.items()})
-    params.setdefault("gain_interval", 1)
-    params.setdefault("gain_mode", "ap")
-    params.setdefault("min_snr", 3.0)
+    params = dict(solver="stefcal", refant_requested=refant, **solver_opts)
     ds = open_ms(ms_path)
     times = np.asarray(ds.time.values, float)
     t_mid = float(times.mean())

@@ -178,6 +178,21 @@ def test_library_defaults_follow_the_environment(monkeypatch, tmp_path):
     assert sky.match_topn() == 7
 
 
+def test_calibration_defaults_come_from_the_configuration(tmp_path, monkeypatch):
+    """calibrate_ms (the stream's calibrate stage calls it on a worker) takes the
+    [calibrate] solver settings of the file the worker's CONTIMG_CONFIG names."""
+    from contimg.calibrate import configured_solver_options
+
+    monkeypatch.delenv("CONTIMG_CONFIG", raising=False)
+    assert configured_solver_options() == dict(gain_interval=1, gain_mode="ap", min_snr=3.0)
+    f = tmp_path / "c.toml"
+    f.write_text('[calibrate]\ngain_mode = "p"\nmin_snr = 5\n')
+    monkeypatch.setenv("CONTIMG_CONFIG", str(f))
+    assert configured_solver_options(min_snr=2.0, max_iter=9) == dict(
+        gain_interval=1, gain_mode="p", min_snr=2.0, max_iter=9)
+    assert configured_solver_options()["min_snr"] == 5.0
+
+
 def test_image_keyword_overrides():
     from contimg.imaging import image_config
 
