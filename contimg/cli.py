@@ -556,6 +556,9 @@ def build_parser():
     from contimg.calibrate import add_subcommands as _calibration_subcommands
 
     _calibration_subcommands(sub)  # contimg calibrate / contimg apply (issue 5)
+    from contimg.science import add_subcommands as _science_subcommands
+
+    _science_subcommands(sub)  # catalog, photometry, sources, mosaic (issue 15)
 
     s = sub.add_parser("demo", help="the main job on embedded defaults (simulated data)")
     s.add_argument("--out", default=None, help="output directory (default: a temporary one)")

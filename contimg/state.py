@@ -174,6 +174,102 @@ MIGRATIONS: list[str] = [
         UNIQUE (source_id, image_path)
     );
     """,
+    # --- version 2: science products (catalogues, photometry, variability, mosaics) ----
+    """
+    CREATE TABLE catalogs (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        path       TEXT,
+        format     TEXT,
+        n_rows     INTEGER,
+        n_new      INTEGER,                        -- sources it added
+        n_matched  INTEGER,                        -- rows that matched a known source
+        loaded_at  REAL NOT NULL
+    );
+    ALTER TABLE sources ADD COLUMN catalog_id INTEGER REFERENCES catalogs(id);
+    ALTER TABLE sources ADD COLUMN flux_err_jy REAL;
+    ALTER TABLE sources ADD COLUMN alpha REAL;
+    ALTER TABLE sources ADD COLUMN ref_freq_hz REAL;
+    ALTER TABLE photometry ADD COLUMN peak_jy REAL;   -- apparent (no PB correction)
+    ALTER TABLE photometry ADD COLUMN rms_jy REAL;    -- local rms, Jy/beam
+    ALTER TABLE photometry ADD COLUMN pb REAL;        -- primary-beam response
+    ALTER TABLE photometry ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE photometry ADD COLUMN norm_flux_jy REAL;  -- flux_jy / the image's scale
+    ALTER TABLE photometry ADD COLUMN norm_err_jy REAL;
+    CREATE INDEX photometry_source_time ON photometry(source_id, t_mid);
+    CREATE INDEX photometry_image ON photometry(image_path);
+
+    CREATE TABLE image_flux_scale (
+        image_path TEXT PRIMARY KEY REFERENCES images(path) ON DELETE CASCADE,
+        t_mid      REAL,
+        scale      REAL,                           -- median measured/expected of references
+        scale_err  REAL,
+        n_ref      INTEGER NOT NULL,
+        n_measured INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE source_stats (                    -- running sums, one row per source
+        source_id  INTEGER PRIMARY KEY REFERENCES sources(id) ON DELETE CASCADE,
+        n          INTEGER NOT NULL DEFAULT 0,
+        sum_w      REAL NOT NULL DEFAULT 0,        -- sum 1/err^2
+        sum_wf     REAL NOT NULL DEFAULT 0,        -- sum f/err^2
+        sum_wf2    REAL NOT NULL DEFAULT 0,        -- sum f^2/err^2
+        sum_f      REAL NOT NULL DEFAULT 0,
+        sum_f2     REAL NOT NULL DEFAULT 0,
+        eta        REAL,                           -- weighted reduced chi^2
+        v          REAL,                           -- modulation index
+        max_dev    REAL,                           -- largest sigma-deviation of an epoch
+        max_vs     REAL,                           -- largest |Vs| (Mooley et al. 2016)
+        m_at_max_vs REAL,
+        last_flux  REAL, last_err REAL,
+        min_flux   REAL, min_err REAL,
+        max_flux   REAL, max_err REAL,
+        t_first    REAL, t_last REAL,
+        updated_at REAL
+    );
+    CREATE INDEX source_stats_eta ON source_stats(eta);
+
+    CREATE TABLE ese_candidates (
+        id          INTEGER PRIMARY KEY,
+        source_id   INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
+        preset      TEXT NOT NULL,
+        score       REAL NOT NULL,
+        t_start     REAL,
+        t_end       REAL,
+        depth_jy    REAL,
+        depth_sigma REAL,
+        edge_sigma  REAL,
+        n_epochs    INTEGER,
+        evidence    TEXT NOT NULL DEFAULT '{}',    -- JSON: the light curve and the fit
+        status      TEXT NOT NULL DEFAULT 'new',
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        UNIQUE (source_id, preset)
+    );
+    CREATE INDEX ese_candidates_score ON ese_candidates(score);
+
+    CREATE TABLE mosaics (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        t_start    REAL,
+        t_end      REAL,
+        status     TEXT NOT NULL DEFAULT 'planned'
+                   CHECK (status IN ('planned','built','failed')),
+        path       TEXT,
+        products   TEXT NOT NULL DEFAULT '{}',     -- JSON {"weight": path, "noise": path}
+        noise_jy   REAL,
+        n_images   INTEGER,
+        error      TEXT,
+        created_at REAL NOT NULL,
+        built_at   REAL
+    );
+    CREATE TABLE mosaic_members (
+        mosaic_id  INTEGER NOT NULL REFERENCES mosaics(id) ON DELETE CASCADE,
+        image_path TEXT NOT NULL REFERENCES images(path) ON DELETE CASCADE,
+        PRIMARY KEY (mosaic_id, image_path)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -200,7 +296,7 @@ def _row(cur, row):
     return {d[0]: row[i] for i, d in enumerate(cur.description)}
 
 
-_JSON_COLS = {"tables", "params", "quality", "products", "beam", "missing"}
+_JSON_COLS = {"tables", "params", "quality", "products", "beam", "missing", "evidence"}
 
 
 def _decode(d: dict | None) -> dict | None:
