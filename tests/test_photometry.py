@@ -41,7 +41,7 @@ def beam_noise(shape, q, rng):
 
 def synthetic_fits(path, *, npix=512, n_src=60, rms=1e-3, seed=1, ra0=150.0, dec0=54.6,
                    fluxes=None, positions=None, freq=1.4e9, pb_files=True, with_pb=True,
-                   drift_s=150.0):
+                   drift_s=150.0, radec=None, mjd=61000.0):
     """Write ``<path>-image.fits`` (and ``-image-pb.fits``): point sources (flux, at
     random positions unless given) seen through an Airy PB, convolved with BEAM, plus
     beam-correlated noise. Returns (image path, ra_deg, dec_deg, true flux, pb)."""
@@ -59,7 +59,9 @@ def synthetic_fits(path, *, npix=512, n_src=60, rms=1e-3, seed=1, ra0=150.0, dec
     w.wcs.cdelt = [-CELL_DEG, CELL_DEG]
     east = -1.0
     q = kph.beam_quadratic(BEAM[0] / CELL_DEG, BEAM[1] / CELL_DEG, BEAM[2], east)
-    if positions is None:
+    if radec is not None:
+        px, py = w.world_to_pixel_values(*radec)
+    elif positions is None:
         px = rng.uniform(20, npix - 21, n_src)
         py = rng.uniform(20, npix - 21, n_src)
     else:
@@ -79,8 +81,8 @@ def synthetic_fits(path, *, npix=512, n_src=60, rms=1e-3, seed=1, ra0=150.0, dec
     pb = airy_power(sep, freq, tel.DISH_DIAMETER_M) if with_pb else np.ones_like(sep)
     h = w.to_header()
     h["BMAJ"], h["BMIN"], h["BPA"] = BEAM
-    h["MJD-OBS"] = 61000.0
-    h["MJD-AVG"] = 61000.0 + drift_s / 86400.0
+    h["MJD-OBS"] = mjd
+    h["MJD-AVG"] = mjd + drift_s / 86400.0
     h["NOISE"] = rms
     out = f"{path}-image.fits"
     fits.PrimaryHDU(img.astype(np.float32), header=h).writeto(out, overwrite=True)
