@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def add_subcommands(sub):
-    from contimg import catalog, mosaic, photometry, variability
+    from contimg import campaign, catalog, mosaic, photometry, variability
 
-    for mod in (catalog, photometry, variability, mosaic):
+    for mod in (catalog, photometry, variability, mosaic, campaign):
         mod.add_subcommands(sub)
