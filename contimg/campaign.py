@@ -136,8 +136,17 @@ def run_photometry_campaign(outdir, db_path, cfg: CampaignConfig | None = None,
     n = cfg.n_sources
     # fluxes log-uniform; positions in a 3 deg field at dec 54.6; PB response 0.25-1
     flux0 = np.exp(rng.uniform(math.log(cfg.min_flux_jy), math.log(cfg.max_flux_jy), n))
-    sky = dict(ra=np.radians(rng.uniform(150.0, 155.0, n)),
-               dec=np.radians(rng.uniform(53.1, 56.1, n)), flux=flux0,
+    ra, dec = rng.uniform(150.0, 155.0, n), rng.uniform(53.1, 56.1, n)
+    while True:   # no two sources within 1 arcmin (a catalogue would merge them)
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(np.stack([ra * math.cos(math.radians(54.6)), dec], 1)).query_pairs(
+            1 / 60.0, output_type="ndarray")
+        if not len(pairs):
+            break
+        j = np.unique(pairs[:, 1])
+        ra[j], dec[j] = rng.uniform(150.0, 155.0, j.size), rng.uniform(53.1, 56.1, j.size)
+    sky = dict(ra=np.radians(ra), dec=np.radians(dec), flux=flux0,
                alpha=np.zeros(n), name=np.array([f"CAMP{i:05d}" for i in range(n)]))
     pb = rng.uniform(0.25, 1.0, n)
     lc = light_curves(cfg, flux0, rng)

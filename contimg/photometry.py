@@ -196,7 +196,7 @@ def measure(img: Image, ra_deg, dec_deg, *, pb: np.ndarray | None = None,
     mask = kph.source_mask(ny, nx, xm, ym, 1.5 * bmaj_pix)
     xs, ys = np.ascontiguousarray(x[sel]), np.ascontiguousarray(y[sel])
     rms, nrms, trunc = kph.local_rms(img.data, mask, xs, ys, annulus_beams[0] * bmaj_pix,
-                                     annulus_beams[1] * bmaj_pix, 50, threads)
+                                     annulus_beams[1] * bmaj_pix, 50, 2, threads)
     amp, fac, npx, edge = kph.beam_fit(img.data, xs, ys, qa, qb, qc, 0.5, threads)
     flags = np.zeros(x.size, dtype=np.int64)
     f = np.zeros(xs.size, dtype=np.int64)

@@ -67,21 +67,23 @@ def source_mask(ny, nx, xs, ys, radius):
 
 @njit(nogil=True, cache=True)
 def _mad_rms(vals, n):
-    v = np.sort(vals[:n])
-    med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-    dev = np.sort(np.abs(v - med))
-    mad = dev[n // 2] if n % 2 else 0.5 * (dev[n // 2 - 1] + dev[n // 2])
-    return med, 1.482602218505602 * mad
+    v = vals[:n].copy()
+    med = np.median(v)
+    for t in range(n):
+        v[t] = abs(v[t] - med)
+    return med, 1.482602218505602 * np.median(v)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def local_rms(img, mask, xs, ys, r_in, r_out, min_pixels, nthreads):
+def local_rms(img, mask, xs, ys, r_in, r_out, min_pixels, step, nthreads):
     """Robust rms in the annulus ``r_in <= r < r_out`` around each source.
 
-    Pixels that are masked (near a catalogue source), NaN, or more than 5 rms from
-    the median (one clip) are skipped. Returns ``(rms, npix, truncated)``: ``rms`` is
-    NaN when fewer than ``min_pixels`` remain; ``truncated`` is True when the annulus
-    runs off the image.
+    The annulus is sampled on the pixels whose indices are multiples of ``step`` (the
+    noise is correlated over a beam, so a step of 2 loses little and is 4x cheaper).
+    Pixels that are masked (near a catalogue source), NaN, or more than 5 rms from the
+    median (one clip) are skipped. Returns ``(rms, npix, truncated)``: ``rms`` is NaN
+    when fewer than ``min_pixels`` remain; ``truncated`` is True when the annulus runs
+    off the image.
     """
     ny, nx = img.shape
     n = xs.size
@@ -101,10 +103,14 @@ def local_rms(img, mask, xs, ys, r_in, r_out, min_pixels, nthreads):
             xa, xb = int(math.floor(x0 - r_out)), int(math.ceil(x0 + r_out))
             if ya < 0 or xa < 0 or yb >= ny or xb >= nx:
                 trunc[k] = True
+            ja = max(0, ya)
+            ja += (step - ja % step) % step
+            ia = max(0, xa)
+            ia += (step - ia % step) % step
             m = 0
-            for j in range(max(0, ya), min(ny - 1, yb) + 1):
+            for j in range(ja, min(ny - 1, yb) + 1, step):
                 dy = j - y0
-                for i in range(max(0, xa), min(nx - 1, xb) + 1):
+                for i in range(ia, min(nx - 1, xb) + 1, step):
                     dx = i - x0
                     d2 = dx * dx + dy * dy
                     if d2 < r_in2 or d2 >= r_out2 or mask[j, i]:
