@@ -81,6 +81,15 @@ def _to_jy(column, default_unit: str, where: str) -> np.ndarray:
                      "not a flux density")
 
 
+def _first_jy(table, choices, where: str) -> np.ndarray:
+    """The first of ``choices`` (``(column, default unit)``) present, in Jy; else NaN."""
+    for name, unit in choices:
+        c = _col(table, (name,))
+        if c is not None:
+            return _to_jy(table[c], unit, where)
+    return np.full(len(table), np.nan)
+
+
 def _positions(table, where: str) -> tuple[np.ndarray, np.ndarray]:
     from astropy import units as u
     from astropy.coordinates import SkyCoord
@@ -139,18 +148,7 @@ def read_catalog(path) -> dict:
     if bad.any():
         raise ValueError(f"{where}: row {int(np.flatnonzero(bad)[0]) + 1}: bad position")
     n = len(t)
-    flux = np.full(n, np.nan)
-    for name, unit in _FLUX:
-        c = _col(t, (name,))
-        if c is not None:
-            flux = _to_jy(t[c], unit, where)
-            break
-    err = np.full(n, np.nan)
-    for name, unit in _ERR:
-        c = _col(t, (name,))
-        if c is not None:
-            err = _to_jy(t[c], unit, where)
-            break
+    flux, err = _first_jy(t, _FLUX, where), _first_jy(t, _ERR, where)
     cname = _col(t, _NAME)
     names = ([str(x).strip() for x in t[cname]] if cname is not None
              else [jname(a, b) for a, b in zip(ra, dec)])
