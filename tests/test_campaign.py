@@ -65,3 +65,29 @@ def test_groups_per_epoch_carry_the_truth(tmp_path):
             assert f == pytest.approx(z["true"][idx[str(name)], k])
     assert np.any(z["true"].std(axis=1) > 0)
     assert (tmp_path / "campaign_sky.csv").is_file()
+
+
+def test_sources_cli(tmp_path, capsys):
+    from contimg.cli import main
+
+    db = str(tmp_path / "db.sqlite3")
+    assert main(["simulate-campaign", "--out", str(tmp_path / "c"), "--db", db, "--epochs",
+                 "30", "--sources", "40", "--ese", "6", "--variable", "4", "--seed",
+                 "5"]) == 0
+    z = np.load(tmp_path / "c" / "campaign_truth.npz")
+    capsys.readouterr()
+    assert main(["sources", "candidates", "--db", db]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = {line.split()[0] for line in out[1:]}
+    ese = {str(n) for n, k in zip(z["name"], z["kind"]) if k == "ese"}
+    assert names and names <= ese | {str(n) for n, k in zip(z["name"], z["kind"])
+                                     if k == "variable"}
+    assert main(["sources", "list", "--db", db, "--limit", "5"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    etas = [float(r.split()[6]) for r in rows]
+    assert len(rows) == 5 and etas == sorted(etas, reverse=True)
+    one = sorted(names)[0]
+    assert main(["sources", "show", one, "--db", db]) == 0
+    text = capsys.readouterr().out
+    assert '"name": "%s"' % one in text and text.count("epoch") == 30
+    assert main(["sources", "show", "nobody", "--db", db]) == 1
