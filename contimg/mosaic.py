@@ -157,8 +157,8 @@ def make_mosaic(paths, *, pb_min: float = DEFAULT_PB_MIN, cell_arcsec: float | N
     cell = (cell_arcsec / 3600.0 if cell_arcsec else
             min(m[0].cell_deg for m in members))
     wcs, shape = output_wcs([m[0] for m in members], cell)
-    num = np.zeros(shape)
-    den = np.zeros(shape)
+    num = np.zeros(shape, dtype=np.float32)      # 4 bytes a pixel: a night's strip is big
+    den = np.zeros(shape, dtype=np.float32)
     for img, pb, s in members:
         ny, nx = img.data.shape
         bx = np.r_[np.linspace(0, nx - 1, 33), np.full(33, nx - 1), np.linspace(0, nx - 1, 33),
@@ -223,7 +223,7 @@ def write_mosaic(out: Path, mosaic, weight, noise, wcs, beam, *, n_images=0, t0=
 
 
 def build(db, name: str, output=None, *, pb_min: float = DEFAULT_PB_MIN,
-          out_dir=None) -> dict:
+          out_dir=None, cell_arcsec: float | None = None) -> dict:
     """Build the planned mosaic ``name`` and record its products."""
     rows = db.query("SELECT * FROM mosaics WHERE name=?", (name,))
     if not rows:
@@ -237,7 +237,8 @@ def build(db, name: str, output=None, *, pb_min: float = DEFAULT_PB_MIN,
         output = base / f"{name}.fits"
     t = time.perf_counter()
     try:
-        mos, wt, noise, wcs, beam = make_mosaic(members, pb_min=pb_min)
+        mos, wt, noise, wcs, beam = make_mosaic(members, pb_min=pb_min,
+                                                cell_arcsec=cell_arcsec)
         paths = write_mosaic(Path(output), mos, wt, noise, wcs, beam, n_images=len(members),
                              t0=m["t_start"], t1=m["t_end"])
     except Exception as exc:
@@ -272,7 +273,7 @@ def nightly_due(db, now: float, hour_utc: int) -> dict | None:
 
 
 def stage_nightly_mosaic(db_path=None, *, now: float | None = None, hour_utc: int | None,
-                         out_dir=None) -> dict | None:
+                         out_dir=None, cell_arcsec: float | None = None) -> dict | None:
     """The stream's scheduled job (``SCHED_MOSAIC_HOUR_UTC`` /
     ``science.mosaic_hour_utc``): plan and build the previous night's mosaic once it is
     due; None when nothing is due (or no hour is configured, or no images)."""
@@ -288,7 +289,7 @@ def stage_nightly_mosaic(db_path=None, *, now: float | None = None, hour_utc: in
         if not p["members"]:
             log.info("mosaic %s: no images in the window", due["name"])
             return dict(name=due["name"], n_images=0)
-        return build(db, due["name"], out_dir=out_dir)
+        return build(db, due["name"], out_dir=out_dir, cell_arcsec=cell_arcsec)
 
 
 # ---------------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def cmd_mosaic(args) -> int:
             for m in p["members"]:
                 print(f"  {m}")
         elif args.mosaic_cmd == "build":
-            r = build(db, args.name, args.output, pb_min=args.pb_min)
+            r = build(db, args.name, args.output, pb_min=args.pb_min,
+                      cell_arcsec=args.cell)
             print(f"mosaic {r['name']}: {r['n_images']} image(s) -> {r['mosaic']} "
                   f"(median noise {r['noise_jy']:.3g} Jy/beam)")
         else:
@@ -328,6 +330,8 @@ def add_subcommands(sub):
     s.add_argument("name")
     s.add_argument("--output", help="mosaic FITS path (default: <db dir>/mosaics/NAME.fits)")
     s.add_argument("--pb-min", type=float, default=DEFAULT_PB_MIN)
+    s.add_argument("--cell", type=float, default=None,
+                   help="mosaic pixel (arcsec; default: the members' own)")
     s.add_argument("--db")
     s.set_defaults(func=cmd_mosaic)
     s = msub.add_parser("list", help="planned and built mosaics")
