@@ -279,3 +279,22 @@ def test_imaged_simulated_group_against_truth(tmp_path):
     assert np.all(np.abs(res["flux_jy"][bright] / true[bright] - 1) < 0.02), \
         res["flux_jy"] / true
     assert np.all(np.abs(pull) < 4), pull
+
+
+def test_cli_prints_csv_without_a_database(tmp_path, capsys):
+    from contimg import catalog
+    from contimg.cli import main
+
+    pos = (np.array([100.0, 200.0, 300.0]), np.array([100.0, 250.0, 400.0]))
+    path, ra, dec, flux, pb = synthetic_fits(tmp_path / "c", positions=pos,
+                                             fluxes=[0.5, 0.2, 0.1], seed=9)
+    sky = dict(ra=np.radians(ra), dec=np.radians(dec), flux=flux, alpha=np.zeros(3),
+               name=np.array(["A", "B", "C"]))
+    cat = catalog.write_sky_catalog(sky, tmp_path / "sky.csv")
+    assert main(["photometry", path, "--catalog", str(cat)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "name,flux_jy,err_jy,peak_jy,rms_jy,pb,flags"
+    got = {r.split(",")[0]: float(r.split(",")[1]) for r in lines[2:]}
+    assert set(got) == {"A", "B", "C"}
+    assert got["A"] == pytest.approx(0.5, rel=0.02)
+    assert not (tmp_path / "state").exists()
