@@ -281,7 +281,7 @@ def test_imaged_simulated_group_against_truth(tmp_path):
     assert np.all(np.abs(pull) < 4), pull
 
 
-def test_cli_prints_csv_without_a_database(tmp_path, capsys):
+def test_cli_prints_csv_without_a_database(tmp_path, capsys, monkeypatch):
     from contimg import catalog
     from contimg.cli import main
 
@@ -291,10 +291,13 @@ def test_cli_prints_csv_without_a_database(tmp_path, capsys):
     sky = dict(ra=np.radians(ra), dec=np.radians(dec), flux=flux, alpha=np.zeros(3),
                name=np.array(["A", "B", "C"]))
     cat = catalog.write_sky_catalog(sky, tmp_path / "sky.csv")
+    monkeypatch.chdir(tmp_path)                # the default database would be here
+    monkeypatch.delenv("PIPELINE_DB", raising=False)
+    monkeypatch.delenv("PIPELINE_STATE_DIR", raising=False)
     assert main(["photometry", path, "--catalog", str(cat)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "name,flux_jy,err_jy,peak_jy,rms_jy,pb,flags"
     got = {r.split(",")[0]: float(r.split(",")[1]) for r in lines[2:]}
     assert set(got) == {"A", "B", "C"}
     assert got["A"] == pytest.approx(0.5, rel=0.02)
-    assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "state").exists()       # nothing stored
