@@ -394,6 +394,18 @@ def cmd_sources(args) -> int:
                 print(f"{t},{r['flux_jy']:.6g},{r['err_jy']:.3g},{_fmt(r['norm_flux_jy'], '.6g')},"
                       f"{_fmt(r['norm_err_jy'], '.3g')},{_fmt(r['pb'], '.3f')},{r['flags']},"
                       f"{r['image_path']}")
+        elif args.sources_cmd == "scales":
+            rows = db.query("SELECT * FROM image_flux_scale ORDER BY t_mid DESC LIMIT ?",
+                            (args.limit,))
+            print(f"{'t_mid (UTC)':<20} {'scale':>7} {'err':>7} {'refs':>5} {'QA':<4} image")
+            import datetime as _dt
+
+            for r in rows:
+                t = _dt.datetime.fromtimestamp(r["t_mid"], _dt.timezone.utc).strftime(
+                    "%Y-%m-%dT%H:%M:%S")
+                off = scale_is_off(r["scale"], r["scale_err"], args.tolerance)
+                print(f"{t:<20} {_fmt(r['scale'], '.4f'):>7} {_fmt(r['scale_err'], '.4f'):>7}"
+                      f" {r['n_ref']:>5} {'OFF' if off else 'ok':<4} {r['image_path']}")
         else:
             rows = db.query(
                 "SELECT c.*, s.name FROM ese_candidates c JOIN sources s ON s.id=c.source_id"
@@ -412,6 +424,14 @@ def cmd_sources(args) -> int:
     return 0
 
 
+def scale_is_off(scale, scale_err, tolerance=0.1) -> bool:
+    """QA: an image's flux scale is off (bad calibration?) when it has none or differs
+    from 1 by more than ``tolerance`` and by more than 5 of its errors."""
+    if scale is None:
+        return True
+    return abs(scale - 1.0) > tolerance and abs(scale - 1.0) > 5 * (scale_err or 0.0)
+
+
 def add_subcommands(sub):
     p = sub.add_parser("sources", help="catalogue sources, light-curve statistics, ESE "
                        "candidates")
@@ -424,6 +444,11 @@ def add_subcommands(sub):
     s.set_defaults(func=cmd_sources)
     s = ssub.add_parser("show", help="one source: statistics and light curve (CSV)")
     s.add_argument("source", help="name or id")
+    s.add_argument("--db")
+    s.set_defaults(func=cmd_sources)
+    s = ssub.add_parser("scales", help="per-image flux-scale corrections (QA: OFF)")
+    s.add_argument("--tolerance", type=float, default=0.1)
+    s.add_argument("--limit", type=int, default=50)
     s.add_argument("--db")
     s.set_defaults(func=cmd_sources)
     s = ssub.add_parser("candidates", help="ESE candidates by score")

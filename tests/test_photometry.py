@@ -197,7 +197,7 @@ def test_flags_edge_blended_low_pb(tmp_path):
     assert res2["flux_jy"][1] == pytest.approx(1.0, rel=0.03)
 
 
-def test_stage_normalises_stores_and_is_idempotent(tmp_path):
+def test_stage_normalises_stores_and_is_idempotent(tmp_path, capsys):
     """An image whose flux scale is 10 % low (bad calibration): the stage finds the
     scale from the references, stores raw and normalised values, and a re-run of the
     same image replaces its rows without counting the epoch twice."""
@@ -232,6 +232,10 @@ def test_stage_normalises_stores_and_is_idempotent(tmp_path):
     assert np.allclose(raw / norm, out["scale"])
     pull = (norm - truth) / err
     assert abs(np.median(pull)) < 0.5 and np.std(pull) < 1.5
+    # QA: a 10 % low scale with a small error stands out
+    capsys.readouterr()
+    assert main(["sources", "scales", "--db", str(db), "--tolerance", "0.05"]) == 0
+    assert " OFF " in capsys.readouterr().out
 
 
 def test_bad_image_names_the_problem(tmp_path):
