@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.constants import SIDEREAL_DAY_S
+
 log = logging.getLogger(__name__)
 
-SIDEREAL_DAY_S = 86164.0905
 KINDS = ("steady", "ese", "variable")
 
 
@@ -237,14 +238,17 @@ def cmd_simulate_campaign(args) -> int:
         print(f"simulated {len(gs)} epoch group(s) -> {args.out} "
               f"(truth: campaign_truth.npz, sky: campaign_sky.csv)")
         return 0
-    out = run_photometry_campaign(args.out, args.db, cfg, ese_preset=args.preset)
+    out = run_photometry_campaign(args.out, args.cfg.paths.db, cfg,
+                                  ese_preset=args.cfg.science.ese_preset)
     kinds = {k: int(np.sum(out["kind"] == k)) for k in KINDS}
     print(f"campaign: {cfg.n_epochs} epochs of {cfg.n_sources} sources {kinds} ingested "
-          f"into {args.db or 'PIPELINE_DB'}; truth in {args.out}/campaign_truth.npz")
+          f"into {args.cfg.paths.db}; truth in {args.out}/campaign_truth.npz")
     return 0
 
 
 def add_subcommands(sub):
+    from contimg.config import add_options
+
     s = sub.add_parser("simulate-campaign",
                        help="many epochs with injected ESE dips / variability (truth saved)")
     s.add_argument("--out", required=True)
@@ -255,8 +259,7 @@ def add_subcommands(sub):
     s.add_argument("--cadence-days", type=float, default=1.0, help="in sidereal days")
     s.add_argument("--start", default="2026-01-15T08:00:00")
     s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--preset", default="default", help="ESE detector preset")
-    s.add_argument("--db", help="state database for the photometry-level campaign")
+    add_options(s, "paths.db", "science.ese_preset")
     s.add_argument("--groups", action="store_true",
                    help="write one simulated UVH5 group per epoch instead")
     s.add_argument("--antennas", type=int, default=96)

@@ -300,22 +300,22 @@ def write_sky_catalog(truth, path) -> Path:
 def cmd_catalog_load(args) -> int:
     from contimg.state import StateDB
 
-    with StateDB(args.db) as db:
+    with StateDB(args.cfg.paths.db) as db:
         for f in args.files:
             r = load_into_db(db, f, name=args.name if len(args.files) == 1 else None,
-                             radius_arcsec=args.match_radius)
+                             radius_arcsec=args.cfg.science.match_radius_arcsec)
             print(f"{f}: catalogue {r['catalog']}: {r['n_rows']} rows, {r['n_new']} new "
                   f"sources, {r['n_matched']} already known, {r['n_duplicates']} duplicates")
     return 0
 
 
 def add_subcommands(sub):
+    from contimg.config import add_options
+
     p = sub.add_parser("catalog", help="source catalogues for forced photometry")
     csub = p.add_subparsers(dest="catalog_cmd", required=True)
     s = csub.add_parser("load", help="load CSV / FITS / VOTable catalogues (NVSS, FIRST)")
     s.add_argument("files", nargs="+")
     s.add_argument("--name", help="catalogue name (default: the file name's stem)")
-    s.add_argument("--match-radius", type=float, default=DEFAULT_MATCH_RADIUS_ARCSEC,
-                   help="arcsec; rows this close to a known source are not added again")
-    s.add_argument("--db", help="state database (default: PIPELINE_DB)")
+    add_options(s, "paths.db", "science.match_radius_arcsec")
     s.set_defaults(func=cmd_catalog_load)

@@ -338,12 +338,16 @@ class ScienceConfig(_Section):
     """Science products: photometry, variability, mosaics."""
 
     photometry_pb_cut: float = setting(0.2, "forced photometry only where the primary beam "
-                                       "is above this")
-    match_radius_arcsec: float = setting(10.0, "catalogue cross-match radius, arcsec")
-    ese_preset: str = setting("default", "extreme-scattering-event detection preset")
+                                       "is above this", flags=("--pb-cut",))
+    match_radius_arcsec: float = setting(10.0, "catalogue cross-match radius, arcsec",
+                                         flags=("--match-radius",))
+    ese_preset: str = setting("default", "extreme-scattering-event detection preset",
+                              flags=("--preset",),
+                              choices=("conservative", "default", "sensitive"))
     mosaic_hour_utc: int | None = setting(None, "hour (UTC) the nightly mosaic is built",
                                           env="SCHED_MOSAIC_HOUR_UTC")
-    reference_min_snr: float = setting(20.0, "reference sources need at least this SNR")
+    reference_min_snr: float = setting(20.0, "reference sources need at least this SNR",
+                                       flags=("--reference-min-snr",))
 
     def _check(self):
         if self.mosaic_hour_utc is not None and not 0 <= self.mosaic_hour_utc <= 23:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.constants import SECONDS_PER_DAY, UNIX_MJD0
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PB_MIN = 0.2
@@ -211,8 +213,8 @@ def write_mosaic(out: Path, mosaic, weight, noise, wcs, beam, *, n_images=0, t0=
     stem = out.name[:-5] if out.name.endswith(".fits") else out.name
     extra = {"NIMAGES": (n_images, "member images")}
     if t0 is not None:
-        extra["MJD-BEG"] = t0 / 86400.0 + 40587.0
-        extra["MJD-END"] = t1 / 86400.0 + 40587.0
+        extra["MJD-BEG"] = t0 / SECONDS_PER_DAY + UNIX_MJD0
+        extra["MJD-END"] = t1 / SECONDS_PER_DAY + UNIX_MJD0
     paths = {"mosaic": out.with_name(stem + ".fits"),
              "weight": out.with_name(stem + "-weight.fits"),
              "noise": out.with_name(stem + "-noise.fits")}
@@ -299,7 +301,7 @@ def stage_nightly_mosaic(db_path=None, *, now: float | None = None, hour_utc: in
 def cmd_mosaic(args) -> int:
     from contimg.state import StateDB
 
-    with StateDB(args.db) as db:
+    with StateDB(args.cfg.paths.db) as db:
         if args.mosaic_cmd == "plan":
             p = plan(db, args.name, args.since, args.until)
             print(f"mosaic {p['name']}: {len(p['members'])} image(s)")
@@ -318,13 +320,15 @@ def cmd_mosaic(args) -> int:
 
 
 def add_subcommands(sub):
+    from contimg.config import add_options
+
     p = sub.add_parser("mosaic", help="primary-beam-weighted mosaics of a time window")
     msub = p.add_subparsers(dest="mosaic_cmd", required=True)
     s = msub.add_parser("plan", help="record the images of a time window as a mosaic")
     s.add_argument("--name", required=True)
     s.add_argument("--since", required=True, help="ISO-8601 UTC or Unix seconds")
     s.add_argument("--until", required=True, help="ISO-8601 UTC or Unix seconds")
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_mosaic)
     s = msub.add_parser("build", help="build a planned mosaic (FITS + weight + noise)")
     s.add_argument("name")
@@ -332,8 +336,8 @@ def add_subcommands(sub):
     s.add_argument("--pb-min", type=float, default=DEFAULT_PB_MIN)
     s.add_argument("--cell", type=float, default=None,
                    help="mosaic pixel (arcsec; default: the members' own)")
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_mosaic)
     s = msub.add_parser("list", help="planned and built mosaics")
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_mosaic)

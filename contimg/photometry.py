@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from kernels import photometry as kph
+from kernels.constants import SECONDS_PER_DAY, SIDEREAL_DAY_S, UNIX_MJD0
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ FLAG_NAMES = {FLAG_EDGE: "edge", FLAG_BLENDED: "blended", FLAG_LOW_PB: "low_pb",
 DEFAULT_PB_CUT = 0.2
 DEFAULT_PB_FLOOR = 0.1          # never measure below this (the imager's PB cutoff)
 DEFAULT_REFERENCE_MIN_SNR = 20.0
-SIDEREAL_DAY_S = 86164.0905
 
 
 def flag_names(flags: int) -> list[str]:
@@ -67,7 +67,7 @@ def _unix(header, mjd_key, date_key):
     from astropy.time import Time
 
     if mjd_key in header:
-        return (float(header[mjd_key]) - 40587.0) * 86400.0
+        return (float(header[mjd_key]) - UNIX_MJD0) * SECONDS_PER_DAY
     if date_key in header:
         return float(Time(header[date_key], scale="utc").unix)
     return None
@@ -313,15 +313,22 @@ def record(db, image_path: str, t_mid: float, source_ids, res: dict, expected,
                 n_candidates=len(cands))
 
 
-def stage_photometry(image_path, db_path=None, *, pb_cut: float = DEFAULT_PB_CUT,
-                     reference_min_snr: float = DEFAULT_REFERENCE_MIN_SNR,
-                     ese_preset: str = "default", threads: int = 1,
-                     group_id: str | None = None) -> dict:
+def stage_photometry(image_path, db_path=None, *, pb_cut: float | None = None,
+                     reference_min_snr: float | None = None, ese_preset: str | None = None,
+                     threads: int = 1, group_id: str | None = None) -> dict:
     """The stream's photometry stage: forced photometry of every catalogue source of the
     state database in ``image_path`` (a ``*-image.fits`` path, or the image prefix),
-    normalisation, storage, variability and ESE update. Returns a summary dict."""
+    normalisation, storage, variability and ESE update. Settings left None come from
+    the configuration (``[science]``). Returns a summary dict."""
     from contimg import catalog
+    from contimg.config import current
     from contimg.state import StateDB
+
+    sci = current().science
+    pb_cut = sci.photometry_pb_cut if pb_cut is None else pb_cut
+    reference_min_snr = (sci.reference_min_snr if reference_min_snr is None
+                         else reference_min_snr)
+    ese_preset = sci.ese_preset if ese_preset is None else ese_preset
 
     p = Path(image_path)
     if not p.name.endswith(".fits"):
@@ -350,15 +357,24 @@ def stage_photometry(image_path, db_path=None, *, pb_cut: float = DEFAULT_PB_CUT
 # CLI
 # ---------------------------------------------------------------------------------
 
+def _threads() -> int:
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def cmd_photometry(args) -> int:
     import json
 
-    if args.catalog and not args.db:
+    sci = args.cfg.science
+    if args.csv:
         from contimg import catalog
 
+        if not args.catalog:
+            raise ValueError("contimg photometry --csv needs --catalog FILE")
         src = catalog.read_catalog(args.catalog)
         for path in args.images:
-            res = measure_image(path, src, pb_cut=args.pb_cut, threads=args.threads)
+            res = measure_image(path, src, pb_cut=sci.photometry_pb_cut, threads=_threads())
             print(f"# {path}: t_mid {res['t_mid']:.1f}, {int(res['measured'].sum())} sources")
             print("name,flux_jy,err_jy,peak_jy,rms_jy,pb,flags")
             for k in np.flatnonzero(res["measured"]):
@@ -366,28 +382,30 @@ def cmd_photometry(args) -> int:
                       f"{res['peak_jy'][k]:.6g},{res['rms_jy'][k]:.3g},{res['pb'][k]:.4f},"
                       f"{'|'.join(flag_names(int(res['flags'][k])))}")
         return 0
+    db_path = args.cfg.paths.db
     if args.catalog:
         from contimg import catalog
         from contimg.state import StateDB
 
-        with StateDB(args.db) as db:
-            catalog.load_into_db(db, args.catalog)
+        with StateDB(db_path) as db:
+            catalog.load_into_db(db, args.catalog, radius_arcsec=sci.match_radius_arcsec)
     for path in args.images:
-        out = stage_photometry(path, args.db, pb_cut=args.pb_cut, threads=args.threads,
-                               ese_preset=args.preset)
+        out = stage_photometry(path, db_path, pb_cut=sci.photometry_pb_cut,
+                               reference_min_snr=sci.reference_min_snr,
+                               ese_preset=sci.ese_preset, threads=_threads())
         print(json.dumps(out, default=float))
     return 0
 
 
 def add_subcommands(sub):
+    from contimg.config import add_options
+
     s = sub.add_parser("photometry", help="forced photometry of catalogue sources in images")
     s.add_argument("images", nargs="+", help="restored images (<prefix>-image.fits)")
-    s.add_argument("--db", help="state database (default: PIPELINE_DB); results stored")
-    s.add_argument("--catalog", help="catalogue file: loaded into the database first; "
-                   "without --db, measured and printed as CSV (nothing stored)")
-    s.add_argument("--pb-cut", type=float, default=DEFAULT_PB_CUT,
-                   help="sources below this PB response are flagged low_pb (0.2)")
-    s.add_argument("--preset", default="default",
-                   help="ESE detector preset: conservative, default, sensitive")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--catalog", help="catalogue file, loaded into the database first (or, "
+                   "with --csv, measured)")
+    s.add_argument("--csv", action="store_true",
+                   help="measure the --catalog sources and print CSV; store nothing")
+    add_options(s, "paths.db", "science.photometry_pb_cut", "science.reference_min_snr",
+                "science.ese_preset", "science.match_radius_arcsec")
     s.set_defaults(func=cmd_photometry)

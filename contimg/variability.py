@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from kernels.constants import SECONDS_PER_DAY
+
 log = logging.getLogger(__name__)
 
 
@@ -212,7 +214,7 @@ def bin_light_curve(t, f, e, bin_days):
         return t, f, e
     # bins centred on the first epoch's time of day: a daily transit's few minutes of
     # drift never splits or merges days
-    k = np.floor((t - t.min()) / (bin_days * 86400.0) + 0.5).astype(np.int64)
+    k = np.floor((t - t.min()) / (bin_days * SECONDS_PER_DAY) + 0.5).astype(np.int64)
     uk, inv = np.unique(k, return_inverse=True)
     w = 1.0 / (e * e)
     sw = np.bincount(inv, w)
@@ -238,7 +240,7 @@ def detect_ese(t, f, e, preset_name="default") -> dict | None:
     cwf = np.concatenate([[0.0], np.cumsum(w * fb)])
     cbelow = np.concatenate([[0], np.cumsum(fb < base)])
     i, j = np.triu_indices(n)                      # window [i, j] inclusive
-    dur = (tb[j] - tb[i]) / 86400.0
+    dur = (tb[j] - tb[i]) / SECONDS_PER_DAY
     cnt = j - i + 1
     keep = (cnt >= p.min_epochs) & (cnt <= n - 2) & (dur >= p.min_days - 1e-9) & \
         (dur <= p.max_days)
@@ -355,7 +357,7 @@ def _fmt(x, spec=".4g"):
 def cmd_sources(args) -> int:
     from contimg.state import StateDB
 
-    with StateDB(args.db) as db:
+    with StateDB(args.cfg.paths.db) as db:
         if args.sources_cmd == "list":
             order = {"eta": "st.eta", "v": "st.v", "max_dev": "st.max_dev",
                      "name": "s.name", "flux": "s.flux_jy"}[args.sort]
@@ -407,10 +409,11 @@ def cmd_sources(args) -> int:
                 print(f"{t:<20} {_fmt(r['scale'], '.4f'):>7} {_fmt(r['scale_err'], '.4f'):>7}"
                       f" {r['n_ref']:>5} {'OFF' if off else 'ok':<4} {r['image_path']}")
         else:
+            preset_ = None if args.all_presets else args.cfg.science.ese_preset
             rows = db.query(
                 "SELECT c.*, s.name FROM ese_candidates c JOIN sources s ON s.id=c.source_id"
                 " WHERE c.score >= ? AND (? IS NULL OR c.preset = ?) ORDER BY c.score DESC "
-                "LIMIT ?", (args.min_score, args.preset, args.preset, args.limit))
+                "LIMIT ?", (args.min_score, preset_, preset_, args.limit))
             print(f"{'source':<24} {'preset':<12} {'score':>7} {'depth_sig':>9} "
                   f"{'depth_Jy':>9} {'edge_sig':>8} {'n':>3}  window (UTC)")
             import datetime as _dt
@@ -433,6 +436,8 @@ def scale_is_off(scale, scale_err, tolerance=0.1) -> bool:
 
 
 def add_subcommands(sub):
+    from contimg.config import add_options
+
     p = sub.add_parser("sources", help="catalogue sources, light-curve statistics, ESE "
                        "candidates")
     ssub = p.add_subparsers(dest="sources_cmd", required=True)
@@ -440,20 +445,22 @@ def add_subcommands(sub):
     s.add_argument("--sort", choices=("eta", "v", "max_dev", "name", "flux"), default="eta")
     s.add_argument("--min-eta", type=float, default=0.0)
     s.add_argument("--limit", type=int, default=50)
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_sources)
     s = ssub.add_parser("show", help="one source: statistics and light curve (CSV)")
     s.add_argument("source", help="name or id")
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_sources)
     s = ssub.add_parser("scales", help="per-image flux-scale corrections (QA: OFF)")
     s.add_argument("--tolerance", type=float, default=0.1)
     s.add_argument("--limit", type=int, default=50)
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_sources)
     s = ssub.add_parser("candidates", help="ESE candidates by score")
-    s.add_argument("--preset", choices=tuple(PRESETS), default=None)
+    add_options(s, "science.ese_preset")
+    s.add_argument("--all-presets", action="store_true",
+                   help="candidates of every preset (default: the configured one)")
     s.add_argument("--min-score", type=float, default=0.0)
     s.add_argument("--limit", type=int, default=50)
-    s.add_argument("--db")
+    add_options(s, "paths.db")
     s.set_defaults(func=cmd_sources)

@@ -314,6 +314,20 @@ INVOCATION = {
     "image": {"input", "out"},
     "config": {"verb"},
     "config show": {"format"},
+    # science products (issue 15)
+    "catalog": {"catalog_cmd"},
+    "catalog load": {"files", "name"},
+    "photometry": {"images", "catalog", "csv"},
+    "sources": {"sources_cmd"},
+    "sources list": {"sort", "min_eta", "limit"},
+    "sources show": {"source"},
+    "sources scales": {"tolerance", "limit"},
+    "sources candidates": {"all_presets", "min_score", "limit"},
+    "mosaic": {"mosaic_cmd"},
+    "mosaic plan": {"name", "since", "until"},
+    "mosaic build": {"name", "output", "pb_min", "cell"},
+    "mosaic list": set(),
+    "simulate-campaign": {"*"},                 # the campaign's own settings
 }
 
 
@@ -355,7 +369,10 @@ def test_every_cli_option_maps_to_a_configuration_field():
 
 
 POSITIONAL = {"info": ["d"], "convert": ["d", "--out", "o"], "flag": ["x.ms"], "calibrate": ["x.ms"],
-              "apply": ["x.ms"], "image": ["x.ms", "--out", "o"]}
+              "apply": ["x.ms"], "image": ["x.ms", "--out", "o"], "catalog load": ["c.csv"],
+              "photometry": ["g-image.fits"], "sources show": ["s"],
+              "mosaic plan": ["--name", "n", "--since", "0", "--until", "1"],
+              "mosaic build": ["n"], "simulate-campaign": ["--out", "o"]}
 
 
 def _sample(spec, tmp_path):

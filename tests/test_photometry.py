@@ -298,7 +298,7 @@ def test_cli_prints_csv_without_a_database(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)                # the default database would be here
     monkeypatch.delenv("PIPELINE_DB", raising=False)
     monkeypatch.delenv("PIPELINE_STATE_DIR", raising=False)
-    assert main(["photometry", path, "--catalog", str(cat)]) == 0
+    assert main(["photometry", path, "--catalog", str(cat), "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "name,flux_jy,err_jy,peak_jy,rms_jy,pb,flags"
     got = {r.split(",")[0]: float(r.split(",")[1]) for r in lines[2:]}
