@@ -429,6 +429,10 @@ def cmd_demo(args):
     catalog = write_calibrator_catalog(groups, out / "calibrators.csv")
     print(f"  calibrator catalogue: {catalog}", flush=True)
     db = StateDB(out / "state" / "pipeline.sqlite3")
+    # the simulated sky as a source catalogue, so the groups get forced photometry
+    from contimg.catalog import load_into_db, write_sky_catalog
+
+    load_into_db(db, write_sky_catalog(groups[0], out / "sky.csv"), name="simulated-sky")
     image = args.cfg.image
     if args.small:
         image = dataclasses.replace(image, npix=1024, cell_arcsec=12.0)

@@ -51,7 +51,7 @@ __all__ = [
     "to_toml", "to_table", "parse_threshold", "load_flag_strategy", "ensure_environment",
 ]
 
-STAGES = ("convert", "flag", "calibrate", "apply", "image")   # see contimg.pipeline
+STAGES = ("convert", "flag", "calibrate", "apply", "image", "photometry")   # see contimg.pipeline
 W_MODES = ("auto", "snapshot", "wstack")
 
 

@@ -2,7 +2,7 @@
 
 :data:`PIPELINE` is the ordered list of :class:`Stage` s: ``flag`` → ``calibrate`` (only
 when a calibrator transits) → ``apply`` (the valid calibration set nearest in time) →
-``image``. Each stage is a task a Dask worker runs (``stage_*`` below: plain values in
+``image`` → ``photometry`` (the catalogue's sources in the image, light curves, ESEs). Each stage is a task a Dask worker runs (``stage_*`` below: plain values in
 and out, so the streaming service, backfill and a Jupyter user can submit them to any
 cluster) and a *register* step the driver runs on its result (the state database, the
 group's summary). :func:`run_stages` runs them for one :class:`GroupRun`; the streaming
@@ -230,6 +230,23 @@ def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> di
     return out
 
 
+@_stage
+def stage_photometry(ms_path: str, *, image: str | None, db_path: str,
+                     group_id: str | None = None) -> dict:
+    """Forced photometry of the state database's catalogue sources in the group's image,
+    flux-scale normalisation, light-curve statistics and ESE candidates
+    (:func:`contimg.photometry.stage_photometry`, settings from ``[science]``)."""
+    from contimg import photometry
+
+    if not image:
+        return skipped("no image")
+    res = photometry.stage_photometry(image, db_path, group_id=group_id,
+                                      threads=_worker_threads())
+    if res.get("skipped"):
+        return skipped(res["skipped"])
+    return {**_plain(res), "status": "ok"}
+
+
 # ---------------------------------------------------------------------------------
 # the spine
 # ---------------------------------------------------------------------------------
@@ -306,6 +323,14 @@ def _register_image(run, res):
             run.db, res, group_id=run.group_id, ms_path=run.ms, calset_id=run.calset_id)
 
 
+def _register_photometry(run, res):
+    if res.get("status") == "ok":
+        scale = res.get("scale")
+        run.summary["photometry"] = {
+            "sources": res.get("n_measured"), "ese_candidates": res.get("n_candidates"),
+            "scale": round(scale, 4) if scale is not None and scale == scale else None}
+
+
 def register_image_result(db, res: dict, *, group_id=None, ms_path=None,
                           calset_id=None):
     """Record the FITS products of an imaging stage result in the images table."""
@@ -339,6 +364,10 @@ PIPELINE: tuple[Stage, ...] = (
           lambda r: dict(prefix=str(Path(r.output) / "images" / r.name),
                          options=r.image_options),
           _register_image, reusable=False, slot="image"),
+    Stage("photometry", stage_photometry,
+          lambda r: dict(image=r.summary.get("image"), db_path=str(r.db.path),
+                         group_id=r.group_id),
+          _register_photometry),
 )
 
 #: every stage a group goes through, conversion first (names for ``--skip`` and timings)

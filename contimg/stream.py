@@ -77,6 +77,7 @@ class StreamConfig(StreamSettings):
     catalog: str | None = None                   # None: the configured calibrator list
     refant: int | None = None
     image: ImageConfig = field(default_factory=ImageConfig)
+    mosaic_hour_utc: int | None = None           # the nightly mosaic ([science])
 
     def __post_init__(self):
         self._check_fields(StreamSettings, skip=("placement",))
@@ -97,7 +98,8 @@ class StreamConfig(StreamSettings):
         kw.update(incoming=cfg.paths.incoming, output=cfg.paths.output, db_path=cfg.paths.db,
                   placement=parse_placement(cfg.stream.placement),
                   flag_strategy=cfg.flag.strategy, catalog=cfg.calibrate.catalog,
-                  refant=cfg.calibrate.refant, image=cfg.image)
+                  refant=cfg.calibrate.refant, image=cfg.image,
+                  mosaic_hour_utc=cfg.science.mosaic_hour_utc)
         kw.update(over)
         if kw["incoming"] is None or kw["output"] is None:
             raise ValueError("the stream needs an incoming and an output directory: "
@@ -216,6 +218,8 @@ class Stream:
         self._slots = {"image": threading.BoundedSemaphore(max(1, cfg.image_slots))}
         self._submit = pipeline.submitter(client)
         self._last_status = 0.0
+        self._mosaic = None                     # the nightly mosaic's future
+        self._mosaic_checked = 0.0
         self._lockfile = None
         self.completed: list[str] = []
         self.failed: list[str] = []
@@ -306,7 +310,32 @@ class Stream:
         self.dispatch()
         if self._running:
             self.db.heartbeat(list(self._running), owner=self.owner)
+        self._nightly_mosaic()
         self._log_status()
+
+    def _nightly_mosaic(self):
+        """From ``mosaic_hour_utc`` (``SCHED_MOSAIC_HOUR_UTC``) on, the previous day's
+        mosaic, once, as one task on the cluster (:func:`contimg.mosaic.
+        stage_nightly_mosaic`); checked once a minute."""
+        hour = self.cfg.mosaic_hour_utc
+        if hour is None or time.time() - self._mosaic_checked < 60.0:
+            return
+        self._mosaic_checked = time.time()
+        if self._mosaic is not None:
+            if self._mosaic.done():
+                fut, self._mosaic = self._mosaic, None
+                try:
+                    log.info("nightly mosaic: %s", fut.result())
+                except Exception as exc:  # noqa: BLE001 - recorded in the mosaics table
+                    log.error("nightly mosaic failed: %s", _why(exc))
+            return
+        from contimg import mosaic
+
+        if mosaic.nightly_due(self.db, time.time(), hour) is not None:
+            self._mosaic = self.client.submit(
+                mosaic.stage_nightly_mosaic, str(self.db.path), hour_utc=hour,
+                out_dir=str(self.cfg.output / "mosaics"), pure=False,
+                key=f"mosaic-{time.time_ns()}")
 
     def _start_observer(self):
         try:

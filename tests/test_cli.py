@@ -37,6 +37,10 @@ def test_demo_runs_end_to_end(tmp_path):
     for g in db.groups():
         stages = {t["stage"]: t["status"] for t in db.timings(g["group_id"])}
         assert stages["apply"] == "ok" and stages["image"] == "ok"
+        assert stages["photometry"] == "ok"     # the simulated sky is the catalogue
+    n = db.query("SELECT COUNT(DISTINCT image_path) AS i, COUNT(*) AS n FROM photometry")[0]
+    assert n["i"] == 3 and n["n"] >= 3
+    assert len(db.query("SELECT * FROM image_flux_scale")) == 3
     assert "calibration sets:" in r.stdout and "valid" in r.stdout
 
 

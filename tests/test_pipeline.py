@@ -32,7 +32,8 @@ def _run(**kw):
 
 
 def test_stage_names_and_what_a_retry_may_keep():
-    assert pipeline.STAGES == ("convert", "flag", "calibrate", "apply", "image")
+    assert pipeline.STAGES == ("convert", "flag", "calibrate", "apply", "image",
+                               "photometry")
     assert pipeline.REUSABLE == ("convert", "flag", "calibrate", "apply")
     assert not hasattr(pipeline, "stage_available")
     from contimg import config
@@ -52,22 +53,25 @@ def test_runner_order_skip_done_reuse_and_register_steps():
                      done={"flag": {"status": "ok", "flagged": 0.5, "during": "convert"}},
                      before=lambda r, s: before.append(s.name))
     # flag came from the conversion, calibrate was skipped: apply and image ran, in order
-    assert seen == [("apply", ["db_path", "t_mid"]), ("image", ["options", "prefix"])]
-    assert before == ["apply", "image"]
+    assert seen == [("apply", ["db_path", "t_mid"]), ("image", ["options", "prefix"]),
+                    ("photometry", ["db_path", "group_id", "image"])]
+    assert before == ["apply", "image", "photometry"]
     assert run.results["calibrate"] == {"status": "skipped", "reason": "disabled"}
     assert run.results["flag"]["flagged"] == 0.5
     # the register steps ran for every result, the kept flag result included
     assert run.db.calls == [("ms", "flagged"), ("ms", "calibrated"),
                             ("image", "/x/images/g-image.fits")]
     assert run.summary == {"flagged": 0.5, "applied": "c",
-                           "image": "/x/images/g-image.fits"}
+                           "image": "/x/images/g-image.fits",
+                           "photometry": {"sources": None, "ese_candidates": None,
+                                          "scale": None}}
     assert run.calset_id == 7
 
     # a retry keeps what an earlier attempt made, without running it again
     seen.clear()
     run = run_stages(_run(), execute, reuse={
         "flag": lambda: {"status": "ok", "flagged": 0.1, "reused_from_attempt": 1}})
-    assert [s for s, _ in seen] == ["calibrate", "apply", "image"]
+    assert [s for s, _ in seen] == ["calibrate", "apply", "image", "photometry"]
     assert run.summary["flagged"] == 0.1
 
 
