@@ -294,6 +294,38 @@ def stage_nightly_mosaic(db_path=None, *, now: float | None = None, hour_utc: in
         return build(db, due["name"], out_dir=out_dir, cell_arcsec=cell_arcsec)
 
 
+class NightlySchedule:
+    """The streaming service's nightly mosaic: from ``hour_utc``
+    (``SCHED_MOSAIC_HOUR_UTC`` / ``science.mosaic_hour_utc``) on, the previous day's
+    mosaic, once, as one task on ``client`` (:func:`stage_nightly_mosaic`); :meth:`tick`
+    (every pass of the stream's loop) looks at most once a minute. ``hour_utc`` None:
+    never."""
+
+    def __init__(self, client, db, out_dir, hour_utc: int | None, every_s: float = 60.0):
+        self.client, self.db, self.out_dir = client, db, Path(out_dir)
+        self.hour_utc, self.every_s = hour_utc, every_s
+        self.future = None
+        self.checked = 0.0
+
+    def tick(self, now: float | None = None):
+        now = time.time() if now is None else now
+        if self.hour_utc is None or now - self.checked < self.every_s:
+            return
+        self.checked = now
+        if self.future is not None:
+            if self.future.done():
+                fut, self.future = self.future, None
+                try:
+                    log.info("nightly mosaic: %s", fut.result())
+                except Exception as exc:  # noqa: BLE001 - recorded in the mosaics table
+                    log.error("nightly mosaic failed: %s: %s", type(exc).__name__, exc)
+            return
+        if nightly_due(self.db, now, self.hour_utc) is not None:
+            self.future = self.client.submit(
+                stage_nightly_mosaic, str(self.db.path), hour_utc=self.hour_utc,
+                out_dir=str(self.out_dir), pure=False, key=f"mosaic-{time.time_ns()}")
+
+
 # ---------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from pathlib import Path
 from contimg import pipeline
 from contimg import telescope as tel
 from contimg.config import Config, ImageConfig, StreamSettings
+from contimg.mosaic import NightlySchedule
 from contimg.pipeline import register_image_result  # noqa: F401 - its old home
 from contimg.state import StateDB, owner_id
 
@@ -218,8 +219,8 @@ class Stream:
         self._slots = {"image": threading.BoundedSemaphore(max(1, cfg.image_slots))}
         self._submit = pipeline.submitter(client)
         self._last_status = 0.0
-        self._mosaic = None                     # the nightly mosaic's future
-        self._mosaic_checked = 0.0
+        self._mosaic = NightlySchedule(client, self.db, cfg.output / "mosaics",
+                                       cfg.mosaic_hour_utc)
         self._lockfile = None
         self.completed: list[str] = []
         self.failed: list[str] = []
@@ -310,32 +311,8 @@ class Stream:
         self.dispatch()
         if self._running:
             self.db.heartbeat(list(self._running), owner=self.owner)
-        self._nightly_mosaic()
+        self._mosaic.tick()                     # the nightly mosaic, when it is due
         self._log_status()
-
-    def _nightly_mosaic(self):
-        """From ``mosaic_hour_utc`` (``SCHED_MOSAIC_HOUR_UTC``) on, the previous day's
-        mosaic, once, as one task on the cluster (:func:`contimg.mosaic.
-        stage_nightly_mosaic`); checked once a minute."""
-        hour = self.cfg.mosaic_hour_utc
-        if hour is None or time.time() - self._mosaic_checked < 60.0:
-            return
-        self._mosaic_checked = time.time()
-        if self._mosaic is not None:
-            if self._mosaic.done():
-                fut, self._mosaic = self._mosaic, None
-                try:
-                    log.info("nightly mosaic: %s", fut.result())
-                except Exception as exc:  # noqa: BLE001 - recorded in the mosaics table
-                    log.error("nightly mosaic failed: %s", _why(exc))
-            return
-        from contimg import mosaic
-
-        if mosaic.nightly_due(self.db, time.time(), hour) is not None:
-            self._mosaic = self.client.submit(
-                mosaic.stage_nightly_mosaic, str(self.db.path), hour_utc=hour,
-                out_dir=str(self.cfg.output / "mosaics"), pure=False,
-                key=f"mosaic-{time.time_ns()}")
 
     def _start_observer(self):
         try:

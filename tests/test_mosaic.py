@@ -176,18 +176,18 @@ def test_stream_submits_the_nightly_mosaic_once(tmp_path):
     cfg = StreamConfig(incoming=tmp_path / "in", output=tmp_path / "out",
                        db_path=tmp_path / "db.sqlite3", mosaic_hour_utc=0)
     s = Stream(cfg, Client())
-    s._nightly_mosaic()
+    s.step()                                  # a pass of the loop submits it
     assert len(calls) == 1
     fn, args, kw = calls[0]
     assert fn is mosaic.stage_nightly_mosaic and kw["hour_utc"] == 0
     assert kw["out_dir"] == str(tmp_path / "out" / "mosaics")
-    s._mosaic_checked = 0.0
-    s._nightly_mosaic()                       # still running: not submitted again
+    s._mosaic.checked = 0.0
+    s._mosaic.tick()                          # still running: not submitted again
     assert len(calls) == 1
     pending.set_result({"name": "night-x", "n_images": 0})
-    s._mosaic_checked = 0.0
-    s._nightly_mosaic()                       # collected
-    assert s._mosaic is None
+    s._mosaic.checked = 0.0
+    s._mosaic.tick()                          # collected
+    assert s._mosaic.future is None
     # the task itself plans the night once, then has nothing to do
     task_kw = {k: v for k, v in kw.items() if k not in ("pure", "key")}
     assert fn(*args, **task_kw)["n_images"] == 0
@@ -195,5 +195,5 @@ def test_stream_submits_the_nightly_mosaic_once(tmp_path):
     # no hour configured: nothing
     s2 = Stream(StreamConfig(incoming=tmp_path / "in", output=tmp_path / "o2",
                              db_path=tmp_path / "db.sqlite3"), Client())
-    s2._nightly_mosaic()
+    s2._mosaic.tick()
     assert len(calls) == 1
