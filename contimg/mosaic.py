@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
