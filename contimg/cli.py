@@ -319,8 +319,7 @@ def cmd_backfill(args):
         g = db.group(gid)
         if g is None:
             raise ValueError(f"group {gid}: not in {db.path}")
-        if g["state"] in ("completed", "failed"):
-            db.transition(gid, "pending", retries=0, reason="backfill --group")
+        db.requeue(gid, reason="backfill --group")
     t0 = time.perf_counter()
     with _client(args.cfg, args.config) as client:
         if args.ms:
@@ -582,6 +581,10 @@ def build_parser():
     v.add_argument("--format", choices=("toml", "table"), default="toml",
                    help="toml (loads back as a configuration file) or an aligned table")
     v.set_defaults(func=cmd_config)
+
+    from contimg.app.cli import add_subcommands as _app_subcommands
+
+    _app_subcommands(sub)  # contimg app / users, demo --app (issue 14; after "demo")
     return p
 
 

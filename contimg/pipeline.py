@@ -349,6 +349,9 @@ def register_image_result(db, res: dict, *, group_id=None, ms_path=None,
                       noise_jy=res.get("noise_jy", res.get("noise")),
                       peak_jy=res.get("peak_jy", res.get("peak")), beam=beam,
                       calset_id=calset_id)
+    from contimg.app.products import record_image_qa
+
+    record_image_qa(db, main, res)   # thumbnail + QA now, so no page opens the FITS for it
     return main
 
 

@@ -270,6 +270,39 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (mosaic_id, image_path)
     );
     """,
+    # --- version 3: operator app (contimg.app): accounts, API tokens, login throttling, QA --
+    """
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        role          TEXT NOT NULL CHECK (role IN ('viewer','operator','admin')),
+        password_hash TEXT,                        -- argon2id (NULL: no password login)
+        session_epoch INTEGER NOT NULL DEFAULT 0,  -- bumped to end every browser session
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL
+    );
+
+    CREATE TABLE api_tokens (
+        id           INTEGER PRIMARY KEY,
+        user_name    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        token_hash   TEXT NOT NULL UNIQUE,         -- SHA-256 of the token (never the token)
+        label        TEXT,
+        created_at   REAL NOT NULL,
+        last_used_at REAL,
+        revoked_at   REAL
+    );
+
+    CREATE TABLE login_failures (
+        user_name TEXT PRIMARY KEY,                -- as typed (unknown names count too)
+        failures  INTEGER NOT NULL,
+        last_at   REAL NOT NULL
+    );
+
+    ALTER TABLE images ADD COLUMN qa TEXT;         -- JSON: thumbnail, n_components, ...
+    CREATE INDEX groups_time ON groups(t_start);
+    CREATE INDEX images_time ON images(created_at);
+    CREATE INDEX images_group ON images(group_id);
+    CREATE INDEX measurement_sets_group ON measurement_sets(group_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -296,7 +329,8 @@ def _row(cur, row):
     return {d[0]: row[i] for i, d in enumerate(cur.description)}
 
 
-_JSON_COLS = {"tables", "params", "quality", "products", "beam", "missing", "evidence"}
+_JSON_COLS = {"tables", "params", "quality", "products", "beam", "missing", "evidence",
+              "qa"}
 
 
 def _decode(d: dict | None) -> dict | None:
@@ -488,6 +522,15 @@ class StateDB:
         log.debug("group %s: %s -> %s%s", group_id, cur, to_state,
                   f" ({reason})" if reason else "")
         return True
+
+    def requeue(self, group_id, *, reason: str) -> bool:
+        """A completed or failed group back to pending with its retries reset: what
+        ``contimg backfill --group`` and the operator app's Reprocess do. False (nothing
+        changed) when the group is in another state; StateError if it is unknown."""
+        if self.group(group_id) is None:
+            raise StateError(f"group {group_id}: not in the state database")
+        return self.transition(group_id, "pending", expect=("completed", "failed"),
+                               retries=0, reason=reason)
 
     def claim(self, group_id, owner: str | None = None) -> dict | None:
         """pending → in_progress for this process; the group row, or None if someone
