@@ -128,7 +128,7 @@ def _groups_frame(ctx, state):
 def _groups(ctx, user):
     import hvplot.pandas  # noqa: F401
 
-    state = pn.widgets.Select(name="state", options=[""] + list(q.GROUP_STATES), value="",
+    state = pn.widgets.Select(label="state", options=[""] + list(q.GROUP_STATES), value="",
                               width=160)
     table = pn.widgets.Tabulator(_groups_frame(ctx, ""), disabled=True, show_index=False,
                                  header_filters=True, selectable=1, pagination="remote",
@@ -163,7 +163,7 @@ def _groups(ctx, user):
                       for i in g["images"]))
         items = [info]
         if user.can("operator"):
-            button = pn.widgets.Button(name="Reprocess", button_type="warning", width=140,
+            button = pn.widgets.Button(label="Reprocess", button_type="warning", width=140,
                                        disabled=g["state"] not in ("completed", "failed"))
             button.on_click(lambda e: do_reprocess(gid))
             items.append(pn.Row(button, msg))
@@ -309,9 +309,9 @@ def _images(ctx, user):
     table = pn.widgets.Tabulator(_images_frame(ctx), disabled=True, show_index=False,
                                  selectable=1, formatters={"thumbnail": "html", "fits": "html"},
                                  sizing_mode="stretch_width", height=300, row_height=70)
-    cmap = pn.widgets.Select(name="colour map", options=["gray", "viridis", "inferno"],
+    cmap = pn.widgets.Select(label="colour map", options=["gray", "viridis", "inferno"],
                              value="inferno", width=140)
-    scale = pn.widgets.Select(name="stretch", options=["asinh", "linear"], value="asinh",
+    scale = pn.widgets.Select(label="stretch", options=["asinh", "linear"], value="asinh",
                               width=120)
     view = pn.Column(pn.pane.Markdown("Select an image to open it in the viewer."),
                      sizing_mode="stretch_width")
