@@ -79,3 +79,11 @@ def casa_site_config(tmp_path):
         "datapath = [measurespath]\nskipnetworkcheck = True\n"
         f"cachedir = {str(tmp_path)!r}\nlogfile = {str(tmp_path / 'casa.log')!r}\n")
     return site
+
+
+@pytest.fixture(scope="session")
+def app_data(tmp_path_factory):
+    """The operator app's test database and products (tests/app_data.py), built once."""
+    from app_data import build
+
+    return build(tmp_path_factory.mktemp("appdata"))

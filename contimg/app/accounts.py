@@ -171,10 +171,11 @@ class Accounts:
         with self.db.transaction() as con:
             if ok:
                 con.execute("DELETE FROM login_failures WHERE user_name=?", (name,))
-            else:
+            else:   # the wait counts from the answer, not from the request
                 con.execute("INSERT INTO login_failures (user_name, failures, last_at) "
                             "VALUES (?,1,?) ON CONFLICT(user_name) DO UPDATE SET "
-                            "failures=failures+1, last_at=excluded.last_at", (name, now))
+                            "failures=failures+1, last_at=excluded.last_at",
+                            (name, time.time()))
         if not ok:
             log.warning("failed login for %r", name)
             return None

@@ -132,11 +132,11 @@ def _groups(ctx, user):
                               width=160)
     table = pn.widgets.Tabulator(_groups_frame(ctx, ""), disabled=True, show_index=False,
                                  header_filters=True, selectable=1, pagination="remote",
-                                 page_size=25, sizing_mode="stretch_width", height=520)
+                                 page_size=15, sizing_mode="stretch_width", height=480)
     detail = pn.Column(pn.pane.Markdown("Select a group to see its events and timings."),
                        sizing_mode="stretch_width")
     msg = pn.pane.HTML("")
-    selected = {"gid": None}
+    selected = {"gid": None, "state": None}
 
     def show(gid):
         selected["gid"] = gid
@@ -145,6 +145,7 @@ def _groups(ctx, user):
         except q.NotFound:
             detail.objects = [pn.pane.Markdown(f"group {gid} is gone")]
             return
+        selected["state"] = g["state"]
         ev = pd.DataFrame(g["events"])
         if len(ev):
             ev["at"] = ev["at"].map(_iso)
@@ -158,7 +159,7 @@ def _groups(ctx, user):
             f'<h3 id="group-detail">{html.escape(gid)}</h3><div>State: <b id="group-state">'
             f'{g["state"]}</b> · attempts {g["attempts"]} · subbands {g["n_present"]}/'
             f'{g["n_expected"]}</div>' + (f'<div>error: {html.escape(g["error"] or "")}</div>'
-                                          if g["error"] else "")
+                                          if g["error"] and g["state"] == "failed" else "")
             + "".join(f'<div><a href="/images?image={i["id"]}">image {i["id"]}</a></div>'
                       for i in g["images"]))
         items = [info]
@@ -181,21 +182,26 @@ def _groups(ctx, user):
 
     def on_select(event):
         if event.new:
-            df = table.value
-            show(df.iloc[event.new[0]]["group_id"])
+            gid = table.value.iloc[event.new[0]]["group_id"]
+            if gid != selected["gid"]:
+                show(gid)
 
     def refresh(*_):
-        table.value = _groups_frame(ctx, state.value)
-        if selected["gid"]:
-            rows = table.value.index[table.value["group_id"] == selected["gid"]].tolist()
-            if rows:
+        df = _groups_frame(ctx, state.value)
+        table.value = df
+        gid = selected["gid"]
+        if gid:
+            rows = df.index[df["group_id"] == gid].tolist()
+            if rows and table.selection != rows[:1]:
                 table.selection = rows[:1]
+            g = ctx.db.group(gid)
+            if g is not None and g["state"] != selected["state"]:
+                show(gid)   # the detail follows the group's state
 
     table.param.watch(on_select, "selection")
     state.param.watch(refresh, "value")
     pn.state.add_periodic_callback(refresh, period=REFRESH_MS)
-    return pn.Row(pn.Column(state, table, sizing_mode="stretch_width"), detail,
-                  sizing_mode="stretch_width")
+    return pn.Column(state, table, detail, sizing_mode="stretch_width")
 
 
 # ------------------------------------------------------------------ calibration
@@ -262,9 +268,9 @@ def _calibration(ctx, user):
             out.append(pn.pane.Markdown("no readable tables in this set"))
         plots.objects = out
 
-    def on_select(event):
+    async def on_select(event):
         if event.new:
-            pn.state.execute(lambda: show(table.value.iloc[event.new[0]]["name"]))
+            await show(table.value.iloc[event.new[0]]["name"])
 
     table.param.watch(on_select, "selection")
     return pn.Column(timeline, table, plots, sizing_mode="stretch_width")
@@ -324,14 +330,16 @@ def _images(ctx, user):
         img = hv.Image((np.arange(nx), np.arange(ny), z, ra, dec),
                        kdims=["x", "y"], vdims=["value", "RA_deg", "Dec_deg"]).opts(
             cmap=cmap.value, tools=["hover", "wheel_zoom", "pan"], active_tools=["wheel_zoom"],
-            width=640, height=640, colorbar=True, title=cur["title"])
+            frame_width=600, data_aspect=1, colorbar=True, title=cur["title"],
+            xlabel="x (pixel; hover: RA, Dec)", ylabel="y (pixel)")
         pts = hv.Points([(x, y, n) for x, y, n in cat], vdims=["name"]).opts(
             marker="circle", fill_alpha=0, line_color="cyan", size=14, tools=["hover"])
         im = cur["row"]
         view.objects = [
             pn.pane.HTML(f'<h3 id="viewer-title">{html.escape(cur["title"])}</h3>'
                          f'<a id="fits-download" href="/api/images/{im["id"]}/fits" download>'
-                         f'download FITS</a> · {len(cat)} catalogue source(s) overlaid'),
+                         f'download FITS</a> · <span id="viewer-sources">{len(cat)} catalogue source(s) '
+                         'overlaid</span>'),
             pn.Row(cmap, scale), pn.pane.HoloViews(img * pts)]
 
     async def open_image(image_id):
@@ -350,16 +358,19 @@ def _images(ctx, user):
         cur["row"], cur["title"] = im, f"image {im['id']}: {im['group_id'] or im['path']}"
         render()
 
-    def on_select(event):
+    async def on_select(event):
         if event.new:
-            pn.state.execute(lambda: open_image(int(table.value.iloc[event.new[0]]["id"])))
+            await open_image(int(table.value.iloc[event.new[0]]["id"]))
 
     table.param.watch(on_select, "selection")
     cmap.param.watch(lambda e: cur and render(), "value")
     scale.param.watch(lambda e: cur and render(), "value")
     first = pn.state.session_args.get("image")
     if first:
-        pn.state.onload(lambda: pn.state.execute(lambda: open_image(first[0].decode())))
+        async def open_first():
+            await open_image(first[0].decode())
+
+        pn.state.onload(open_first)
     pn.state.add_periodic_callback(lambda: setattr(table, "value", _images_frame(ctx)),
                                    period=4 * REFRESH_MS)
     return pn.Column(table, view, sizing_mode="stretch_width")

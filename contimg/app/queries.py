@@ -94,8 +94,9 @@ def status(db: StateDB, products: str | os.PathLike | None = None) -> dict:
                     "WHERE state='completed' AND finished_at >= ?", (now - 3600,))[0]
     failures = db.query("SELECT group_id, error, updated_at FROM groups WHERE state='failed' "
                         "ORDER BY updated_at DESC LIMIT 10")
-    newest = db.query("SELECT rowid AS id, path, group_id, created_at FROM images "
-                      "ORDER BY created_at DESC LIMIT 1")
+    newest = db.query("SELECT rowid AS id, path, group_id, created_at FROM images WHERE "
+                      "json_extract(qa, '$.thumbnail') IS NOT NULL ORDER BY created_at DESC, "
+                      "rowid DESC LIMIT 1")
     ms_bytes = db.query("SELECT COALESCE(SUM(nbytes), 0) AS n FROM measurement_sets")[0]["n"]
     disk = None
     if products is not None and os.path.isdir(products):
