@@ -299,6 +299,7 @@ MIGRATIONS: list[str] = [
 
     ALTER TABLE images ADD COLUMN qa TEXT;         -- JSON: thumbnail, n_components, ...
     CREATE INDEX groups_time ON groups(t_start);
+    CREATE INDEX groups_finished ON groups(state, finished_at);
     CREATE INDEX images_time ON images(created_at);
     CREATE INDEX images_group ON images(group_id);
     CREATE INDEX measurement_sets_group ON measurement_sets(group_id);

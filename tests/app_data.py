@@ -136,9 +136,9 @@ def build(root: Path) -> dict:
     for name, ra, dec, flux in srcs:
         sid = db.add_source(name, ra, dec, flux, origin="test")
         sids.append(sid)
-        for gid in (stamps[0], stamps[1], stamps[3]):
+        for data_i, gid in ((0, stamps[0]), (1, stamps[1]), (3, stamps[3])):
             db.add_photometry(sid, products / "images" / f"{gid}-image.fits",
-                              t_mid=T0 + 100, flux_jy=flux * (1 + 0.01 * rng.normal()),
+                              t_mid=T0 + 300 * data_i + 150, flux_jy=flux * (1 + 0.01 * rng.normal()),
                               err_jy=0.002)
     acc = Accounts(db)
     tokens = {}

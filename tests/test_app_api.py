@@ -210,8 +210,13 @@ def test_reprocess_roles_and_semantics(app, data):
     r = _C.post(f"{app.url}/api/reprocess/{gid}", headers=_h(data, "vera"))
     assert r.status_code == 403 and "operator" in _no_fallback_html(r)
     assert _db_fingerprint(data["db_path"]) == before and db.group(gid)["state"] == "completed"
+    assert gid not in [x["group_id"] for x in _get(app, data, "/api/groups?state=pending")
+                       .json()["groups"]]          # (a response now cached for a second)
     r = _C.post(f"{app.url}/api/reprocess/{gid}", headers=_h(data, "otto"))
     assert r.status_code == 200 and r.json() == {"group_id": gid, "state": "pending"}
+    # the API's short response cache does not hide the change
+    assert gid in [x["group_id"] for x in _get(app, data, "/api/groups?state=pending")
+                   .json()["groups"]]
     g = db.group(gid)
     assert g["state"] == "pending" and g["retries"] == 0
     ev = db.events(gid)[-1]

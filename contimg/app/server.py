@@ -47,7 +47,9 @@ class AppContext:
     oauth_provider: str = ""
     max_failures: int = 5
     backoff_s: float = 1.0
+    cache_s: float = 1.0          # how long a list/status response is shared
     accounts: Accounts = field(init=False)
+    cache: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self):
         self.accounts = Accounts(self.db, max_failures=self.max_failures,
