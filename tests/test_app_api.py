@@ -8,6 +8,7 @@ import re
 import sqlite3
 import time
 import urllib.parse
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -455,3 +456,32 @@ def test_users_cli(tmp_path, monkeypatch, capsys):
     h.add("frank", "viewer", "frank-password")
     stored = StateDB(dbp).query("SELECT password_hash FROM users")[0]["password_hash"]
     assert stored.startswith("$argon2id$") and "frank-password" not in stored
+
+
+def test_demo_app_makes_a_demo_operator_and_serves_the_demo(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from contimg.app import cli as appcli
+    from contimg.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--small", "--app"]).app
+    served = {}
+    monkeypatch.setattr(appcli, "_serve", lambda ctx, cfg, port, address: served.update(
+        ctx=ctx, port=port, address=address))
+
+    def demo(args):   # stands for the demo: it leaves a state database under --out
+        StateDB(Path(args.out) / "state" / "pipeline.sqlite3").close()
+        return 0
+
+    assert appcli._demo_with_app(demo)(argparse.Namespace(app=True, out=str(tmp_path),
+                                                          app_port=5123)) == 0
+    out = capsys.readouterr().out
+    password = re.search(r"password (\S+)", out).group(1)
+    assert "http://127.0.0.1:5123/" in out and served["port"] == 5123
+    assert served["ctx"].products == tmp_path / "products"
+    acc = Accounts(served["ctx"].db)
+    assert acc.authenticate("demo-operator", password).role == "operator"
+    # a second run gets a new random password; the old one stops working
+    appcli._demo_with_app(demo)(argparse.Namespace(app=True, out=str(tmp_path), app_port=None))
+    password2 = re.search(r"password (\S+)", capsys.readouterr().out).group(1)
+    assert password2 != password and acc.authenticate("demo-operator", password) is None

@@ -196,11 +196,17 @@ def make_server(ctx: AppContext, *, port: int = 5006, address: str = "127.0.0.1"
 
     apps = {name: (lambda n=name: pages.build(n, ctx)) for name in PAGES}
     extra = [(r"/$", RootHandler)] + api.patterns(ctx)
+    if not websocket_origin:   # the page's websocket only from pages served by this host
+        import socket
+
+        hosts = {address, "localhost", "127.0.0.1"}
+        if address in ("0.0.0.0", "::", ""):
+            hosts |= {socket.gethostname(), socket.getfqdn()}
+        websocket_origin = sorted(f"{h}:{port}" for h in hosts if h)
     kw = dict(port=port, address=address, show=False, start=False, title="contimg",
               extra_patterns=extra, cookie_secret=ctx.cookie_secret, xsrf_cookies=True,
               sign_sessions=True, secret_key=ctx.cookie_secret,
-              websocket_origin=websocket_origin or [f"{address}:{port}",
-                                                    f"localhost:{port}"])
+              websocket_origin=websocket_origin)
     if ctx.oauth_provider:
         kw.update(oauth_provider=ctx.oauth_provider, oauth_key=oauth_key,
                   oauth_secret=oauth_secret)
