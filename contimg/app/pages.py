@@ -117,7 +117,9 @@ def _groups_frame(ctx, state):
     out = []
     for r in rows:
         d = {k: r[k] for k in ("group_id", "state", "attempts", "retries", "n_present",
-                               "flagged_fraction", "calset", "image_id")}
+                               "flagged_fraction", "calset")}
+        d["image"] = (f'<a href="/images?image={r["image_id"]}">image {r["image_id"]}</a>'
+                      if r["image_id"] else "")
         for s in stages:
             v = r["stages"].get(s)
             d[f"{s}_s"] = round(v, 1) if isinstance(v, float) else v
@@ -132,7 +134,8 @@ def _groups(ctx, user):
                               width=160)
     table = pn.widgets.Tabulator(_groups_frame(ctx, ""), disabled=True, show_index=False,
                                  header_filters=True, selectable=1, pagination="remote",
-                                 page_size=15, sizing_mode="stretch_width", height=480)
+                                 page_size=15, sizing_mode="stretch_width", height=480,
+                                 formatters={"image": "html"})
     detail = pn.Column(pn.pane.Markdown("Select a group to see its events and timings."),
                        sizing_mode="stretch_width")
     msg = pn.pane.HTML("")
@@ -214,6 +217,8 @@ def _calibration(ctx, user):
                         "calibrator": s["calibrator"], "transit": _iso(s["t_transit"]),
                         "valid_from": _iso(s["valid_start"]), "valid_to": _iso(s["valid_end"]),
                         "refant": s["refant"], "groups_using": s["n_groups"],
+                        "used_by": ", ".join(s["groups"][:3])
+                        + (" …" if s["n_groups"] > 3 else ""),
                         "reason": s["reason"]} for s in sets])
     table = pn.widgets.Tabulator(df, disabled=True, show_index=False, selectable=1,
                                  sizing_mode="stretch_width", height=200)
