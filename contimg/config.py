@@ -110,7 +110,7 @@ class PathsConfig(_Section):
     state_dir: Path = setting(Path("state"), "state directory (holds db/pipeline.sqlite3)",
                               env="PIPELINE_STATE_DIR")
     output: Path | None = setting(None, "products directory (ms/, cal/, images/ below it)",
-                                  flags=("--output",), metavar="DIR")
+                                  flags=("--output", "--products"), metavar="DIR")
     incoming: Path | None = setting(None, "directory the subband files arrive in",
                                     flags=("--incoming",), metavar="DIR")
 
@@ -358,10 +358,12 @@ class ScienceConfig(_Section):
 class AppConfig(_Section):
     """The operators' app (Panel pages and REST API)."""
 
-    address: str = setting("127.0.0.1", "address the app listens on")
-    port: int = setting(5006, "port the app listens on")
-    scheduler: str = setting("", "Dask scheduler the app shows")
-    dashboard_url: str = setting("", "Dask dashboard URL linked from the app")
+    address: str = setting("127.0.0.1", "address the app listens on", flags=("--address",))
+    port: int = setting(5006, "port the app listens on", flags=("--port",))
+    scheduler: str = setting("", "Dask scheduler the app shows ('': dask.scheduler)",
+                             flags=("--scheduler",), metavar="ADDRESS")
+    dashboard_url: str = setting("", "Dask dashboard URL linked from the app",
+                                 flags=("--dashboard-url",), metavar="URL")
     cookie_secret: str = setting("", "secret that signs the app's cookies",
                                  env="CONTIMG_APP_COOKIE_SECRET")
     oauth_provider: str = setting("", "OAuth provider ('': local accounts)")

@@ -56,6 +56,9 @@ def _group(db, gid, t_start, state, *, error=None, timings=None):
 
 def build(root: Path) -> dict:
     """Populate ``root`` (state/, products/, outside/); returns what tests need."""
+    from contimg import runtime
+
+    runtime.configure()      # offline astropy (IERS) as every contimg process has it
     from contimg.app.accounts import Accounts
     from contimg.app.products import record_image_qa
     from contimg.caltables import write_caltable

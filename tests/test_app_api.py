@@ -464,17 +464,20 @@ def test_demo_app_makes_a_demo_operator_and_serves_the_demo(tmp_path, monkeypatc
     from contimg.app import cli as appcli
     from contimg.cli import build_parser
 
+    from contimg.config import load_config
+
     assert build_parser().parse_args(["demo", "--small", "--app"]).app
     served = {}
-    monkeypatch.setattr(appcli, "_serve", lambda ctx, cfg, port, address: served.update(
-        ctx=ctx, port=port, address=address))
+    monkeypatch.setattr(appcli, "_serve", lambda ctx, cfg: served.update(
+        ctx=ctx, port=cfg.app.port, address=cfg.app.address))
+    cfg = load_config(env={}, overrides={"app.port": 5123})
 
     def demo(args):   # stands for the demo: it leaves a state database under --out
         StateDB(Path(args.out) / "state" / "pipeline.sqlite3").close()
         return 0
 
     assert appcli._demo_with_app(demo)(argparse.Namespace(app=True, out=str(tmp_path),
-                                                          app_port=5123)) == 0
+                                                          cfg=cfg)) == 0
     out = capsys.readouterr().out
     password = re.search(r"password (\S+)", out).group(1)
     assert "http://127.0.0.1:5123/" in out and served["port"] == 5123
@@ -482,6 +485,7 @@ def test_demo_app_makes_a_demo_operator_and_serves_the_demo(tmp_path, monkeypatc
     acc = Accounts(served["ctx"].db)
     assert acc.authenticate("demo-operator", password).role == "operator"
     # a second run gets a new random password; the old one stops working
-    appcli._demo_with_app(demo)(argparse.Namespace(app=True, out=str(tmp_path), app_port=None))
+    appcli._demo_with_app(demo)(argparse.Namespace(app=True, out=str(tmp_path),
+                                                   cfg=load_config(env={})))
     password2 = re.search(r"password (\S+)", capsys.readouterr().out).group(1)
     assert password2 != password and acc.authenticate("demo-operator", password) is None

@@ -310,7 +310,7 @@ INVOCATION = {
     "housekeeping": set(),
     "calibrate": {"ms", "out_dir", "name", "register", "json"},
     "apply": {"ms", "tables"},
-    "demo": {"out", "groups", "small"},
+    "demo": {"out", "groups", "small", "app"},
     "image": {"input", "out"},
     "config": {"verb"},
     "config show": {"format"},
@@ -328,6 +328,16 @@ INVOCATION = {
     "mosaic build": {"name", "output", "pb_min", "cell"},
     "mosaic list": set(),
     "simulate-campaign": {"*"},                 # the campaign's own settings
+    # operator app (issue 14)
+    "app": set(),
+    "users": set(),
+    "users add": {"name", "role", "no_password"},
+    "users remove": {"name"},
+    "users passwd": {"name"},
+    "users token": {"name", "label"},
+    "users revoke": {"name", "id"},
+    "users role": {"name", "role"},
+    "users list": set(),
 }
 
 
@@ -372,7 +382,10 @@ POSITIONAL = {"info": ["d"], "convert": ["d", "--out", "o"], "flag": ["x.ms"], "
               "apply": ["x.ms"], "image": ["x.ms", "--out", "o"], "catalog load": ["c.csv"],
               "photometry": ["g-image.fits"], "sources show": ["s"],
               "mosaic plan": ["--name", "n", "--since", "0", "--until", "1"],
-              "mosaic build": ["n"], "simulate-campaign": ["--out", "o"]}
+              "mosaic build": ["n"], "simulate-campaign": ["--out", "o"],
+              "users add": ["n", "--role", "viewer"], "users remove": ["n"],
+              "users passwd": ["n"], "users token": ["n"], "users revoke": ["n"],
+              "users role": ["n", "viewer"]}
 
 
 def _sample(spec, tmp_path):

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import secrets
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from contimg.app.accounts import ROLES, AccountError, Accounts
-
-# the configuration's [app] section (contimg.config, once there); these are its defaults
-_APP_DEFAULTS = dict(address="127.0.0.1", port=5006, scheduler="", dashboard_url="",
-                     cookie_secret="", oauth_provider="", oauth_key="", oauth_secret="",
-                     login_max_failures=5, login_backoff_s=1.0)
-
-
-def app_config():
-    """``cfg.app`` of the configuration when :mod:`contimg.config` exists, else the same
-    fields at their defaults."""
-    try:
-        from contimg.config import load_config
-    except ImportError:
-        return SimpleNamespace(**_APP_DEFAULTS)
-    return load_config().app
 
 
 def _db(args):
     from contimg.state import StateDB
 
-    return StateDB(args.db)
+    return StateDB(args.cfg.paths.db)
 
 
 def _read_password(prompt="password") -> str:
@@ -49,64 +32,67 @@ def _read_password(prompt="password") -> str:
 
 def cmd_users(args):
     acc = Accounts(_db(args))
-    if args.users_cmd == "add":
+    if args.verb == "add":
         pw = None if args.no_password else _read_password()
         acc.add(args.name, args.role, pw)
         print(f"user {args.name} added ({args.role})")
-    elif args.users_cmd == "remove":
+    elif args.verb == "remove":
         acc.remove(args.name)
         print(f"user {args.name} removed (and its tokens)")
-    elif args.users_cmd == "passwd":
+    elif args.verb == "passwd":
         acc.set_password(args.name, _read_password("new password"))
         print(f"password of {args.name} changed; its browser sessions ended")
-    elif args.users_cmd == "role":
+    elif args.verb == "role":
         acc.set_role(args.name, args.role)
         print(f"user {args.name} is now {args.role}")
-    elif args.users_cmd == "list":
+    elif args.verb == "list":
         rows = acc.list()
         print(f"{'user':<24} {'role':<9} {'password':<8} tokens")
         for r in rows:
             print(f"{r['name']:<24} {r['role']:<9} {'yes' if r['has_password'] else 'no':<8} "
                   f"{r['tokens']}")
-    elif args.users_cmd == "token":
+    elif args.verb == "token":
         token = acc.new_token(args.name, args.label)
         print(f"new API token for {args.name} (shown once; send it as "
               "'Authorization: Bearer TOKEN'):")
         print(token)
-    elif args.users_cmd == "revoke":
+    elif args.verb == "revoke":
         n = acc.revoke(args.name, args.id)
         print(f"{n} token(s) of {args.name} revoked")
     return 0
 
 
-def _context(db_path, products, scheduler, cfg):
+def _context(cfg, db_path, products):
+    """The app's context from the configuration (``cfg``: the whole Config)."""
     from contimg.app.server import AppContext, cookie_secret_for
     from contimg.state import StateDB
 
     db = StateDB(db_path)
+    a = cfg.app
     return AppContext(db=db, products=Path(products) if products else None,
-                      cookie_secret=cookie_secret_for(cfg.cookie_secret, db),
-                      scheduler=scheduler or "", dashboard_url=cfg.dashboard_url,
-                      oauth_provider=cfg.oauth_provider,
-                      max_failures=cfg.login_max_failures, backoff_s=cfg.login_backoff_s)
+                      cookie_secret=cookie_secret_for(a.cookie_secret, db),
+                      scheduler=a.scheduler or cfg.dask.scheduler,
+                      dashboard_url=a.dashboard_url, oauth_provider=a.oauth_provider,
+                      max_failures=a.login_max_failures, backoff_s=a.login_backoff_s)
 
 
-def _serve(ctx, cfg, port, address):
+def _serve(ctx, cfg):
     from contimg.app.server import serve
 
-    print(f"contimg app: http://{address}:{port}/  (state {ctx.db.path}, products "
+    a = cfg.app
+    print(f"contimg app: http://{a.address}:{a.port}/  (state {ctx.db.path}, products "
           f"{ctx.products or 'not set: downloads off'}; Ctrl-C stops)", flush=True)
-    serve(ctx, port=port, address=address, oauth_key=cfg.oauth_key,
-          oauth_secret=cfg.oauth_secret)
+    serve(ctx, port=a.port, address=a.address, oauth_key=a.oauth_key,
+          oauth_secret=a.oauth_secret)
 
 
 def cmd_app(args):
-    cfg = app_config()
-    ctx = _context(args.db, args.products, args.scheduler or cfg.scheduler, cfg)
-    if not ctx.accounts.list() and not cfg.oauth_provider:
+    cfg = args.cfg
+    ctx = _context(cfg, cfg.paths.db, cfg.paths.output)
+    if not ctx.accounts.list() and not cfg.app.oauth_provider:
         print("no accounts yet: make one with 'contimg users add NAME --role admin'",
               file=sys.stderr)
-    _serve(ctx, cfg, args.port or cfg.port, args.address or cfg.address)
+    _serve(ctx, cfg)
     return 0
 
 
@@ -120,18 +106,17 @@ def _demo_with_app(run_demo):
         args.out = args.out or tempfile.mkdtemp(prefix="contimg-demo-")
         rc = run_demo(args)
         out = Path(args.out)
-        cfg = app_config()
-        ctx = _context(out / "state" / "pipeline.sqlite3", out / "products", None, cfg)
+        ctx = _context(args.cfg, out / "state" / "pipeline.sqlite3", out / "products")
         password = secrets.token_urlsafe(12)
         name = "demo-operator"
         if ctx.accounts.get(name) is not None:
             ctx.accounts.set_password(name, password)
         else:
             ctx.accounts.add(name, "operator", password)
-        port, address = args.app_port or cfg.port, cfg.address
-        print(f"\noperator app: http://{address}:{port}/\n  user {name}\n  password "
-              f"{password}\n(demo exit status {rc}; Ctrl-C stops the app)", flush=True)
-        _serve(ctx, cfg, port, address)
+        print(f"\noperator app: http://{args.cfg.app.address}:{args.cfg.app.port}/\n"
+              f"  user {name}\n  password {password}\n(demo exit status {rc}; Ctrl-C "
+              "stops the app)", flush=True)
+        _serve(ctx, args.cfg)
         return rc
 
     return cmd
@@ -139,18 +124,15 @@ def _demo_with_app(run_demo):
 
 def add_subcommands(sub):
     """Register ``app`` and ``users`` (and ``--app`` on ``demo`` when it exists)."""
-    db_help = "state database (default $PIPELINE_DB or state/db/pipeline.sqlite3)"
+    from contimg.config import add_options
+
     s = sub.add_parser("app", help="the operator app: Panel pages and the REST API")
-    s.add_argument("--db", default=None, help=db_help)
-    s.add_argument("--products", default=None,
-                   help="products directory (the stream's --output): files served from it")
-    s.add_argument("--scheduler", default=None, help="the stream's Dask scheduler address")
-    s.add_argument("--port", type=int, default=None, help="port (default 5006)")
-    s.add_argument("--address", default=None, help="address to listen on (default 127.0.0.1)")
+    add_options(s, "paths.db", "paths.output", "app.scheduler", "app.dashboard_url",
+                "app.port", "app.address")
     s.set_defaults(func=cmd_app)
 
     u = sub.add_parser("users", help="accounts of the operator app")
-    us = u.add_subparsers(dest="users_cmd", required=True)
+    us = u.add_subparsers(dest="verb", required=True)
     p = us.add_parser("add", help="add a user (password from the terminal, twice, or stdin)")
     p.add_argument("name")
     p.add_argument("--role", choices=ROLES, required=True)
@@ -170,13 +152,14 @@ def add_subcommands(sub):
     p.add_argument("name")
     p.add_argument("role", choices=ROLES)
     us.add_parser("list", help="list users")
-    for p in [u] + list(us.choices.values()):
-        p.add_argument("--db", default=argparse.SUPPRESS if p is not u else None, help=db_help)
+    for p in us.choices.values():
+        add_options(p, "paths.db")
     u.set_defaults(func=cmd_users)
 
     demo = sub.choices.get("demo")
     if demo is not None:
         demo.add_argument("--app", action="store_true",
-                          help="then serve the operator app on the demo's products")
-        demo.add_argument("--app-port", type=int, default=None, help="the app's port")
+                          help="then serve the operator app on the demo's products "
+                               "(--port, --address)")
+        add_options(demo, "app.port", "app.address")
         demo.set_defaults(func=_demo_with_app(demo.get_default("func")))
