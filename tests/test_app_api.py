@@ -402,7 +402,7 @@ def test_thumbnail_and_qa_made_at_registration(tmp_path):
     from PIL import Image
 
     from app_data import _fits
-    from contimg.stream import register_image_result
+    from contimg.pipeline import register_image_result
 
     rng = np.random.default_rng(1)
     p = _fits(tmp_path / "images" / "g-image.fits", rng, sources=[(150.2, 54.6, 5.0)])

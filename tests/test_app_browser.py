@@ -167,7 +167,10 @@ def test_cluster_page_shows_workers_and_stage_tasks(browser, live, cluster):
     app, data = live
     _, client = cluster
     gid = data["groups"][4]
-    fut = client.submit(_stage_task, 120, key=f"image-{gid}-a1-12345", pure=False)
+    from contimg.pipeline import stage_key
+
+    # keyed exactly as the stream keys its stage tasks
+    fut = client.submit(_stage_task, 120, key=stage_key("image", gid, 1), pure=False)
     page = _login(browser, app, "vera")
     page.wait_for_selector("#whoami", timeout=WAIT)
     _open(page, app, "cluster")

@@ -4,7 +4,8 @@ One asynchronous ``distributed.Client`` per server (on the app's event loop, so 
 refresh never blocks a page); every few seconds it asks the scheduler for its workers
 (memory, CPU, threads), the tasks processing on each worker and the task counts by
 state. Stage tasks carry readable keys (``<stage>-<group>-a<attempt>-<ns>``, see
-:mod:`contimg.stream`), so the page says which groups are in flight on which worker.
+:func:`contimg.pipeline.stage_key`), so the page says which groups are in flight on
+which worker.
 """
 
 from __future__ import annotations
