@@ -86,7 +86,7 @@ def record_image_qa(db, image_path, res: dict) -> dict:
     try:
         make_thumbnail(image_path, png)
         qa["thumbnail"] = png
-    except (OSError, ValueError) as exc:
+    except Exception as exc:   # a thumbnail must never fail the image's registration
         log.warning("%s: no thumbnail: %s", image_path, exc)
     with db.transaction() as con:
         con.execute("UPDATE images SET qa=? WHERE path=?", (json.dumps(qa), image_path))
