@@ -345,13 +345,12 @@ def register_image_result(db, res: dict, *, group_id=None, ms_path=None,
         beam = {"bmaj_arcsec": beam[0], "bmin_arcsec": beam[1], "bpa_deg": beam[2]}
     elif beam is not None and not isinstance(beam, dict):
         beam = {"beam": beam}
+    from contimg.app.products import image_qa
+
     db.register_image(main, group_id=group_id, ms_path=ms_path, products=paths,
                       noise_jy=res.get("noise_jy", res.get("noise")),
                       peak_jy=res.get("peak_jy", res.get("peak")), beam=beam,
-                      calset_id=calset_id)
-    from contimg.app.products import record_image_qa
-
-    record_image_qa(db, main, res)   # thumbnail + QA now, so no page opens the FITS for it
+                      calset_id=calset_id, qa=image_qa(main, res))   # + thumbnail
     return main
 
 

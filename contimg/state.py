@@ -640,19 +640,21 @@ class StateDB:
 
     def register_image(self, path, *, group_id=None, ms_path=None, kind="continuum",
                        products=None, noise_jy=None, peak_jy=None, beam=None,
-                       calset_id=None):
+                       calset_id=None, qa=None):
+        """``qa``: the operator app's figures (thumbnail path, CLEAN components, ...)."""
         now = time.time()
         with self.transaction() as con:
             con.execute(
                 "INSERT INTO images (path, group_id, ms_path, kind, products, noise_jy, "
-                "peak_jy, beam, calset_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "peak_jy, beam, calset_id, created_at, qa) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET group_id=excluded.group_id, "
                 "ms_path=excluded.ms_path, kind=excluded.kind, products=excluded.products, "
                 "noise_jy=excluded.noise_jy, peak_jy=excluded.peak_jy, beam=excluded.beam, "
-                "calset_id=excluded.calset_id, created_at=excluded.created_at",
+                "calset_id=excluded.calset_id, created_at=excluded.created_at, qa=excluded.qa",
                 (str(path), group_id, None if ms_path is None else str(ms_path), kind,
                  json.dumps(products or {}), noise_jy, peak_jy,
-                 None if beam is None else json.dumps(beam), calset_id, now))
+                 None if beam is None else json.dumps(beam), calset_id, now,
+                 None if qa is None else json.dumps(qa)))
 
     def images(self, group_id=None) -> list[dict]:
         if group_id is None:

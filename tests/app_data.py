@@ -60,7 +60,7 @@ def build(root: Path) -> dict:
 
     runtime.configure()      # offline astropy (IERS) as every contimg process has it
     from contimg.app.accounts import Accounts
-    from contimg.app.products import record_image_qa
+    from contimg.pipeline import register_image_result
     from contimg.caltables import write_caltable
     from contimg.io.ms import write_ms
     from contimg.io.uvh5 import open_group
@@ -118,13 +118,11 @@ def build(root: Path) -> dict:
         p = _fits(products / "images" / f"{gid}-image.fits", rng,
                   sources=[(r, d, f) for _, r, d, f in srcs])
         _fits(products / "images" / f"{gid}-residual.fits", rng)
-        db.register_image(p, group_id=gid, ms_path=str(ms) if gid == stamps[1] else None,
-                          products={"image": str(p), "residual": str(p).replace("-image",
-                                                                                "-residual")},
-                          noise_jy=0.002, peak_jy=1.2, calset_id=cs,
-                          beam={"bmaj_arcsec": 30.0, "bmin_arcsec": 20.0, "bpa_deg": 10.0})
-        record_image_qa(db, p, {"peak": 1.2, "noise": 0.002, "n_components": 37,
-                                "n_major": 3})
+        # as the image stage's registration does it (thumbnail and QA included)
+        register_image_result(db, {"paths": {"image": str(p), "residual": str(p).replace(
+            "-image", "-residual")}, "noise": 0.002, "peak": 1.2, "n_components": 37,
+            "n_major": 3, "beam": (30.0, 20.0, 10.0)}, group_id=gid,
+            ms_path=str(ms) if gid == stamps[1] else None, calset_id=cs)
         images[gid] = db.query("SELECT rowid AS id FROM images WHERE path=?", (str(p),))[0]["id"]
     # registered paths that must never be served: outside the products directory
     secret = _fits(root / "outside" / "secret.fits", rng)

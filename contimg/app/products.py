@@ -4,7 +4,6 @@ image pixels read for the pages (decimated, so a page never holds a large array)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -74,9 +73,11 @@ def make_thumbnail(fits_path, png_path, size: int = THUMB_PX) -> Path:
     return png_path
 
 
-def record_image_qa(db, image_path, res: dict) -> dict:
-    """Make the thumbnail of a registered image and store its QA (CLEAN components,
-    major cycles, dynamic range, thumbnail path) in the images table."""
+def image_qa(image_path, res: dict) -> dict:
+    """The QA of an imaging result for the images table (CLEAN components, major
+    cycles, dynamic range) and its thumbnail, made now (``<image>.png``) so that no
+    page has to open the FITS file for it. A thumbnail that cannot be made is logged
+    and left out; it never fails the registration."""
     image_path = str(image_path)
     qa = {k: res[k] for k in ("n_components", "n_major") if res.get(k) is not None}
     peak, noise = res.get("peak_jy", res.get("peak")), res.get("noise_jy", res.get("noise"))
@@ -88,8 +89,6 @@ def record_image_qa(db, image_path, res: dict) -> dict:
         qa["thumbnail"] = png
     except Exception as exc:   # a thumbnail must never fail the image's registration
         log.warning("%s: no thumbnail: %s", image_path, exc)
-    with db.transaction() as con:
-        con.execute("UPDATE images SET qa=? WHERE path=?", (json.dumps(qa), image_path))
     return qa
 
 
