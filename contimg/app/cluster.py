@@ -37,7 +37,8 @@ async def snapshot(address: str) -> dict:
 
     client = _clients.get(address)
     if client is None or client.status not in ("running", "connecting"):
-        client = await Client(address, asynchronous=True, timeout=5)
+        # not the process's default client: nothing else here may compute on it
+        client = await Client(address, asynchronous=True, timeout=5, set_as_default=False)
         _clients[address] = client
     ident = await client.scheduler.identity()
     processing = await client.scheduler.processing()

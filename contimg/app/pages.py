@@ -138,8 +138,7 @@ def _groups(ctx, user):
                                  formatters={"image": "html"})
     detail = pn.Column(pn.pane.Markdown("Select a group to see its events and timings."),
                        sizing_mode="stretch_width")
-    msg = pn.pane.HTML("")
-    selected = {"gid": None, "state": None}
+    selected = {"gid": None, "state": None, "msg": ""}
 
     def show(gid):
         selected["gid"] = gid
@@ -170,23 +169,26 @@ def _groups(ctx, user):
             button = pn.widgets.Button(label="Reprocess", button_type="warning", width=140,
                                        disabled=g["state"] not in ("completed", "failed"))
             button.on_click(lambda e: do_reprocess(gid))
-            items.append(pn.Row(button, msg))
+            items.append(pn.Row(button, pn.pane.HTML(
+                f'<span id="reprocess-msg">{html.escape(selected["msg"])}</span>'
+                if selected["msg"] else "")))
         detail.objects = items + [bars, pn.widgets.Tabulator(
             ev, disabled=True, show_index=False, sizing_mode="stretch_width", height=240)]
 
     def do_reprocess(gid):
         try:
             r = reprocess(ctx.db, gid, user)
-            msg.object = f'<span id="reprocess-msg">{html.escape(gid)} is {r["state"]}</span>'
+            selected["msg"] = f"{gid} is {r['state']}"
         except (ApiError, q.NotFound) as exc:
-            msg.object = f'<span id="reprocess-msg">{html.escape(getattr(exc, "message", str(exc)))}</span>'
-        refresh()
+            selected["msg"] = getattr(exc, "message", str(exc))
         show(gid)
+        refresh()
 
     def on_select(event):
         if event.new:
             gid = table.value.iloc[event.new[0]]["group_id"]
             if gid != selected["gid"]:
+                selected["msg"] = ""
                 show(gid)
 
     def refresh(*_):
