@@ -200,7 +200,7 @@ def test_operator_reprocesses_a_group(browser, live):
     expect(page.locator("#group-state")).to_have_text("pending", timeout=WAIT)
     assert db.group(gid)["state"] == "pending"
     assert db.events(gid)[-1]["reason"] == "reprocess by otto (operator app)"
-    assert page.inner_text("#reprocess-msg") == f"{gid} is pending"
+    expect(page.locator("#reprocess-msg")).to_have_text(f"{gid} is pending", timeout=WAIT)
     # the table shows it too
     expect(page.locator(".tabulator-row", has_text=gid).first).to_contain_text(
         "pending", timeout=WAIT)
