@@ -141,6 +141,12 @@ def build(root: Path) -> dict:
             db.add_photometry(sid, products / "images" / f"{gid}-image.fits",
                               t_mid=T0 + 300 * data_i + 150, flux_jy=flux * (1 + 0.01 * rng.normal()),
                               err_jy=0.002)
+    with db.transaction() as con:   # two ESE candidates, as the variability code stores them
+        con.executemany(
+            "INSERT INTO ese_candidates (source_id, preset, score, t_start, t_end, depth_jy, "
+            "depth_sigma, n_epochs, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(sids[0], "default", 6.5, T0, T0 + 900, 0.3, 6.0, 3, T0, T0),
+             (sids[1], "default", 9.0, T0, T0 + 900, 0.1, 8.0, 3, T0, T0)])
     acc = Accounts(db)
     tokens = {}
     for name, pw in PASSWORDS.items():

@@ -150,12 +150,14 @@ def test_endpoints_return_what_the_database_has(app, data):
     assert im["qa"]["n_components"] == 37 and im["qa"]["dynamic_range"] == pytest.approx(600)
     src = _get(app, data, "/api/sources").json()
     assert [s["n_points"] for s in src["sources"]] == [3, 3]
-    assert "ese_candidates" in src["inventory"]["missing"]
+    assert src["inventory"]["have"]["ese_candidates"] == 2
     lc = _get(app, data, f"/api/sources/{data['sources'][0]}/lightcurve").json()
     assert len(lc["points"]) == 3 and lc["source"]["name"] == "J1000+5430"
     assert all(abs(p["flux_jy"] - 1.2) < 0.1 for p in lc["points"])
     ese = _get(app, data, "/api/ese/candidates").json()
-    assert ese["candidates"] == [] and not ese["available"] and "ese_candidates" in ese["missing"]
+    assert ese["available"] and [c["score"] for c in ese["candidates"]] == [9.0, 6.5]
+    assert ese["candidates"][0]["source_id"] == data["sources"][1]
+    assert len(_get(app, data, "/api/ese/candidates?limit=1").json()["candidates"]) == 1
 
 
 def test_downloads(app, data):

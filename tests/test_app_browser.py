@@ -155,8 +155,8 @@ def test_viewer_sees_groups_images_calibration(browser, live):
     _shot(page, "calibration-bandpass")
 
     _open(page, app, "sources")
-    page.wait_for_selector("#science-missing", timeout=WAIT)
-    assert "ese_candidates" in page.inner_text("#science-missing")
+    page.wait_for_selector("#science-have", timeout=WAIT)
+    assert "ese_candidates: 2" in page.inner_text("#science-have")
     _cell(page, "J1000+5430").click()
     page.wait_for_timeout(1500)
     _shot(page, "sources")

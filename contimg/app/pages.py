@@ -392,6 +392,8 @@ def _sources(ctx, user):
                                  header_filters=True, pagination="remote", page_size=20,
                                  sizing_mode="stretch_width", height=400)
     lc = pn.Column(sizing_mode="stretch_width")
+    ese = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=False,
+                               sizing_mode="stretch_width", height=200)
 
     def update():
         i = q.science_inventory(ctx.db)
@@ -401,6 +403,9 @@ def _sources(ctx, user):
                 "</p>") if i["missing"] else ""
         inv.object = f"<p id='science-have'>In the database: {have}.</p>{miss}"
         table.value = pd.DataFrame(q.sources(ctx.db))
+        c = q.ese_candidates(ctx.db, limit=200)["candidates"]
+        cols = ["source_id", "preset", "score", "depth_jy", "depth_sigma", "n_epochs", "status"]
+        ese.value = pd.DataFrame([{k: r.get(k) for k in cols} for r in c], columns=cols)
 
     def on_select(event):
         if not event.new:
@@ -417,7 +422,8 @@ def _sources(ctx, user):
 
     table.param.watch(on_select, "selection")
     _every(update, 4 * REFRESH_MS)
-    return pn.Column(inv, table, lc, sizing_mode="stretch_width")
+    return pn.Column(inv, table, lc, "#### ESE candidates (best first)", ese,
+                     sizing_mode="stretch_width")
 
 
 # ------------------------------------------------------------------ cluster

@@ -267,9 +267,9 @@ def lightcurve(db: StateDB, source_id) -> dict:
     return {"source": s[0], "points": pts}
 
 
-# tables the science products (photometry, variability, ESE) add; the app reads
-# whichever exist and says which are missing
-SCIENCE_TABLES = ("ese_candidates", "variability")
+# tables the science products (contimg.photometry, .variability, .mosaic) add; the app
+# reads whichever exist and says which are missing (an older database)
+SCIENCE_TABLES = ("ese_candidates", "source_stats", "image_flux_scale", "mosaics")
 
 
 def ese_candidates(db: StateDB, limit=None) -> dict:
@@ -278,8 +278,8 @@ def ese_candidates(db: StateDB, limit=None) -> dict:
         return {"candidates": [], "available": False,
                 "missing": "no ese_candidates table: this database has no variability or "
                            "ESE products yet"}
-    return {"candidates": db.query("SELECT * FROM ese_candidates LIMIT ?", (n,)),
-            "available": True}
+    return {"candidates": db.query("SELECT * FROM ese_candidates ORDER BY score DESC "
+                                   "LIMIT ?", (n,)), "available": True}
 
 
 def science_inventory(db: StateDB) -> dict:
