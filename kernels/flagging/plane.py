@@ -91,11 +91,18 @@ def _flag_plane_ws(amp, mask, missing, is_auto, n_iter, step, threshold1, rho,
      cache_kind) = ws
     T, F = amp.shape
     n_ok = 0
+    amp_sum = 0.0
     for t in range(T):
         for f in range(F):
-            n_ok += not mask[t, f]
+            if not mask[t, f]:
+                n_ok += 1
+                amp_sum += abs(amp[t, f])
     if n_ok == 0:
         return
+    # no receiver's noise is below 1e-5 of its amplitude (autocorrelations: ~1/sqrt(B t)
+    # ~ 6e-4 for one DSA-110 sample): a smaller noise estimate is float rounding of a
+    # noiseless plane, whose residuals must not turn into outliers
+    amp_floor = 1e-5 * amp_sum / n_ok
     use_rank1 = is_auto and rank1_autos
     kff = kf_auto if use_rank1 else kf
     for it in range(n_iter):
@@ -146,7 +153,7 @@ def _flag_plane_ws(amp, mask, missing, is_auto, n_iter, step, threshold1, rho,
                         resid[t, f] -= sm_n[t, f] / dd[t, f]
         # noise per channel (num is free again: the sort scratch)
         _channel_noise_inplace(resid, mask, noise_half, sig, s, buf, pairs, num, cnt)
-        floor = 1e-30
+        floor = max(1e-30, amp_floor)
         for f in range(F):
             if np.isfinite(sig[f]) and sig[f] > floor:
                 floor = max(floor, 1e-6 * sig[f])
