@@ -40,7 +40,7 @@ def _check_reprocess(cells):
     assert "frequency" in _text(cells["cell-3"])                       # per-channel series
     assert _result(cells["cell-4"]) == "True"                          # MS round trip
     assert ast.literal_eval(_result(cells["cell-6"])) == {
-        "flag": "ok", "calibrate": "ok", "apply": "ok", "image": "ok"}
+        "flag": "ok", "calibrate": "ok", "apply": "ok", "image": "ok", "photometry": "ok"}
     m = re.search(r"peak ([0-9.]+) Jy/beam \(reported ([0-9.]+)\), noise ([0-9.]+)",
                   _text(cells["cell-7"]))
     peak, reported, noise = (float(x) for x in m.groups())
