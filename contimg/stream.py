@@ -128,6 +128,25 @@ def _why(exc) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _culprits(exc) -> tuple:
+    """The files an error names as at fault (``culprits``), following its chain (a
+    BadInput raised from a UVH5Error keeps the latter as its context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "culprits", None):
+            return tuple(exc.culprits)
+        exc = exc.__cause__ or exc.__context__
+    return ()
+
+
+def _check_ready(path):
+    """Raise UVH5Error naming ``path`` unless its header opens (see ``_check_file``)."""
+    from contimg.io.uvh5 import read_header
+
+    read_header(path)
+
+
 class StreamBusy(RuntimeError):
     """Another stream process already serves this output directory."""
 
@@ -430,15 +449,19 @@ class Stream:
         return False
 
     def _check_file(self, path, size, stable_for, once):
-        from contimg.io.uvh5 import UVH5Error, read_header
+        from contimg.io.uvh5 import UVH5Error
 
         try:
-            read_header(path)
+            _check_ready(path)
         except UVH5Error as exc:
             if once or stable_for >= self.cfg.bad_file_grace_s:
                 self.db.set_file_status(path, "bad", size=size, reason=str(exc))
                 self._final.add(path)
                 log.error("bad file: %s", exc)
+                f = self.db.query("SELECT group_id, subband FROM hdf5_files WHERE path=?",
+                                  (path,))
+                if f and f[0]["group_id"]:
+                    self._reconsider_duplicate(f[0]["group_id"], f[0]["subband"], path)
             return
         self.db.set_file_status(path, "ready", size=size)
         self._final.add(path)
@@ -518,7 +541,7 @@ class Stream:
         try:
             result = self._pipeline(g, opened)
         except BadInput as exc:
-            self._bad_input(g, str(exc))
+            self._bad_input(g, exc)
         except Exception as exc:  # noqa: BLE001 - recorded per group, others go on
             self._failed_attempt(g, _why(exc))
         else:
@@ -552,15 +575,19 @@ class Stream:
             log.warning("group %s: attempt failed (%s); retry %d/%d", gid, why, retries,
                         self.cfg.max_retries)
 
-    def _bad_input(self, g, why):
-        """A file proved corrupt when read: drop it and re-queue the group if the policy
-        accepts what is left, else fail the group with the reason."""
+    def _bad_input(self, g, exc):
+        """Input proved unusable when read: set aside exactly the file(s) the error names
+        as culprits (``UVH5Error.culprits``, never a search of the message, which names
+        the reference file too), bring back a duplicate of a subband set aside, and
+        re-queue the group if the policy accepts what is left, else fail it."""
         gid = g["group_id"]
-        files = self.db.files(gid, status="ready")
-        culprits = [f for f in files if f["path"] in why]
+        why = str(exc)
+        named = set(_culprits(exc))
+        culprits = [f for f in self.db.files(gid, status="ready") if f["path"] in named]
         for f in culprits:
             self.db.set_file_status(f["path"], "bad", reason=why)
-        left = {f["subband"] for f in files} - {f["subband"] for f in culprits}
+            self._reconsider_duplicate(gid, f["subband"], f["path"], check_now=True)
+        left = {f["subband"] for f in self.db.files(gid, status="ready")}
         if (culprits and self.cfg.incomplete == "process"
                 and len(left) >= self.cfg.min_subbands):
             missing = sorted(set(range(self.cfg.n_subbands)) - left)
@@ -572,6 +599,31 @@ class Stream:
                                reason=f"bad input: {why}")
             log.error("group %s: failed: bad input: %s", gid, why)
             self.failed.append(gid)
+
+    def _reconsider_duplicate(self, gid, subband, bad_path, *, check_now=False):
+        """The file that beat a duplicate turned out bad: the earliest duplicate of that
+        subband takes its place. ``check_now`` (the group is already dispatched): it is
+        checked here and becomes ready at once; otherwise it settles like a new file."""
+        from contimg.io.uvh5 import UVH5Error
+
+        for d in self.db.files(gid, status="duplicate"):
+            if d["subband"] != subband:
+                continue
+            why = f"replaces {os.path.basename(bad_path)} (bad)"
+            if not check_now:
+                self.db.set_file_status(d["path"], "seen", reason=why)
+                self._final.discard(d["path"])
+                log.warning("%s: reconsidered: %s", os.path.basename(d["path"]), why)
+                return d["path"]
+            try:
+                _check_ready(d["path"])
+            except (UVH5Error, OSError) as exc:
+                self.db.set_file_status(d["path"], "bad", reason=str(exc))
+                continue
+            self.db.set_file_status(d["path"], "ready", reason=why)
+            log.warning("%s: ready: %s", os.path.basename(d["path"]), why)
+            return d["path"]
+        return None
 
     # ------------------------------------------------------------------ the stages
     def _reusable(self, g, ms) -> dict:

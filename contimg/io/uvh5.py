@@ -36,7 +36,14 @@ log = logging.getLogger(__name__)
 
 
 class UVH5Error(ValueError):
-    """A UVH5 file (or a group of them) is unreadable or inconsistent; names the file."""
+    """A UVH5 file (or a group of them) is unreadable or inconsistent; names the file.
+
+    ``culprits``: the file(s) at fault, as data (the message may name a reference file
+    too); a caller setting files aside uses these, never a search of the message."""
+
+    def __init__(self, msg, *, culprits=()):
+        super().__init__(msg)
+        self.culprits = tuple(str(p) for p in culprits)
 
 
 class GroupError(UVH5Error):
@@ -104,18 +111,20 @@ def read_header(path, *, phase_centres: bool = True) -> Header:
     from one file of the group only)."""
     path = str(path)
     if not os.path.exists(path):
-        raise UVH5Error(f"{path}: no such file")
+        raise UVH5Error(f"{path}: no such file", culprits=[path])
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise UVH5Error(f"{path}: cannot open as HDF5 (truncated or corrupt?): {exc}") from None
+        raise UVH5Error(f"{path}: cannot open as HDF5 (truncated or corrupt?): {exc}",
+                        culprits=[path]) from None
     try:
         with f:
             return _read_header(f, path, phase_centres)
-    except UVH5Error:
+    except UVH5Error as exc:
+        exc.culprits = exc.culprits or (path,)
         raise
     except (KeyError, OSError, ValueError, TypeError) as exc:
-        raise UVH5Error(f"{path}: unreadable UVH5 header: {exc}") from None
+        raise UVH5Error(f"{path}: unreadable UVH5 header: {exc}", culprits=[path]) from None
 
 
 def _read_header(f, path, phase_centres=True) -> Header:
@@ -450,7 +459,7 @@ class _SubbandArray:
                     block = d[r0:r1, f0:f1, :]
         except (OSError, KeyError) as exc:
             raise UVH5Error(f"{self.path}: cannot read Data/{self.dset} rows {r0}:{r1}: "
-                            f"{exc}") from None
+                            f"{exc}", culprits=[self.path]) from None
         if self.var == "VISIBILITY" and self.vis_kind == "compound":
             c = np.empty(block.shape, np.complex64)
             c.real, c.imag = block["r"], block["i"]
@@ -638,53 +647,44 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
         except ValueError as exc:
             raise GroupError(str(exc)) from None
         if nm.subband >= n_subbands:
-            raise GroupError(f"{p}: subband {nm.subband:02d} outside 00..{n_subbands - 1:02d}")
+            raise GroupError(f"{p}: subband {nm.subband:02d} outside 00..{n_subbands - 1:02d}",
+                             culprits=[p])
         if nm.subband in names:
             raise GroupError(f"{p}: duplicate subband sb{nm.subband:02d} "
-                             f"(also {names[nm.subband][1]})")
+                             f"(also {names[nm.subband][1]})", culprits=[p])
         names[nm.subband] = (nm, p)
     stamps = [nm.timestamp for nm, _ in names.values()]
     spread = (max(stamps) - min(stamps)).total_seconds()
     if spread > 2 * name_tolerance_s:
-        first = min(names.values(), key=lambda x: x[0].timestamp)[1]
-        last = max(names.values(), key=lambda x: x[0].timestamp)[1]
-        raise GroupError(f"{last}: timestamp is {spread:.0f} s from {first}; files of one "
-                         f"group differ by at most ±{name_tolerance_s:.0f} s")
+        # the culprit is the file farthest from the group's median timestamp
+        mid = sorted(stamps)[len(stamps) // 2]
+        odd = max(names.values(), key=lambda x: abs((x[0].timestamp - mid).total_seconds()))
+        near = min(names.values(), key=lambda x: abs((x[0].timestamp - mid).total_seconds()))
+        gap = abs((odd[0].timestamp - mid).total_seconds())
+        raise GroupError(f"{odd[1]}: timestamp is {gap:.0f} s from {near[1]}; files of one "
+                         f"group differ by at most ±{name_tolerance_s:.0f} s",
+                         culprits=[odd[1]])
     missing = sorted(set(range(n_subbands)) - set(names))
     if missing and not allow_missing:
         raise GroupError(f"{Path(files[0]).parent}: group {min(stamps):%Y-%m-%dT%H:%M:%S} is "
                          f"missing subband(s) {', '.join(f'sb{m:02d}' for m in missing)}")
 
-    ref_sb = min(names)
-    headers = {sb: read_header(p, phase_centres=sb == ref_sb)
+    headers = {sb: read_header(p, phase_centres=sb == min(names))
                for sb, (_, p) in sorted(names.items())}
+    # the reference is the header most others agree with: an inconsistent file is the
+    # culprit, never the good file it was compared with (a lone sb00 with the wrong
+    # channel count must not cost the group its 15 good subbands)
+    ref_sb = _reference(headers, time_tolerance_s)
     ref = headers[ref_sb]
     for sb, h in headers.items():
-        if sb == ref_sb:
-            continue
-        _check_same(ref, h, time_tolerance_s)
-    # frequency layout: sb00 highest; each subband's channels contiguous with its neighbours
+        why = _disagreement(ref, ref_sb, h, sb, time_tolerance_s)
+        if why:
+            raise GroupError(why, culprits=[h.path])
+    if ref_sb != min(names):         # (tolerances are not transitive) with its centres
+        ref = read_header(ref.path)
     nchan = ref.nfreqs
     cw = ref.channel_width
-    top = {}
-    for sb, h in headers.items():
-        if h.nfreqs != nchan:
-            raise GroupError(f"{h.path}: {h.nfreqs} channels, {ref.path} has {nchan}")
-        if abs(h.channel_width - cw) > 1e-6 * cw:
-            raise GroupError(f"{h.path}: channel width {h.channel_width} Hz differs from "
-                             f"{cw} Hz in {ref.path}")
-        fs = np.sort(h.freqs)
-        if nchan > 1 and not np.allclose(np.diff(fs), cw, rtol=1e-6):
-            raise GroupError(f"{h.path}: channels are not spaced by the channel width")
-        # implied top-of-band channel centre (channel 0 of sb00)
-        top[sb] = fs[-1] + sb * nchan * cw
-    t_ref = top[ref_sb]
-    for sb, t in top.items():
-        if abs(t - t_ref) > 0.01 * cw:
-            raise GroupError(
-                f"{headers[sb].path}: frequencies {np.min(headers[sb].freqs) / 1e6:.4f}-"
-                f"{np.max(headers[sb].freqs) / 1e6:.4f} MHz are not contiguous with "
-                f"{ref.path} for subband sb{sb:02d} (sb00 is the highest subband)")
+    t_ref = np.max(ref.freqs) + ref_sb * nchan * cw   # implied top-of-band channel centre
 
     tc = _time_chunks(ref.ntime, chunks)
     token = _token(list(headers.values()))
@@ -708,6 +708,41 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
                     extra["group_start"], missing)
     return _build_dataset(ref, parts, np.concatenate(freqs),
                           [headers[sb].path for sb in sorted(headers)], extra)
+
+
+def _reference(headers: dict, tol: float) -> int:
+    """The subband whose header agrees with the most others (ties: the lowest)."""
+    sbs = sorted(headers)
+    first = sbs[0]
+    if all(_disagreement(headers[first], first, headers[s], s, tol) is None for s in sbs):
+        return first
+    votes = {a: sum(_disagreement(headers[a], a, headers[b], b, tol) is None for b in sbs)
+             for a in sbs}
+    return max(sbs, key=lambda a: (votes[a], -a))
+
+
+def _disagreement(ref: Header, ref_sb: int, h: Header, sb: int, tol: float) -> str | None:
+    """Why ``h`` (subband ``sb``) cannot join a group with ``ref``; None if it can. The
+    message names ``h`` first (the culprit) and ``ref`` as the reference."""
+    if h is not ref:
+        try:
+            _check_same(ref, h, tol)
+        except GroupError as exc:
+            return str(exc)
+    nchan, cw = ref.nfreqs, ref.channel_width
+    if h.nfreqs != nchan:
+        return f"{h.path}: {h.nfreqs} channels, {ref.path} has {nchan}"
+    if abs(h.channel_width - cw) > 1e-6 * cw:
+        return f"{h.path}: channel width {h.channel_width} Hz differs from {cw} Hz in {ref.path}"
+    fs = np.sort(h.freqs)
+    if nchan > 1 and not np.allclose(np.diff(fs), cw, rtol=1e-6):
+        return f"{h.path}: channels are not spaced by the channel width"
+    # implied top-of-band channel centre (channel 0 of sb00): sb00 is the highest subband
+    if abs((fs[-1] + sb * nchan * cw) - (np.max(ref.freqs) + ref_sb * nchan * cw)) > 0.01 * cw:
+        return (f"{h.path}: frequencies {fs[0] / 1e6:.4f}-{fs[-1] / 1e6:.4f} MHz are not "
+                f"contiguous with {ref.path} for subband sb{sb:02d} (sb00 is the highest "
+                "subband)")
+    return None
 
 
 def _check_same(ref: Header, h: Header, tol: float):

@@ -1,0 +1,120 @@
+"""Issue 19 (a bad night loses nothing): one test per item, on small simulated groups.
+
+Groups are small (10 antennas, 4 subbands x 8 channels, 6 integrations); the stages
+after flagging are skipped unless a test is about them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from contimg.simulate import SimConfig, simulate_group
+from contimg.state import StateDB
+from contimg.stream import Stream, StreamConfig
+
+CFG = SimConfig(n_ant=10, n_subbands=4, n_chan=8, n_times=6, rfi=None)
+T0 = dt.datetime(2026, 2, 3, 8, 0, 0)
+GROUP_S = 6 * 12.884901888
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory):
+    """Three small groups, and a group of 4-channel subbands (a wrong channel count)."""
+    root = tmp_path_factory.mktemp("night_sim")
+    groups = [simulate_group(root / f"g{i}", T0 + dt.timedelta(seconds=i * GROUP_S), cfg=CFG)
+              for i in range(3)]
+    narrow = simulate_group(root / "narrow", T0 + dt.timedelta(seconds=GROUP_S),
+                            cfg=SimConfig(n_ant=10, n_subbands=4, n_chan=4, n_times=6,
+                                          rfi=None))
+    return groups, narrow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                      dashboard_address=None, memory_limit="4GiB") as lc:
+        with Client(lc, set_as_default=False) as client:
+            yield client
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(incoming=tmp_path / "in", output=tmp_path / "out",
+                db_path=tmp_path / "db.sqlite3", n_subbands=4, min_subbands=3,
+                settle_s=0.3, poll_s=0.2, bad_file_grace_s=1.5, group_timeout_s=4.0,
+                skip=frozenset({"calibrate", "apply", "image"}), status_every_s=5)
+    base.update(kw)
+    return StreamConfig(**base)
+
+
+def _name(path, sb=None, dt_s=0):
+    """The file name of ``path`` with its subband and/or timestamp changed."""
+    n = Path(path).name
+    ts = dt.datetime.strptime(n[:19], "%Y-%m-%dT%H:%M:%S") + dt.timedelta(seconds=dt_s)
+    return f"{ts:%Y-%m-%dT%H:%M:%S}_sb{int(n[22:24]) if sb is None else sb:02d}.hdf5"
+
+
+def _age(path, seconds):
+    t = os.path.getmtime(path) - seconds
+    os.utime(path, (t, t))
+
+
+# ---------------------------------------------------------------- item 1: one culprit
+def test_group_errors_name_the_odd_file_as_culprit(sims):
+    from contimg.io.uvh5 import GroupError, open_group
+
+    (a, b, _), narrow = sims
+    # sb00 (the usual reference) has the wrong channel count: sb00 is the culprit
+    files = [narrow.files[0]] + list(b.files[1:])
+    with pytest.raises(GroupError) as ei:
+        open_group(files, n_subbands=4)
+    assert ei.value.culprits == (str(narrow.files[0]),)
+    # sb02 holds another group's integrations: sb02 alone, though sb00 is named too
+    files = list(a.files[:2]) + [b.files[2]] + [a.files[3]]
+    with pytest.raises(GroupError) as ei:
+        open_group(files, n_subbands=4, name_tolerance_s=1e9)
+    assert ei.value.culprits == (str(b.files[2]),) and str(a.files[0]) in str(ei.value)
+
+
+def test_bad_input_sets_aside_only_the_culprit_and_revives_a_duplicate(tmp_path, sims,
+                                                                       cluster):
+    (a, b, c), narrow = sims
+    cfg = _cfg(tmp_path)
+    inc = cfg.incoming
+    inc.mkdir()
+    # group a: its sb01 holds group c's integrations (named as a's sb01)
+    for f in a.files:
+        shutil.copy(f, inc)
+    shutil.copy(c.files[1], inc / Path(a.files[1]).name)
+    # group b: its sb02 has the wrong channel count; a good copy arrives later, a second
+    # after it in name: a duplicate, set aside, until the first one proves bad
+    for f in b.files:
+        if "_sb02" not in str(f):
+            shutil.copy(f, inc)
+    bad = inc / Path(b.files[2]).name
+    shutil.copy(narrow.files[2], bad)
+    _age(bad, 30)
+    dup = inc / _name(b.files[2], dt_s=1)
+    shutil.copy(b.files[2], dup)
+
+    stream = Stream(cfg, cluster)
+    counts = stream.run(until_idle=True, timeout=180)
+    db = stream.db
+    assert counts["completed"] == 2 and counts["failed"] == 0, db.groups()
+    by_path = {f["path"]: f for f in db.files()}
+    ga = db.group(by_path[str(inc / Path(a.files[0]).name)]["group_id"])
+    gb = db.group(by_path[str(dup)]["group_id"])
+    # a lost only its sb01; the reference sb00 named in the message stays good
+    assert ga["missing"] == [1] and ga["n_present"] == 3
+    assert by_path[str(inc / Path(a.files[1]).name)]["status"] == "bad"
+    assert by_path[str(inc / Path(a.files[0]).name)]["status"] == "ready"
+    # b: the narrow sb02 is bad, its duplicate took its place: nothing missing
+    assert by_path[str(bad)]["status"] == "bad"
+    assert by_path[str(dup)]["status"] == "ready" and "replaces" in by_path[str(dup)]["reason"]
+    assert gb["missing"] == [] and gb["n_present"] == 4
