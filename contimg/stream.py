@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import functools
 import json
@@ -60,6 +61,7 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_VANISHED = FileNotFoundError(errno.ENOENT, "vanished before it was ready")
 _TMP_RE = re.compile(r"\.tmp-(\d+)(?:$|[.-])")
 
 
@@ -144,6 +146,8 @@ def _check_ready(path):
     """Raise UVH5Error naming ``path`` unless its header opens (see ``_check_file``)."""
     from contimg.io.uvh5 import read_header
 
+    with open(path, "rb"):      # PermissionError: not bad, only not readable yet
+        pass
     read_header(path)
 
 
@@ -230,6 +234,7 @@ class Stream:
         self._watch: dict[str, list] = {}       # path -> [size, mtime, stable_since]
         self._final: set[str] = set()           # paths whose status is settled
         self._ignored: set[str] = set()
+        self._problems: dict[tuple, str] = {}   # (entry, kind) -> why it is unusable
         self._running: dict[str, object] = {}   # group_id -> concurrent future
         self._pool = ThreadPoolExecutor(cfg.in_flight, thread_name_prefix="group")
         self._wake = threading.Event()
@@ -381,17 +386,31 @@ class Stream:
         except FileNotFoundError:
             self.cfg.incoming.mkdir(parents=True, exist_ok=True)
             return
-        new = []
+        except OSError as exc:       # unreadable directory: say so once, keep trying
+            self._entry_problem(str(self.cfg.incoming), exc)
+            return
+        self._entry_problem(str(self.cfg.incoming), None)
+        new, listed = [], set()
         for e in entries:
             if not e.name.endswith(".hdf5") or e.name.startswith("."):
                 continue
             path = os.path.abspath(e.path)
+            listed.add(path)
             if path in self._final or path in self._ignored:
                 continue
-            try:
-                new.append((e.stat(), path))
-            except FileNotFoundError:
+            try:   # any entry may fail: a symlink loop, no permission, gone meanwhile
+                st = e.stat()
+                if not e.is_file():
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            except OSError as exc:
+                self._entry_problem(path, exc)
                 continue
+            self._entry_problem(path, None)
+            new.append((st, path))
+        for path in [p for p in self._watch if p not in listed and p not in self._final]:
+            # a file seen but not yet ready vanished: forget it (seen again if it returns)
+            del self._watch[path]
+            self._entry_problem(path, _VANISHED)
         # oldest first, so that of two files for one subband the earlier one wins
         new.sort(key=lambda x: (x[0].st_mtime, x[1]))
         for st, path in new:
@@ -409,6 +428,21 @@ class Stream:
             if not once and stable < self.cfg.settle_s:
                 continue
             self._check_file(path, st.st_size, stable, once)
+
+    def _entry_problem(self, path, exc, kind="entry"):
+        """Log a directory entry the scan cannot use (``kind`` "entry": listing it,
+        "read": reading it), once per path and reason (it is looked at again on every
+        pass); ``exc=None``: the entry is fine (again)."""
+        why = None if exc is None else (exc.strerror or str(exc)
+                                        if isinstance(exc, OSError) else str(exc))
+        if self._problems.get((path, kind)) == why:
+            return
+        if why is None:
+            log.info("%s: usable again", path)
+            del self._problems[(path, kind)]
+        else:
+            log.warning("%s: skipped for now: %s", path, why)
+            self._problems[(path, kind)] = why
 
     def _register_new(self, path, size) -> bool:
         try:
@@ -453,19 +487,34 @@ class Stream:
 
         try:
             _check_ready(path)
+        except FileNotFoundError:        # gone meanwhile: seen again if it returns
+            self._watch.pop(path, None)
+            self._entry_problem(path, _VANISHED)
+            return
+        except OSError as exc:   # chmod 000 until someone fixes it, EIO...: retried
+            if not once:         # (a one-pass backfill records it and ends)
+                self._entry_problem(path, exc, "read")
+                return
+            self._mark_bad(path, size, f"{path}: not readable: {exc.strerror or exc}")
+            return
         except UVH5Error as exc:
             if once or stable_for >= self.cfg.bad_file_grace_s:
-                self.db.set_file_status(path, "bad", size=size, reason=str(exc))
-                self._final.add(path)
-                log.error("bad file: %s", exc)
-                f = self.db.query("SELECT group_id, subband FROM hdf5_files WHERE path=?",
-                                  (path,))
-                if f and f[0]["group_id"]:
-                    self._reconsider_duplicate(f[0]["group_id"], f[0]["subband"], path)
+                self._mark_bad(path, size, str(exc))
             return
+        self._entry_problem(path, None, "read")
         self.db.set_file_status(path, "ready", size=size)
         self._final.add(path)
         log.debug("ready: %s (%d bytes)", path, size)
+
+    def _mark_bad(self, path, size, why):
+        """A file is bad for good: recorded with the reason; a duplicate of its subband
+        set aside earlier takes its place."""
+        self.db.set_file_status(path, "bad", size=size, reason=why)
+        self._final.add(path)
+        log.error("bad file: %s", why)
+        f = self.db.query("SELECT group_id, subband FROM hdf5_files WHERE path=?", (path,))
+        if f and f[0]["group_id"]:
+            self._reconsider_duplicate(f[0]["group_id"], f[0]["subband"], path)
 
     # ------------------------------------------------------------------ groups
     def update_groups(self, *, once: bool = False):

@@ -118,3 +118,84 @@ def test_bad_input_sets_aside_only_the_culprit_and_revives_a_duplicate(tmp_path,
     assert by_path[str(bad)]["status"] == "bad"
     assert by_path[str(dup)]["status"] == "ready" and "replaces" in by_path[str(dup)]["reason"]
     assert gb["missing"] == [] and gb["n_present"] == 4
+
+
+# ---------------------------------------------------------------- item 2 (and 13: chmod 000)
+def test_scan_survives_any_directory_entry(tmp_path, sims, cluster, monkeypatch, caplog):
+    """A symlink loop, a dangling symlink, a directory, an entry that cannot be stat'ed
+    (permission), a file that cannot be read for a while (chmod 000; root reads anything,
+    so it is injected) and a file that vanishes: the stream goes on, logs each once with
+    its reason, and the good group (one file a symlink) completes with all its subbands."""
+    import logging
+
+    import contimg.stream as st
+
+    (a, _, _), _ = sims
+    cfg = _cfg(tmp_path)
+    inc = cfg.incoming
+    inc.mkdir()
+    for f in a.files[1:]:
+        shutil.copy(f, inc)
+    os.symlink(a.files[0], inc / Path(a.files[0]).name)          # a symlinked subband
+    os.symlink(inc / "2026-02-04T00:00:00_sb01.hdf5", inc / "2026-02-04T00:00:00_sb00.hdf5")
+    os.symlink(inc / "2026-02-04T00:00:00_sb00.hdf5", inc / "2026-02-04T00:00:00_sb01.hdf5")
+    os.symlink(tmp_path / "nowhere.hdf5", inc / "2026-02-04T00:00:00_sb02.hdf5")
+    (inc / "2026-02-04T00:00:00_sb03.hdf5").mkdir()
+    (inc / "2026-02-05T00:00:00_sb00.hdf5").write_bytes(b"x" * 100)   # no permission
+    vanishing = inc / "2026-02-06T00:00:00_sb00.hdf5"
+    shutil.copy(a.files[0], vanishing)
+
+    real_scandir = os.scandir
+
+    class Entry:
+        def __init__(self, e):
+            self._e, self.name, self.path = e, e.name, e.path
+
+        def stat(self):
+            if self.name.startswith("2026-02-05"):
+                raise PermissionError(13, "Permission denied")
+            return self._e.stat()
+
+        def is_file(self):
+            return self._e.is_file()
+
+    def scandir(p="."):
+        if Path(p) != inc:
+            return real_scandir(p)
+        with real_scandir(p) as it:
+            return [Entry(e) for e in it]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    unreadable = str(inc / Path(a.files[2]).name)
+    real_check, denied = st._check_ready, []
+
+    def check(path):
+        if path == unreadable and len(denied) < 4:
+            denied.append(path)
+            raise PermissionError(13, "Permission denied")
+        if path == str(vanishing):
+            os.unlink(path)
+        return real_check(path)
+
+    monkeypatch.setattr(st, "_check_ready", check)
+    caplog.set_level(logging.WARNING, logger="contimg.stream")
+    stream = Stream(cfg, cluster)
+    counts = stream.run(until_idle=True, timeout=120)
+    # the vanished file's group (nothing else in it) fails as incomplete, with the reason
+    assert counts["completed"] == 1 and counts["failed"] == 1
+    (f,) = [g for g in stream.db.groups() if g["state"] == "failed"]
+    assert f["group_id"] == "2026-02-06T00:00:00" and "0/4 subbands" in f["error"]
+    (g,) = [g for g in stream.db.groups() if g["state"] == "completed"]
+    assert g["n_present"] == 4 and g["missing"] == []
+    assert len(denied) == 4     # the unreadable file was retried, not marked bad
+    msgs = [r.getMessage() for r in caplog.records]
+
+    def n(text):
+        return sum(text in m for m in msgs)
+
+    assert n("Too many levels of symbolic links") == 2
+    assert n("_sb02.hdf5: skipped for now: No such file or directory") == 1
+    assert n("_sb03.hdf5: skipped for now: not a regular file") == 1
+    assert n("2026-02-05T00:00:00_sb00.hdf5: skipped for now: Permission denied") == 1
+    assert n(f"{unreadable}: skipped for now: Permission denied") == 1
+    assert n(f"{vanishing}: skipped for now: vanished before it was ready") == 1
