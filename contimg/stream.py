@@ -5,7 +5,9 @@
 1. **scan** the incoming directory (woken by filesystem notifications through
    ``watchdog``, with polling as the fallback and the safety net). A new subband file is
    recorded at once; it becomes *ready* when its size and mtime have been stable for
-   ``settle_s`` and its HDF5 header opens. A stable file whose header still does not open
+   ``settle_s``, its HDF5 header opens and its data are all written (storage allocated
+   inside the file, the last integration not all zeros: the correlator may still be
+   writing a file whose size no longer changes). A stable file whose header still does not open
    after ``bad_file_grace_s`` is *bad* (truncated/corrupt), with the reason recorded.
    A second file for a subband a group already has is a *duplicate*; a file for a group
    already dispatched is *late*. Both are recorded and ignored.
@@ -143,12 +145,13 @@ def _culprits(exc) -> tuple:
 
 
 def _check_ready(path):
-    """Raise UVH5Error naming ``path`` unless its header opens (see ``_check_file``)."""
-    from contimg.io.uvh5 import read_header
+    """Raise UVH5Error naming ``path`` unless its header opens and its data are all
+    written (the correlator may still be writing a file of stable size)."""
+    from contimg.io.uvh5 import check_written, read_header
 
     with open(path, "rb"):      # PermissionError: not bad, only not readable yet
         pass
-    read_header(path)
+    check_written(path, read_header(path))
 
 
 class StreamBusy(RuntimeError):

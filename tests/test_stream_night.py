@@ -199,3 +199,99 @@ def test_scan_survives_any_directory_entry(tmp_path, sims, cluster, monkeypatch,
     assert n("2026-02-05T00:00:00_sb00.hdf5: skipped for now: Permission denied") == 1
     assert n(f"{unreadable}: skipped for now: Permission denied") == 1
     assert n(f"{vanishing}: skipped for now: vanished before it was ready") == 1
+
+
+# ---------------------------------------------------------------- item 5: readiness
+def _unwritten_copy(src, dst, *, chunked=False):
+    """``src`` as the correlator leaves it mid-write: header and full-shape data
+    datasets, all integrations but the last written (contiguous: allocated, the last
+    integration zeros; chunked: one chunk per integration, the last not allocated)."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(src, "r") as fi, h5py.File(dst, "w") as fo:
+        fi.copy("Header", fo)
+        nbl = int(fi["Header/Nbls"][()])
+        for name in ("visdata", "flags", "nsamples"):
+            d = fi["Data"][name]
+            kw = {"chunks": (nbl,) + d.shape[1:]} if chunked else {}
+            o = fo.create_dataset(f"Data/{name}", shape=d.shape, dtype=d.dtype, **kw)
+            o[:-nbl] = d[:-nbl]
+            if not chunked:
+                o[-nbl:] = np.zeros_like(d[-nbl:])
+    return dst
+
+
+def _finish(src, dst):
+    import h5py
+
+    with h5py.File(src, "r") as fi, h5py.File(dst, "r+") as fo:
+        nbl = int(fi["Header/Nbls"][()])
+        for name in ("visdata", "flags", "nsamples"):
+            fo["Data"][name][-nbl:] = fi["Data"][name][-nbl:]
+
+
+def test_check_written_sees_a_file_still_being_written(tmp_path, sims):
+    from contimg.io.uvh5 import UVH5Error, check_written
+
+    (a, _, _), _ = sims
+    check_written(a.files[1])                      # a complete file passes
+    for chunked in (False, True):
+        p = _unwritten_copy(a.files[1], tmp_path / f"x{int(chunked)}_sb01.hdf5",
+                            chunked=chunked)
+        with pytest.raises(UVH5Error, match="still being written") as ei:
+            check_written(p)
+        assert ei.value.culprits == (str(p),)
+        _finish(a.files[1], p)
+        check_written(p)
+    # a file cut short after its (contiguous) data were allocated: data beyond the end
+    p = tmp_path / "cut_sb01.hdf5"
+    data = Path(a.files[1]).read_bytes()
+    p.write_bytes(data[:-4096])
+    with pytest.raises(UVH5Error):
+        check_written(p)
+
+
+def test_a_subband_still_being_written_is_not_ready(tmp_path, sims, cluster):
+    """The stable-size file whose last integration is unwritten waits; it becomes ready
+    (and the group is processed) only once the correlator has finished it."""
+    import time
+
+    import numpy as np
+
+    from contimg.io.ms import open_ms
+
+    (a, _, _), _ = sims
+    cfg = _cfg(tmp_path, bad_file_grace_s=30.0)
+    inc = cfg.incoming
+    inc.mkdir()
+    for f in a.files:
+        if "_sb01" not in str(f):
+            shutil.copy(f, inc)
+    slow = _unwritten_copy(a.files[1], inc / Path(a.files[1]).name)
+    stream = Stream(cfg, cluster)
+    done = {}
+
+    def finish():
+        time.sleep(4.0)
+        for _ in range(50):   # (the stream may hold it open read-only in this process)
+            try:
+                _finish(a.files[1], slow)
+                break
+            except OSError:
+                time.sleep(0.1)
+        done["t"] = time.time()
+
+    import threading
+
+    th = threading.Thread(target=finish)
+    th.start()
+    counts = stream.run(until_idle=True, timeout=120)
+    th.join()
+    assert counts["completed"] == 1
+    f = next(f for f in stream.db.files() if f["path"] == str(slow))
+    assert f["status"] == "ready" and f["ready_at"] >= done["t"]
+    (ms,) = stream.db.measurement_sets()
+    ds = open_ms(ms["path"])
+    last = ds.VISIBILITY.isel(time=-1).values
+    assert np.all(np.any(last != 0, axis=(0, 2)))   # every channel of the last time written

@@ -127,6 +127,47 @@ def read_header(path, *, phase_centres: bool = True) -> Header:
         raise UVH5Error(f"{path}: unreadable UVH5 header: {exc}", culprits=[path]) from None
 
 
+def check_written(path, header: Header | None = None):
+    """Raise :class:`UVH5Error` (the file its culprit) unless the data of ``path`` look
+    completely written, as a correlator writes them: the header first, with the data
+    datasets created at full shape (HDF5 allocates them; unwritten parts read as
+    zeros), then the integrations in time order. So: every dataset's storage is
+    allocated (each chunk of a chunked one) and lies inside the file, and the last
+    integration does not read as all zeros (visibilities and sample counts both)."""
+    path = str(path)
+    h = header or read_header(path, phase_centres=False)
+    try:
+        size = os.path.getsize(path)
+        with h5py.File(path, "r") as f:
+            data = f["Data"]
+            for name in ("visdata", "flags", "nsamples"):
+                d = data[name]
+                if d.chunks:
+                    want = int(np.prod([-(-n // c) for n, c in zip(d.shape, d.chunks)]))
+                    have = d.id.get_num_chunks()
+                    if have < want:
+                        raise UVH5Error(f"{path}: Data/{name} has {have} of its {want} "
+                                        "chunks written: still being written?",
+                                        culprits=[path])
+                    continue
+                end = (d.id.get_offset() or 0) + d.id.get_storage_size()
+                if d.id.get_storage_size() < d.nbytes or end > size:
+                    raise UVH5Error(f"{path}: Data/{name} needs {d.nbytes} bytes up to byte "
+                                    f"{end} of a {size}-byte file: still being written?",
+                                    culprits=[path])
+            rows = h.row_index[-1]
+            rows = rows[rows >= 0]
+            if rows.size:
+                r0, r1 = int(rows.min()), int(rows.max()) + 1
+                vis, ns = data["visdata"][r0:r1], data["nsamples"][r0:r1]
+                zero = (not np.any(ns) and not np.any(vis.view(np.uint8)))
+                if zero:
+                    raise UVH5Error(f"{path}: the last integration (rows {r0}:{r1}) reads "
+                                    "as zeros: data still being written?", culprits=[path])
+    except (OSError, KeyError) as exc:
+        raise UVH5Error(f"{path}: cannot read its data: {exc}", culprits=[path]) from None
+
+
 def _read_header(f, path, phase_centres=True) -> Header:
     if "Header" not in f:
         raise UVH5Error(f"{path}: not a UVH5 file (no 'Header' group)")
