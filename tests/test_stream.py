@@ -300,7 +300,7 @@ def test_one_stream_per_output_and_housekeeping(tmp_path, sim_groups, cluster):
         s1._release_lock()
     db = s1.db
     # a group left in progress by a process that no longer exists, a stale collecting
-    # group, and a temporary MS of a dead process
+    # group, a temporary MS of the dead process's group, and a fresh one of no group
     for gid, t in (("2026-01-15T09:00:00", 1.0), ("2026-01-15T10:00:00", 2.0)):
         db.add_file(f"/x/{gid}_sb00.hdf5", subband=0, timestamp=t, group_id=gid,
                     t_start=t, n_expected=4)
@@ -312,7 +312,7 @@ def test_one_stream_per_output_and_housekeeping(tmp_path, sim_groups, cluster):
     db.claim("2026-01-15T09:00:00", owner=f"{host}:{dead.pid}")
     db.query("UPDATE groups SET created_at = created_at - 7200 WHERE group_id=?",
              ("2026-01-15T10:00:00",))
-    tmp_ms = cfg.output / "ms" / f"x.ms.tmp-{dead.pid}"
+    tmp_ms = cfg.output / "ms" / f"2026-01-15T09:00:00.ms.tmp-{dead.pid}"   # its group's
     tmp_ms.mkdir(parents=True)
     live_tmp = cfg.output / "ms" / f"y.ms.tmp-{os.getpid()}"
     live_tmp.mkdir()

@@ -295,3 +295,74 @@ def test_a_subband_still_being_written_is_not_ready(tmp_path, sims, cluster):
     ds = open_ms(ms["path"])
     last = ds.VISIBILITY.isel(time=-1).values
     assert np.all(np.any(last != 0, axis=(0, 2)))   # every channel of the last time written
+
+
+# ---------------------------------------------------------------- items 9 and 3: liveness
+def _db_with_group(tmp_path, gid, owner, heartbeat_age):
+    import time
+
+    db = StateDB(tmp_path / "db.sqlite3")
+    t = dt.datetime.strptime(gid, "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=dt.timezone.utc).timestamp()
+    db.add_file(f"/x/{gid}_sb00.hdf5", subband=0, timestamp=t, group_id=gid, t_start=t,
+                n_expected=4)
+    db.set_file_status(f"/x/{gid}_sb00.hdf5", "ready")
+    db.transition(gid, "pending")
+    db.claim(gid, owner=owner)
+    db.query("UPDATE groups SET heartbeat=? WHERE group_id=?",
+             (time.time() - heartbeat_age, gid))
+    return db
+
+
+def test_a_reused_pid_does_not_keep_a_group_in_progress(tmp_path):
+    """The owner's PID is alive on this host (reused by another process) but its
+    heartbeat stopped an hour ago: the group goes back to pending."""
+    from contimg.state import owner_id
+    from contimg.stream import housekeeping, resume_stale_groups
+
+    host = owner_id().rpartition(":")[0]
+    gid = "2026-02-03T09:00:00"
+    db = _db_with_group(tmp_path, gid, f"{host}:{os.getppid()}", 3600)
+    assert resume_stale_groups(db, stale_after_s=1800) == [gid]
+    assert db.group(gid)["state"] == "pending"
+    # a live heartbeat keeps it, on this host or another
+    db.claim(gid, owner=f"{host}:{os.getppid()}")
+    assert housekeeping(db, stale_after_s=1800)["resumed"] == []
+    assert db.group(gid)["state"] == "in_progress"
+
+
+def test_temporaries_judged_by_their_owners_heartbeat(tmp_path):
+    """Another node's live MS (its owner's PID means nothing here) is kept; contimg's
+    own temporaries of finished work are removed, the image's .fits.tmp included; an
+    interrupted MS replacement is put back; other files and MS insides are untouched."""
+    from contimg.stream import remove_stale_temporaries
+
+    live, done = "2026-02-03T09:00:00", "2026-02-03T09:05:00"
+    db = _db_with_group(tmp_path, live, "othernode:12", 10)     # heartbeat 10 s ago
+    out = tmp_path / "out"
+    ms = out / "ms"
+    (ms / f"{live}.ms.tmp-12").mkdir(parents=True)              # being written elsewhere
+    t = dt.datetime.strptime(done, "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=dt.timezone.utc).timestamp()
+    db.add_file(f"/x/{done}_sb00.hdf5", subband=0, timestamp=t, group_id=done, t_start=t,
+                n_expected=4)
+    (ms / f"{done}.ms.tmp-999999").mkdir()                        # of a finished group
+    (out / "images").mkdir()
+    (out / "images" / f"{done}-image.fits.tmp").write_bytes(b"x")
+    (ms / f"{done}.ms.old-999999").mkdir()                        # interrupted replacement
+    (ms / f"{done}.ms.old-999999" / "table.dat").write_bytes(b"t")
+    (ms / "2026-02-03T08:00:00.ms").mkdir()
+    inner = ms / "2026-02-03T08:00:00.ms" / "x.tmp-999999"        # inside an MS: not ours
+    inner.write_bytes(b"x")
+    (out / "notes.tmp-999999.txt").write_bytes(b"x")              # not contimg's pattern
+    removed = remove_stale_temporaries(out, db=db, stale_after_s=1800)
+    assert (ms / f"{live}.ms.tmp-12").exists()
+    assert not (ms / f"{done}.ms.tmp-999999").exists()
+    assert not (out / "images" / f"{done}-image.fits.tmp").exists()
+    assert (ms / f"{done}.ms" / "table.dat").exists()              # restored
+    assert inner.exists() and (out / "notes.tmp-999999.txt").exists()
+    assert len(removed) == 3
+    # the owner falls silent: its temporary goes too
+    db.query("UPDATE groups SET heartbeat=heartbeat-7200 WHERE group_id=?", (live,))
+    remove_stale_temporaries(out, db=db, stale_after_s=1800)
+    assert not (ms / f"{live}.ms.tmp-12").exists()
