@@ -750,6 +750,10 @@ class Stream:
             r = prev.get(stage)
             if r is not None and r["detail"] == "disabled":
                 continue            # skipped by configuration: decided again below
+            if r is not None and r["status"] == "skipped":
+                # skipped for want of something (e.g. "no valid calibration set", which
+                # a solve since may have provided): decided again, with what follows
+                break
             if r is None or r["status"] == "failed":
                 break
             keep[stage] = r

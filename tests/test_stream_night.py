@@ -366,3 +366,28 @@ def test_temporaries_judged_by_their_owners_heartbeat(tmp_path):
     db.query("UPDATE groups SET heartbeat=heartbeat-7200 WHERE group_id=?", (live,))
     remove_stale_temporaries(out, db=db, stale_after_s=1800)
     assert not (ms / f"{live}.ms.tmp-12").exists()
+
+
+# ---------------------------------------------------------------- item 7: retries re-decide
+def test_a_retry_decides_again_an_apply_skipped_for_want_of_a_calibration_set(tmp_path):
+    import json
+    import time
+
+    gid = "2026-02-03T09:00:00"
+    db = _db_with_group(tmp_path, gid, "h:1", 0)
+    ms = tmp_path / "out" / "ms" / f"{gid}.ms"
+    ms.mkdir(parents=True)
+    (ms / "table.dat").write_bytes(b"t")
+    now = time.time()
+    for stage, status, detail in (
+            ("convert", "ok", "{}"), ("flag", "ok", json.dumps({"flagged": 0.1})),
+            ("calibrate", "skipped", json.dumps({"status": "skipped",
+                                                 "reason": "no calibrator transits"})),
+            ("apply", "skipped", json.dumps({"status": "skipped", "reason":
+                                             "no valid calibration set in the database"})),
+            ("image", "failed", "MemoryError: ...")):
+        db.record_stage(gid, 1, stage, status, 1.0, now, detail)
+    stream = Stream(_cfg(tmp_path), client=None, db=db)
+    g = dict(db.group(gid), attempts=2, retries=1)
+    keep = stream._reusable(g, str(ms))
+    assert set(keep) == {"convert", "flag"}     # calibrate and apply decided again
