@@ -304,6 +304,35 @@ MIGRATIONS: list[str] = [
     CREATE INDEX images_group ON images(group_id);
     CREATE INDEX measurement_sets_group ON measurement_sets(group_id);
     """,
+    # --- version 4: calibration sets are versioned; a re-solve adds a version and never
+    # replaces a set (a rejected re-solve used to overwrite a valid one of its name) ------
+    """
+    CREATE TABLE calibration_sets_v2 (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL,
+        version     INTEGER NOT NULL DEFAULT 1,    -- 1, 2, ... per name, in solve order
+        ms_path     TEXT,
+        calibrator  TEXT,
+        t_transit   REAL,
+        valid_start REAL,
+        valid_end   REAL,
+        refant      INTEGER,
+        tables      TEXT NOT NULL DEFAULT '{}',
+        params      TEXT NOT NULL DEFAULT '{}',
+        quality     TEXT NOT NULL DEFAULT '{}',
+        status      TEXT NOT NULL CHECK (status IN ('valid','rejected')),
+        reason      TEXT,
+        created_at  REAL NOT NULL,
+        UNIQUE (name, version)
+    );
+    INSERT INTO calibration_sets_v2 (id, name, version, ms_path, calibrator, t_transit,
+        valid_start, valid_end, refant, tables, params, quality, status, reason, created_at)
+        SELECT id, name, 1, ms_path, calibrator, t_transit, valid_start, valid_end, refant,
+               tables, params, quality, status, reason, created_at FROM calibration_sets;
+    DROP TABLE calibration_sets;
+    ALTER TABLE calibration_sets_v2 RENAME TO calibration_sets;
+    CREATE INDEX calibration_sets_time ON calibration_sets(status, t_transit);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -399,23 +428,35 @@ class StateDB:
             return self._con.execute("PRAGMA user_version").fetchone()["user_version"]
 
     def migrate(self):
-        """Bring the schema to ``SCHEMA_VERSION``; one transaction per migration."""
+        """Bring the schema to ``SCHEMA_VERSION``; one transaction per migration. Foreign
+        keys are off meanwhile (a migration may rebuild a table others refer to, as
+        SQLite's ALTER TABLE procedure does) and checked after."""
         with self._lock:
             v = self.version
             if v > SCHEMA_VERSION:
                 raise StateError(f"{self.path}: schema version {v} is newer than this "
                                  f"contimg ({SCHEMA_VERSION}); upgrade contimg")
-            for i in range(v, SCHEMA_VERSION):
-                with self.transaction() as con:
-                    # the write lock is ours now: another process opening the same new
-                    # database may have migrated it since ``v`` was read
-                    if con.execute("PRAGMA user_version").fetchone()["user_version"] > i:
-                        continue
-                    log.info("%s: migrating schema %d -> %d", self.path, i, i + 1)
-                    for stmt in MIGRATIONS[i].split(";"):
-                        if stmt.strip():
-                            con.execute(stmt)
-                    con.execute(f"PRAGMA user_version={i + 1}")
+            if v == SCHEMA_VERSION:
+                return
+            self._con.execute("PRAGMA foreign_keys=OFF")
+            try:
+                for i in range(v, SCHEMA_VERSION):
+                    with self.transaction() as con:
+                        # the write lock is ours now: another process opening the same
+                        # new database may have migrated it since ``v`` was read
+                        if con.execute("PRAGMA user_version").fetchone()["user_version"] > i:
+                            continue
+                        log.info("%s: migrating schema %d -> %d", self.path, i, i + 1)
+                        for stmt in MIGRATIONS[i].split(";"):
+                            if stmt.strip():
+                                con.execute(stmt)
+                        bad = con.execute("PRAGMA foreign_key_check").fetchall()
+                        if bad:
+                            raise StateError(f"{self.path}: migration {i + 1} breaks "
+                                             f"foreign keys: {bad[:5]}")
+                        con.execute(f"PRAGMA user_version={i + 1}")
+            finally:
+                self._con.execute("PRAGMA foreign_keys=ON")
 
     # ------------------------------------------------------------------ files and groups
     def add_file(self, path, *, subband: int, timestamp: float, group_id: str,
@@ -684,8 +725,10 @@ class StateDB:
                         params=None, quality=None, status="valid", reason=None) -> int:
         """Record a calibration set; returns its id. ``status="rejected"`` (with a
         ``reason``) keeps a failed solve on record without ever making it usable. The
-        validity window defaults to ±12 h around ``t_transit``. Re-registering a name
-        replaces the row (a re-run of the same solve)."""
+        validity window defaults to ±12 h around ``t_transit``. Sets are versioned:
+        re-registering a name (a re-solve) adds the next version and never changes an
+        earlier one, so a rejected re-solve leaves a valid set of its name usable; of
+        valid versions, the latest is the one :meth:`find_calset` picks."""
         if status not in ("valid", "rejected"):
             raise ValueError(f"calibration set {name}: status must be 'valid' or "
                              f"'rejected', not {status!r}")
@@ -700,23 +743,20 @@ class StateDB:
             valid_start = t_transit - 12 * 3600 if valid_start is None else valid_start
             valid_end = t_transit + 12 * 3600 if valid_end is None else valid_end
         with self.transaction() as con:
-            con.execute(
-                "INSERT INTO calibration_sets (name, ms_path, calibrator, t_transit, "
+            version = con.execute("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM "
+                                  "calibration_sets WHERE name=?", (name,)).fetchone()["v"]
+            cur = con.execute(
+                "INSERT INTO calibration_sets (name, version, ms_path, calibrator, t_transit, "
                 "valid_start, valid_end, refant, tables, params, quality, status, reason, "
-                "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE "
-                "SET ms_path=excluded.ms_path, calibrator=excluded.calibrator, "
-                "t_transit=excluded.t_transit, valid_start=excluded.valid_start, "
-                "valid_end=excluded.valid_end, refant=excluded.refant, "
-                "tables=excluded.tables, params=excluded.params, quality=excluded.quality, "
-                "status=excluded.status, reason=excluded.reason, "
-                "created_at=excluded.created_at",
-                (name, None if ms_path is None else str(ms_path), calibrator, t_transit,
-                 valid_start, valid_end, None if refant is None else int(refant),
+                "created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (name, version, None if ms_path is None else str(ms_path), calibrator,
+                 t_transit, valid_start, valid_end, None if refant is None else int(refant),
                  json.dumps({k: str(v) for k, v in (tables or {}).items()}),
                  json.dumps(params or {}, default=_jsonable),
                  json.dumps(quality or {}, default=_jsonable), status, reason, time.time()))
-            return con.execute("SELECT id FROM calibration_sets WHERE name=?",
-                               (name,)).fetchone()["id"]
+            if version > 1:
+                log.info("calibration set %s: version %d (%s)", name, version, status)
+            return cur.lastrowid
 
     def find_calset(self, t_unix: float) -> dict | None:
         """The valid set for time ``t_unix``: among valid sets whose window covers it,

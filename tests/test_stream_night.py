@@ -391,3 +391,48 @@ def test_a_retry_decides_again_an_apply_skipped_for_want_of_a_calibration_set(tm
     g = dict(db.group(gid), attempts=2, retries=1)
     keep = stream._reusable(g, str(ms))
     assert set(keep) == {"convert", "flag"}     # calibrate and apply decided again
+
+
+# ---------------------------------------------------------------- item 8: versioned calsets
+def test_a_rejected_re_solve_never_replaces_a_valid_set(tmp_path):
+    tables = {"B": str(tmp_path / "x.B"), "G": str(tmp_path / "x.G")}
+    for p in tables.values():
+        Path(p).mkdir()
+    db = StateDB(tmp_path / "db.sqlite3")
+    t = 1.77e9
+    first = db.register_calset("2026-02-03T09:00:00", t_transit=t, tables=tables,
+                               calibrator="3C48", refant=3)
+    db.register_calset("2026-02-03T09:00:00", t_transit=t, tables={}, status="rejected",
+                       reason="low SNR: 93.8 % converged")
+    cs = db.find_calset(t + 60)
+    assert cs is not None and cs["id"] == first and cs["status"] == "valid"
+    sets = db.list_calsets()
+    assert [(c["version"], c["status"]) for c in sets] == [(1, "valid"), (2, "rejected")]
+    # a later valid re-solve is a third version, and the one used
+    third = db.register_calset("2026-02-03T09:00:00", t_transit=t, tables=tables)
+    assert db.find_calset(t)["id"] == third and db.list_calsets()[2]["version"] == 3
+
+
+def test_a_version_1_database_migrates_with_its_references(tmp_path):
+    """The calibration_sets rebuild keeps ids, so MSs and images that refer to a set
+    still do; foreign keys hold after the migration."""
+    import sqlite3
+
+    from contimg.state import MIGRATIONS, SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite3"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0] + ";PRAGMA user_version=1;")
+    con.execute("INSERT INTO calibration_sets (id, name, status, t_transit, valid_start, "
+                "valid_end, created_at) VALUES (7, 'c', 'valid', 1, 0, 2, 0)")
+    con.execute("INSERT INTO measurement_sets (path, calset_id, created_at, updated_at) "
+                "VALUES ('/m.ms', 7, 0, 0)")
+    con.commit()
+    con.close()
+    db = StateDB(path)
+    assert db.version == SCHEMA_VERSION
+    (cs,) = db.list_calsets()
+    assert cs["id"] == 7 and cs["version"] == 1
+    assert db.query("PRAGMA foreign_key_check") == []
+    assert db.measurement_sets()[0]["calset_id"] == 7
+    assert db.query("PRAGMA foreign_keys")[0]["foreign_keys"] == 1
