@@ -376,18 +376,69 @@ class StateDB:
     """A connection to the state database; safe to share between threads of one
     process (one connection, serialised by a lock). Create one per process."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0):
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0,
+                 create: bool = True):
+        """``create=False``: the database must exist already (a Dask worker, handed
+        the path, never creates a second database somewhere else). An existing file of
+        zero bytes is refused (a truncated database would otherwise start from scratch
+        and everything be reprocessed and overwritten)."""
         self.path = Path(path) if path is not None else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._con = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                    check_same_thread=False)
-        self._con.row_factory = _row
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA foreign_keys=ON")
-        self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        self._con.execute("PRAGMA synchronous=NORMAL")
-        self.migrate()
+        if not self.path.exists():
+            if not create:
+                raise StateError(f"{self.path}: no such state database (only the stream "
+                                 "or the CLI creates one; is the path right?)")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            for _ in range(20):       # (another process may be creating it this instant)
+                if self.path.stat().st_size > 0:
+                    break
+                time.sleep(0.1)
+            else:
+                raise StateError(f"{self.path}: the state database is empty (0 bytes; "
+                                 "truncated?); refusing to start from scratch, which would "
+                                 "reprocess and overwrite everything: restore it from a "
+                                 "backup, or move it away to start afresh")
+        try:
+            with self._named():
+                self._con = sqlite3.connect(str(self.path), timeout=timeout,
+                                            isolation_level=None, check_same_thread=False)
+                self._con.row_factory = _row
+                self._con.execute("PRAGMA journal_mode=WAL")
+                self._con.execute("PRAGMA foreign_keys=ON")
+                self._con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+                self._con.execute("PRAGMA synchronous=NORMAL")
+                self.migrate()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise StateError(f"{exc}: not a usable state database; refusing to start: "
+                             "restore it from a backup and start again") from exc
+
+    @contextmanager
+    def _named(self):
+        """SQLite errors name the database they are about (same type, path first)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if str(self.path) in str(exc):
+                raise
+            raise type(exc)(f"{self.path}: {exc}") from exc
+
+    def check_integrity(self):
+        """``PRAGMA quick_check``; raise :class:`StateError` naming the database and its
+        first problems unless it is sound (the stream refuses to start on a damaged
+        database rather than make it worse)."""
+        try:
+            with self._lock, self._named():
+                rows = [next(iter(r.values())) for r in
+                        self._con.execute("PRAGMA quick_check(20)").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            rows = [str(exc)]
+        if rows != ["ok"]:
+            raise StateError(f"{self.path}: the state database is damaged "
+                             f"({'; '.join(rows[:5])}); refusing to start: restore it from a "
+                             "backup (or try sqlite3's .recover) and start again")
 
     # ------------------------------------------------------------------ plumbing
     def close(self):
@@ -404,22 +455,23 @@ class StateDB:
         return {"path": str(self.path)}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], create=False)
 
     @contextmanager
     def transaction(self):
         """``BEGIN IMMEDIATE`` … ``COMMIT`` (rollback on error); yields the connection."""
-        with self._lock:
+        with self._lock, self._named():
             self._con.execute("BEGIN IMMEDIATE")
             try:
                 yield self._con
             except BaseException:
-                self._con.execute("ROLLBACK")
+                if self._con.in_transaction:
+                    self._con.execute("ROLLBACK")
                 raise
             self._con.execute("COMMIT")
 
     def query(self, sql, params=()) -> list[dict]:
-        with self._lock:
+        with self._lock, self._named():
             return [_decode(r) for r in self._con.execute(sql, params).fetchall()]
 
     @property

@@ -331,6 +331,7 @@ class Stream:
     def resume(self):
         """Take over what a previous (dead) stream left: its in-progress groups go back to
         pending, its temporary outputs are removed, known files are not re-examined."""
+        self.db.check_integrity()      # refuse to start on a damaged database
         resumed = resume_stale_groups(self.db, self.cfg.stale_after_s)
         remove_stale_temporaries(self.cfg.output, db=self.db,
                                  stale_after_s=self.cfg.stale_after_s)
@@ -664,20 +665,40 @@ class Stream:
     def _failed_attempt(self, g, why):
         gid = g["group_id"]
         if self._stop.is_set():
-            self.db.transition(gid, "pending", expect="in_progress",
-                               reason=f"interrupted by stop: {why}", owner=None)
+            self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
+                         reason=f"interrupted by stop: {why}", owner=None)
             return
         retries = g["retries"] + 1
         if retries > self.cfg.max_retries:
-            self.db.transition(gid, "failed", expect="in_progress", retries=retries,
-                               reason=f"failed {retries} time(s); last error: {why}")
+            self._record(gid, self.db.transition, gid, "failed", expect="in_progress",
+                         retries=retries, reason=f"failed {retries} time(s); last error: {why}")
             log.error("group %s: failed for good after %d attempt(s): %s", gid, retries, why)
             self.failed.append(gid)
         else:
-            self.db.transition(gid, "pending", expect="in_progress", retries=retries,
-                               reason=why, owner=None)
+            self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
+                         retries=retries, reason=why, owner=None)
             log.warning("group %s: attempt failed (%s); retry %d/%d", gid, why, retries,
                         self.cfg.max_retries)
+
+    def _record(self, gid, fn, *args, **kw):
+        """Write a group's outcome to the database, waiting out a database that cannot
+        be written (a full disk, a lock held too long) instead of dying: the group stays
+        in progress, heartbeating, until it is recorded; on stop it is left for the next
+        start to resume."""
+        import sqlite3
+
+        told = False
+        while True:
+            try:
+                return fn(*args, **kw)
+            except sqlite3.OperationalError as exc:
+                if not told:
+                    log.error("group %s: cannot record its outcome (%s); retrying", gid, exc)
+                    told = True
+                if self._stop.wait(2.0):
+                    log.error("group %s: outcome not recorded before stop; the next start "
+                              "resumes it", gid)
+                    return None
 
     def _bad_input(self, g, exc):
         """Input proved unusable when read: set aside exactly the file(s) the error names
@@ -695,12 +716,13 @@ class Stream:
         if (culprits and self.cfg.incomplete == "process"
                 and len(left) >= self.cfg.min_subbands):
             missing = sorted(set(range(self.cfg.n_subbands)) - left)
-            self.db.transition(gid, "pending", expect="in_progress", missing=missing,
-                               reason=f"bad input, re-queued without it: {why}", owner=None)
+            self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
+                         missing=missing, reason=f"bad input, re-queued without it: {why}",
+                         owner=None)
             log.error("group %s: %s; re-queued without the bad file(s)", gid, why)
         else:
-            self.db.transition(gid, "failed", expect="in_progress",
-                               reason=f"bad input: {why}")
+            self._record(gid, self.db.transition, gid, "failed", expect="in_progress",
+                         reason=f"bad input: {why}")
             log.error("group %s: failed: bad input: %s", gid, why)
             self.failed.append(gid)
 

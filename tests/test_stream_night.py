@@ -436,3 +436,64 @@ def test_a_version_1_database_migrates_with_its_references(tmp_path):
     assert db.query("PRAGMA foreign_key_check") == []
     assert db.measurement_sets()[0]["calset_id"] == 7
     assert db.query("PRAGMA foreign_keys")[0]["foreign_keys"] == 1
+
+
+# ---------------------------------------------------------------- item 10: the database
+def test_a_damaged_or_empty_database_is_refused_naming_it(tmp_path):
+    import sqlite3
+
+    from contimg.state import StateError
+
+    empty = tmp_path / "empty.sqlite3"
+    empty.write_bytes(b"")
+    with pytest.raises(StateError, match=r"empty\.sqlite3: the state database is empty"):
+        StateDB(empty)
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not sqlite" * 500)
+    with pytest.raises(StateError, match=r"junk\.sqlite3.*not a usable state database"):
+        StateDB(junk)
+    # a database whose pages were overwritten: quick_check finds it, the stream refuses
+    good = tmp_path / "good.sqlite3"
+    db = StateDB(good)
+    for i in range(300):
+        db.add_file(f"/x/{i:04d}_sb00.hdf5", subband=0, timestamp=float(i), group_id=f"g{i}",
+                    t_start=float(i), n_expected=4)
+    db.query("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    data = bytearray(good.read_bytes())
+    for off in range(3 * 4096, len(data) - 4096, 4 * 4096):   # scribble over some pages
+        data[off + 100:off + 900] = b"\x5a" * 800
+    good.write_bytes(bytes(data))
+    with pytest.raises((StateError, sqlite3.DatabaseError), match=r"good\.sqlite3"):
+        StateDB(good).check_integrity()
+    cfg = _cfg(tmp_path, db_path=good)
+    with pytest.raises((StateError, sqlite3.DatabaseError), match=r"good\.sqlite3"):
+        Stream(cfg, client=None).run(until_idle=True, timeout=10)
+    # a worker never creates a database: a wrong path is an error naming it
+    with pytest.raises(StateError, match="no such state database"):
+        StateDB(tmp_path / "elsewhere" / "db.sqlite3", create=False)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_full_disk_when_recording_a_failure_does_not_kill_the_stream(tmp_path,
+                                                                        monkeypatch):
+    import sqlite3
+
+    gid = "2026-02-03T09:00:00"
+    db = _db_with_group(tmp_path, gid, "h:1", 0)
+    g = db.group(gid)
+    stream = Stream(_cfg(tmp_path), client=None, db=db)
+    real, calls = db.transition, []
+
+    def full(*a, **kw):
+        calls.append(a)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError(f"{db.path}: database or disk is full")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(db, "transition", full)
+    monkeypatch.setattr(stream._stop, "wait", lambda t: False)    # no real waiting
+    stream._failed_attempt(g, "OSError: [Errno 28] No space left on device")
+    assert len(calls) == 3
+    g = db.group(gid)
+    assert g["state"] == "pending" and g["retries"] == 1 and "No space" in g["error"]
