@@ -267,7 +267,7 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     if conv < min_converged:
         raise NoConvergenceError(
             f"only {conv * 100:.1f} % of solutions converged within {max_iter} iterations "
-            f"(tol {tol:g}; need {min_converged * 100:.0f} %)")
+            f"(tol {tol:g}; need {min_converged * 100:.0f} %)" + _nonfinite_note(ds, cross))
     if q["n_antennas_solved"] < 3:
         raise TooMuchFlaggedError(f"only {q['n_antennas_solved']} antennas have unflagged "
                                   "cross-correlations with the calibrator")
@@ -275,8 +275,21 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
         raise TooMuchFlaggedError(
             f"{q['bandpass_flagged_fraction'] * 100:.1f} % of bandpass and "
             f"{q['gain_flagged_fraction'] * 100:.1f} % of gain solutions flagged (SNR < "
-            f"{min_snr} or no data; limit {max_solutions_flagged * 100:.0f} %)")
+            f"{min_snr} or no data; limit {max_solutions_flagged * 100:.0f} %)"
+            + _nonfinite_note(ds, cross))
     return sol, transits, q
+
+
+def _nonfinite_note(ds, cross) -> str:
+    """When a solve fails: how many unflagged cross-correlation visibilities were NaN or
+    inf (the solver masks them), so that the error says so; "" when none were."""
+    bad = ~np.isfinite(ds.VISIBILITY.data[:, cross]) & ~ds.FLAG.data[:, cross]
+    n = bad.sum(dtype=np.int64)
+    n = int(n.compute() if hasattr(n, "compute") else n)
+    if not n:
+        return ""
+    return (f"; {n} unflagged visibilities ({100 * n / bad.size:.1f} %) are NaN or inf "
+            "(masked in the solve): a correlator fault?")
 
 
 def _open_db(db):

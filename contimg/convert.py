@@ -333,6 +333,7 @@ def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=Fal
 
     ds = files_or_ds if hasattr(files_or_ds, "data_vars") else open_group(files_or_ds,
                                                                           **open_kw)
+    ds = flag_nonfinite(ds)
     if flag not in (None, False) and placement != "any":
         raise ValueError("flagging during conversion reads files from any worker: use "
                          "placement='any', or flag the MS afterwards (contimg flag)")
@@ -344,6 +345,19 @@ def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=Fal
     return client.submit(_write_task, _Lazy(ds), os.path.abspath(str(ms_path)), allowed,
                          overwrite, prefetch, None if flag is False else flag, key=key,
                          pure=False)
+
+
+def flag_nonfinite(ds):
+    """NaN/inf visibilities (a correlator fault) flagged, and zeroed so that no later
+    sum (flagger statistics, solver, gridder) meets them; lazy, elementwise (same
+    chunks: each block's read still happens once)."""
+    import dask.array as da
+
+    vis = ds.VISIBILITY.data
+    bad = ~da.isfinite(vis)
+    dims = ds.VISIBILITY.dims
+    return ds.assign(VISIBILITY=(dims, da.where(bad, vis.dtype.type(0), vis)),
+                     FLAG=(ds.FLAG.dims, ds.FLAG.data | bad))
 
 
 @dataclass

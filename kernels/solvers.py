@@ -31,6 +31,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+# fastmath without "nnan"/"ninf": the accumulators test for NaN/inf, which those would
+# let the compiler assume away
+_FAST_FINITE = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
 
 @njit(nogil=True, cache=True, inline="always")
 def _solvable(p, q):
@@ -43,6 +47,12 @@ def _usable(flag, weight, t, b, f, c):
     """(sample (t, b, f, c) is used, its weight): not flagged and a positive weight."""
     w = weight[t, b, f, c]
     return (not flag[t, b, f, c]) and w > 0.0, w
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _finite(v):
+    """Both parts of a visibility finite (NaN/inf ones are masked like flags)."""
+    return np.isfinite(v.real) and np.isfinite(v.imag)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -88,7 +98,10 @@ def accumulate(vis, model, flag, weight, a1, a2, tbin, fbin, prior_t, prior_f,
                          * model[t, b, f, c])
                     if m == 0:
                         continue
-                    ta, tb, tc = _terms(w, m, vis[t, b, f, c])
+                    v = vis[t, b, f, c]
+                    if not _finite(v):
+                        continue        # NaN/inf: masked like a flag
+                    ta, tb, tc = _terms(w, m, v)
                     A[ct, cf, c, b] += ta
                     B[ct, cf, c, b] += tb
                     C[ct, cf, c, b] += tc
@@ -96,7 +109,7 @@ def accumulate(vis, model, flag, weight, a1, a2, tbin, fbin, prior_t, prior_f,
     return A, B, C, N
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=_FAST_FINITE)
 def accumulate_bandpass(vis, model, flag, weight, a1, a2, prior_t, A, B, C, N):
     """:func:`accumulate` specialised for a bandpass: one cell per channel, all
     integrations of the chunk together, a prior per integration only.
@@ -122,7 +135,10 @@ def accumulate_bandpass(vis, model, flag, weight, a1, a2, prior_t, A, B, C, N):
                     m = pt * model[t, b, f, c]
                     if m == 0:
                         continue
-                    ta, tb, tc = _terms(w, m, vis[t, b, f, c])
+                    v = vis[t, b, f, c]
+                    if not _finite(v):
+                        continue        # NaN/inf: masked like a flag
+                    ta, tb, tc = _terms(w, m, v)
                     A[c, b, f] += ta
                     B[c, b, f] += tb
                     C[c, b, f] += tc
@@ -145,7 +161,10 @@ def _channel_sums(vis, model, flag, weight, prior_f, p, q, t, b, c):
         m = prior_f[p, f, c] * np.conj(prior_f[q, f, c]) * model[t, b, f, c]
         if m == 0:
             continue
-        ta, tb, tc = _terms(w, m, vis[t, b, f, c])
+        v = vis[t, b, f, c]
+        if not _finite(v):
+            continue        # NaN/inf: masked like a flag
+        ta, tb, tc = _terms(w, m, v)
         sa += ta
         sb += tb
         sc += tc
@@ -153,7 +172,7 @@ def _channel_sums(vis, model, flag, weight, prior_f, p, q, t, b, c):
     return sa, sb, sc, n
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=_FAST_FINITE)
 def accumulate_gains(vis, model, flag, weight, a1, a2, tbin, prior_f, A, B, C, N):
     """:func:`accumulate` specialised for gains: one cell per time interval ``tbin``,
     all channels of the chunk together, a prior per channel (the bandpass) only.
