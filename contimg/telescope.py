@@ -45,7 +45,7 @@ AIPS_POL = {v: k for k, v in POL_AIPS.items()}
 
 DEFAULT_DEC_DEG = 54.57
 
-_NAME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})_sb(\d{2})\.hdf5$")
+_NAME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})_sb(\d{2})\.hdf5$", re.ASCII)
 
 
 def subband_frequencies(sb: int, nchan: int = N_CHAN_PER_SUBBAND) -> np.ndarray:

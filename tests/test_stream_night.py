@@ -585,3 +585,14 @@ def test_a_failed_solve_says_nan_visibilities_were_there(small_group, tmp_path):
     with pytest.raises(NoConvergenceError, match="are NaN or inf"):
         # (a failure forced: the solve itself masks them)
         solve_dataset(ds, catalog=str(cat), min_converged=1.01)
+
+
+# ---------------------------------------------------------------- item 13: small ones
+def test_file_names_take_ascii_digits_only():
+    from contimg import telescope as tel
+
+    assert tel.parse_subband_filename("2026-02-03T09:00:00_sb01.hdf5").subband == 1
+    for name in ("2026-02-03T09:00:00_sb\u0660\u0661.hdf5",      # Arabic-Indic 01
+                 "\u0662026-02-03T09:00:00_sb01.hdf5"):
+        with pytest.raises(ValueError, match="not a DSA-110 subband file name"):
+            tel.parse_subband_filename(name)
