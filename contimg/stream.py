@@ -63,6 +63,8 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_DISK_FULL_WAIT_S = 5.0          # a group that failed on a full disk waits this long
+_DISK_LOW_BYTES = 64 << 20       # ... "full": less than this free under the output
 _VANISHED = FileNotFoundError(errno.ENOENT, "vanished before it was ready")
 
 
@@ -668,6 +670,16 @@ class Stream:
             self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
                          reason=f"interrupted by stop: {why}", owner=None)
             return
+        full = self._disk_full(why)
+        if full:
+            # not the group's fault: wait (still ours, heartbeating), then re-queue it
+            # without counting a retry, so a disk that fills and frees loses nothing
+            log.error("group %s: %s; re-queued in %.0f s, not counted as a retry", gid, full,
+                      _DISK_FULL_WAIT_S)
+            self._stop.wait(_DISK_FULL_WAIT_S)
+            self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
+                         reason=f"{full}: {why}", owner=None)
+            return
         retries = g["retries"] + 1
         if retries > self.cfg.max_retries:
             self._record(gid, self.db.transition, gid, "failed", expect="in_progress",
@@ -679,6 +691,20 @@ class Stream:
                          retries=retries, reason=why, owner=None)
             log.warning("group %s: attempt failed (%s); retry %d/%d", gid, why, retries,
                         self.cfg.max_retries)
+
+    def _disk_full(self, why) -> str | None:
+        """Whether an attempt failed for want of disk space (the error says so, or the
+        output's filesystem is nearly full: casacore may abort its worker instead of
+        raising); a description, else None."""
+        try:
+            free = shutil.disk_usage(self.cfg.output).free
+        except OSError:
+            free = None
+        if "No space left on device" in why or "[Errno 28]" in why:
+            return f"disk full under {self.cfg.output}"
+        if free is not None and free < _DISK_LOW_BYTES:
+            return f"disk nearly full under {self.cfg.output} ({free >> 20} MiB free)"
+        return None
 
     def _record(self, gid, fn, *args, **kw):
         """Write a group's outcome to the database, waiting out a database that cannot
