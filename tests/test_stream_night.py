@@ -493,10 +493,15 @@ def test_a_full_disk_when_recording_a_failure_does_not_kill_the_stream(tmp_path,
 
     monkeypatch.setattr(db, "transition", full)
     monkeypatch.setattr(stream._stop, "wait", lambda t: False)    # no real waiting
-    stream._failed_attempt(g, "OSError: [Errno 28] No space left on device")
+    stream._failed_attempt(g, "RuntimeError: boom")   # the database is full meanwhile
     assert len(calls) == 3
     g = db.group(gid)
-    assert g["state"] == "pending" and g["retries"] == 1 and "No space" in g["error"]
+    assert g["state"] == "pending" and g["retries"] == 1 and "boom" in g["error"]
+    # an attempt that failed for want of disk space is re-queued without counting
+    g = db.claim(gid, owner="h:1")
+    stream._failed_attempt(g, "OSError: [Errno 28] No space left on device")
+    g = db.group(gid)
+    assert g["state"] == "pending" and g["retries"] == 1 and "disk full" in g["error"]
 
 
 # ---------------------------------------------------------------- item 11: NaN visibilities
