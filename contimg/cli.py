@@ -302,15 +302,16 @@ def cmd_stream(args):
         except KeyboardInterrupt:
             stream.stop()
     _print_outcome(stream, db, t0)
-    return 0
+    return 1 if stream.failed and not stream.completed else 0   # every group failed: say so
 
 
 def cmd_backfill(args):
     from contimg.state import StateDB
-    from contimg.stream import Stream, StreamConfig, process_ms
+    from contimg.stream import Stream, StreamConfig, output_lock, process_ms
 
     cfg = StreamConfig.from_config(args.cfg)
     db = StateDB(cfg.db_path)
+    lock = output_lock(cfg.output)   # before any change: not while a stream serves it
     if args.retry_failed:
         for g in db.groups("failed"):
             db.transition(g["group_id"], "pending", expect="failed", retries=0,
@@ -327,6 +328,7 @@ def cmd_backfill(args):
                 res = process_ms(client, db, ms, cfg)
                 print(f"{ms}: " + ", ".join(f"{k} {v.get('status')}" for k, v in res.items()))
             return 0
+        lock.close()                 # the stream takes it again
         stream = Stream(cfg, client, db=db)
         stream.run(once=True)
     _print_outcome(stream, db, t0)

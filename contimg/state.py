@@ -342,6 +342,11 @@ class StateError(RuntimeError):
     """An illegal or lost state transition."""
 
 
+class DatabaseRefused(StateError, OSError):
+    """The state database is missing, empty or damaged, and will not be used (an
+    OSError too: the CLI reports it in one line, naming the database)."""
+
+
 def default_db_path() -> Path:
     """The configured state database (:mod:`contimg.config`): ``$PIPELINE_DB``, else
     ``$PIPELINE_STATE_DIR/db/pipeline.sqlite3``, else ``state/db/pipeline.sqlite3``
@@ -386,7 +391,7 @@ class StateDB:
         self._lock = threading.RLock()
         if not self.path.exists():
             if not create:
-                raise StateError(f"{self.path}: no such state database (only the stream "
+                raise DatabaseRefused(f"{self.path}: no such state database (only the stream "
                                  "or the CLI creates one; is the path right?)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         else:
@@ -395,7 +400,7 @@ class StateDB:
                     break
                 time.sleep(0.1)
             else:
-                raise StateError(f"{self.path}: the state database is empty (0 bytes; "
+                raise DatabaseRefused(f"{self.path}: the state database is empty (0 bytes; "
                                  "truncated?); refusing to start from scratch, which would "
                                  "reprocess and overwrite everything: restore it from a "
                                  "backup, or move it away to start afresh")
@@ -412,7 +417,7 @@ class StateDB:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 raise
-            raise StateError(f"{exc}: not a usable state database; refusing to start: "
+            raise DatabaseRefused(f"{exc}: not a usable state database; refusing to start: "
                              "restore it from a backup and start again") from exc
 
     @contextmanager
@@ -436,7 +441,7 @@ class StateDB:
         except sqlite3.DatabaseError as exc:
             rows = [str(exc)]
         if rows != ["ok"]:
-            raise StateError(f"{self.path}: the state database is damaged "
+            raise DatabaseRefused(f"{self.path}: the state database is damaged "
                              f"({'; '.join(rows[:5])}); refusing to start: restore it from a "
                              "backup (or try sqlite3's .recover) and start again")
 

@@ -156,8 +156,31 @@ def _check_ready(path):
     check_written(path, read_header(path))
 
 
-class StreamBusy(RuntimeError):
-    """Another stream process already serves this output directory."""
+class StreamBusy(RuntimeError, OSError):
+    """Another stream process already serves this output directory (an OSError too:
+    the CLI reports it in one line)."""
+
+
+def output_lock(output, owner=None):
+    """Take the one-stream-per-output lock (``<output>/.contimg-stream.lock``, flock);
+    the open lock file (closing it releases the lock). Raise :class:`StreamBusy` naming
+    the holder. ``contimg backfill`` takes it before it changes any state."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    fh = open(output / ".contimg-stream.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise StreamBusy(f"{output}: already served by contimg stream ({holder}); one "
+                         "stream per output directory") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(owner or owner_id())
+    fh.flush()
+    return fh
 
 
 def _unix(ts: _dt.datetime) -> float:
@@ -195,22 +218,7 @@ class Stream:
 
     # ------------------------------------------------------------------ lifecycle
     def _acquire_lock(self):
-        self.cfg.output.mkdir(parents=True, exist_ok=True)
-        path = self.cfg.output / ".contimg-stream.lock"
-        fh = open(path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise StreamBusy(f"{self.cfg.output}: already served by contimg stream "
-                             f"({holder}); one stream per output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(self.owner)
-        fh.flush()
-        self._lockfile = fh
+        self._lockfile = output_lock(self.cfg.output, self.owner)
 
     def _release_lock(self):
         if self._lockfile is not None:

@@ -601,3 +601,36 @@ def test_file_names_take_ascii_digits_only():
                  "\u0662026-02-03T09:00:00_sb01.hdf5"):
         with pytest.raises(ValueError, match="not a DSA-110 subband file name"):
             tel.parse_subband_filename(name)
+
+
+# ---------------------------------------------------------------- item 12: backfill and the lock
+def test_backfill_changes_nothing_while_a_stream_serves_the_output(tmp_path, capsys):
+    from contimg.cli import main
+    from contimg.stream import output_lock
+
+    gid = "2026-02-03T09:00:00"
+    db = _db_with_group(tmp_path, gid, "h:1", 0)
+    db.transition(gid, "failed", reason="boom")
+    (tmp_path / "in").mkdir()
+    ms = tmp_path / "x.ms"
+    ms.mkdir()
+    held = output_lock(tmp_path / "out", "otherhost:42")      # a stream serves it
+    try:
+        base = ["--incoming", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                "--db", str(tmp_path / "db.sqlite3")]
+        assert main(["backfill", *base, "--retry-failed"]) == 2
+        assert db.group(gid)["state"] == "failed"             # nothing re-queued
+        assert main(["backfill", *base, "--ms", str(ms)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("already served by contimg stream (otherhost:42)") == 2
+    finally:
+        held.close()
+
+
+def test_the_cli_refuses_an_empty_database_in_one_line(tmp_path, capsys):
+    from contimg.cli import main
+
+    (tmp_path / "db.sqlite3").write_bytes(b"")
+    assert main(["status", "--db", str(tmp_path / "db.sqlite3")]) == 2
+    err = capsys.readouterr().err
+    assert "db.sqlite3: the state database is empty" in err and "Traceback" not in err
