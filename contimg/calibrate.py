@@ -298,7 +298,7 @@ def _open_db(db):
     from contimg.state import StateDB
 
     if isinstance(db, (str, os.PathLike)):
-        return StateDB(path=os.fspath(db))
+        return StateDB(path=os.fspath(db), create=False)   # (on a worker: never a new one)
     return db
 
 

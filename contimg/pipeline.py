@@ -194,7 +194,7 @@ def stage_apply(ms_path: str, *, db_path: str, t_mid: float) -> dict:
     from contimg import calibrate
     from contimg.state import StateDB
 
-    with StateDB(db_path) as db:
+    with StateDB(db_path, create=False) as db:   # a worker never creates one
         cs = db.find_calset(t_mid)
     if cs is None:
         return skipped("no valid calibration set in the database")

@@ -387,7 +387,8 @@ class StateDB:
         the path, never creates a second database somewhere else). An existing file of
         zero bytes is refused (a truncated database would otherwise start from scratch
         and everything be reprocessed and overwritten)."""
-        self.path = Path(path) if path is not None else default_db_path()
+        # absolute: the path is handed to Dask workers, which may run elsewhere
+        self.path = (Path(path) if path is not None else default_db_path()).absolute()
         self._lock = threading.RLock()
         if not self.path.exists():
             if not create:

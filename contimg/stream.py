@@ -88,8 +88,11 @@ class StreamConfig(StreamSettings):
 
     def __post_init__(self):
         self._check_fields(StreamSettings, skip=("placement",))
-        object.__setattr__(self, "incoming", Path(self.incoming))
-        object.__setattr__(self, "output", Path(self.output))
+        # absolute: workers started in another directory see the same paths
+        object.__setattr__(self, "incoming", Path(self.incoming).absolute())
+        object.__setattr__(self, "output", Path(self.output).absolute())
+        if self.db_path is not None:
+            object.__setattr__(self, "db_path", Path(self.db_path).absolute())
         if self.placement not in ("any", None) and not isinstance(self.placement, dict):
             raise ValueError(f"placement {self.placement!r}: 'any', None or a mapping "
                              "(StreamConfig.from_config reads 'discover' and JSON files)")

@@ -634,3 +634,26 @@ def test_the_cli_refuses_an_empty_database_in_one_line(tmp_path, capsys):
     assert main(["status", "--db", str(tmp_path / "db.sqlite3")]) == 2
     err = capsys.readouterr().err
     assert "db.sqlite3: the state database is empty" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- item 6: paths for workers
+def test_paths_handed_to_workers_are_absolute_and_a_worker_never_creates_a_db(
+        tmp_path, monkeypatch):
+    from contimg import pipeline
+    from contimg.state import DatabaseRefused
+
+    monkeypatch.chdir(tmp_path)
+    cfg = StreamConfig(incoming="in", output="out", db_path="db.sqlite3", n_subbands=4,
+                       min_subbands=3)
+    assert cfg.incoming == tmp_path / "in" and cfg.output == tmp_path / "out"
+    assert cfg.db_path == tmp_path / "db.sqlite3"
+    db = StateDB("db.sqlite3")
+    assert db.path == tmp_path / "db.sqlite3"
+    # a worker in another directory, handed a path that does not exist there: an error
+    # naming it, not a second, empty database
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with pytest.raises(DatabaseRefused, match="no such state database"):
+        pipeline.stage_apply.__wrapped__("x.ms", db_path="db.sqlite3", t_mid=0.0)
+    assert not (other / "db.sqlite3").exists()
