@@ -220,7 +220,7 @@ def test_stream_config_from_the_configuration(tmp_path):
         "stream.placement": str(nodes), "stream.poll_s": 0.5, "calibrate.refant": 3,
         "image.npix": 512, "flag.strategy_file": None})
     sc = StreamConfig.from_config(cfg)
-    assert sc.incoming == tmp_path / "in" and sc.db_path == cfg.paths.db
+    assert sc.incoming == tmp_path / "in" and sc.db_path == Path(cfg.paths.db).absolute()
     assert sc.poll_s == 0.5 and sc.placement == {"node1": ["/data/a"]}
     assert sc.catalog == "/c.csv" and sc.refant == 3 and sc.flag_strategy == cfg.flag.strategy
     assert sc.image_options["npix"] == 512 and sc.image_options["mgain"] == 0.9
