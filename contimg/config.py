@@ -123,7 +123,9 @@ class DaskConfig(_Section):
                              flags=("--scheduler",), metavar="ADDRESS")
     workers: int = setting(1, "LocalCluster worker processes (the cores are shared among "
                            "them as threads)", flags=("--workers",))
-    dashboard_address: str = setting(":0", "LocalCluster dashboard address (':0': any port)")
+    dashboard_address: str = setting(
+        "127.0.0.1:0", "LocalCluster dashboard address (default: this host only, any port; "
+        "':0' listens on every interface, unauthenticated)")
 
     def _check(self):
         if self.workers < 1:

@@ -657,3 +657,16 @@ def test_paths_handed_to_workers_are_absolute_and_a_worker_never_creates_a_db(
     with pytest.raises(DatabaseRefused, match="no such state database"):
         pipeline.stage_apply.__wrapped__("x.ms", db_path="db.sqlite3", t_mid=0.0)
     assert not (other / "db.sqlite3").exists()
+
+
+# ---------------------------------------------------------------- item 14: exposure
+def test_the_local_dashboard_listens_on_localhost_only():
+    from distributed import LocalCluster
+
+    from contimg.config import load_config
+
+    addr = load_config(env={}).dask.dashboard_address
+    assert addr.startswith("127.0.0.1:")
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=addr) as lc:
+        socks = list(lc.scheduler.http_server._sockets.values())
+        assert socks and all(s.getsockname()[0] == "127.0.0.1" for s in socks)
