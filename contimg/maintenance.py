@@ -8,6 +8,7 @@ it starts and after each group (see :mod:`contimg.stream`).
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 import re
@@ -15,7 +16,6 @@ import shutil
 import time
 from pathlib import Path
 
-from contimg import telescope as tel
 from contimg.state import StateDB, owner_id
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,24 @@ _TMP_RE = re.compile(r"^(?P<product>.+?)"
 _PRODUCT_DIRS = ("", "ms", "images", "cal")     # where contimg writes under the output
 
 
-def _product_stamps(db: StateDB, groups) -> set:
-    """The names of the groups' products (their earliest file-name timestamps)."""
+def _product_stamps(db: StateDB, group_ids=None) -> set:
+    """The names of groups' products: their ids and earliest file-name timestamps (one
+    query; ``group_ids`` None: every group)."""
+    sql = ("SELECT g.group_id AS gid, MIN(f.timestamp) AS t FROM groups g LEFT JOIN "
+           "hdf5_files f ON f.group_id = g.group_id")
+    args = []
+    if group_ids is not None:
+        ids = list(group_ids)
+        if not ids:
+            return set()
+        sql += f" WHERE g.group_id IN ({','.join('?' * len(ids))})"
+        args = ids
     out = set()
-    for g in groups:
-        out.add(g["group_id"])
-        stamps = [tel.parse_subband_filename(f["path"]).stamp for f in db.files(g["group_id"])]
-        if stamps:
-            out.add(min(stamps))
+    for r in db.query(sql + " GROUP BY g.group_id", args):
+        out.add(r["gid"])
+        if r["t"] is not None:
+            out.add(_dt.datetime.fromtimestamp(r["t"], _dt.timezone.utc)
+                    .strftime("%Y-%m-%dT%H:%M:%S"))
     return out
 
 
@@ -77,9 +87,10 @@ def remove_stale_temporaries(root: Path, *, db: StateDB | None = None,
     min_age_s = stale_after_s if min_age_s is None else min_age_s
     live = known = set()
     if db is not None and products is None:
-        live = _product_stamps(db, [g for g in db.groups("in_progress") if not _owner_gone(
-            g["owner"], g["heartbeat"], stale_after_s)])
-        known = _product_stamps(db, db.groups())
+        live = _product_stamps(db, [g["group_id"] for g in db.groups("in_progress")
+                                    if not _owner_gone(g["owner"], g["heartbeat"],
+                                                       stale_after_s)])
+        known = _product_stamps(db)
     wanted = None if products is None else {os.path.basename(str(p)) for p in products if p}
     now, removed = time.time(), []
     for sub in _PRODUCT_DIRS if wanted is None else {os.path.dirname(str(p)) for p in products
