@@ -670,3 +670,19 @@ def test_the_local_dashboard_listens_on_localhost_only():
     with LocalCluster(n_workers=0, processes=False, dashboard_address=addr) as lc:
         socks = list(lc.scheduler.http_server._sockets.values())
         assert socks and all(s.getsockname()[0] == "127.0.0.1" for s in socks)
+
+
+def test_contimg_stream_exits_non_zero_when_every_group_failed(tmp_path, sims, capsys):
+    from contimg.cli import main
+
+    (a, _, _), _ = sims
+    inc = tmp_path / "in"
+    inc.mkdir()
+    shutil.copy(a.files[0], inc)                  # 1 of 4 subbands: failed by policy
+    rc = main(["stream", "--incoming", str(inc), "--output", str(tmp_path / "out"), "--db",
+               str(tmp_path / "db.sqlite3"), "--subbands", "4", "--min-subbands", "3",
+               "--settle", "0.2", "--poll", "0.2", "--group-timeout", "1",
+               "--bad-file-grace", "1", "--skip", "calibrate,apply,image", "--until-idle",
+               "--timeout", "60"])
+    assert rc == 1
+    assert StateDB(tmp_path / "db.sqlite3").counts()["failed"] == 1
