@@ -35,8 +35,6 @@ may serve an output directory at a time (a lock file there).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import errno
 import fcntl
 import functools
 import json
@@ -53,6 +51,8 @@ from pathlib import Path
 from contimg import pipeline
 from contimg import telescope as tel
 from contimg.config import Config, ImageConfig, StreamSettings
+from contimg import intake
+from contimg.intake import Intake
 from contimg.mosaic import NightlySchedule
 from contimg.pipeline import register_image_result  # noqa: F401 - its old home
 from contimg.maintenance import (  # noqa: F401 - housekeeping: its old home
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 _DISK_FULL_WAIT_S = 5.0          # a group that failed on a full disk waits this long
 _DISK_LOW_BYTES = 64 << 20       # ... "full": less than this free under the output
-_VANISHED = FileNotFoundError(errno.ENOENT, "vanished before it was ready")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,16 +148,6 @@ def _culprits(exc) -> tuple:
     return ()
 
 
-def _check_ready(path):
-    """Raise UVH5Error naming ``path`` unless its header opens and its data are all
-    written (the correlator may still be writing a file of stable size)."""
-    from contimg.io.uvh5 import check_written, read_header
-
-    with open(path, "rb"):      # PermissionError: not bad, only not readable yet
-        pass
-    check_written(path, read_header(path))
-
-
 class StreamBusy(RuntimeError, OSError):
     """Another stream process already serves this output directory (an OSError too:
     the CLI reports it in one line)."""
@@ -186,11 +175,7 @@ def output_lock(output, owner=None):
     return fh
 
 
-def _unix(ts: _dt.datetime) -> float:
-    return ts.replace(tzinfo=_dt.timezone.utc).timestamp()
-
-
-class Stream:
+class Stream(Intake):
     """The streaming service on one Dask client (see the module docstring)."""
 
     def __init__(self, cfg: StreamConfig, client, *, db: StateDB | None = None):
@@ -333,182 +318,6 @@ class Stream:
         if c["collecting"] or c["pending"] or c["in_progress"]:
             return False
         return not any(p not in self._final for p in self._watch)
-
-    # ------------------------------------------------------------------ files
-    def scan(self, *, once: bool = False):
-        """Look at the incoming directory; record new files, promote settled ones."""
-        now = time.time()
-        try:
-            entries = list(os.scandir(self.cfg.incoming))
-        except FileNotFoundError:
-            self.cfg.incoming.mkdir(parents=True, exist_ok=True)
-            return
-        except OSError as exc:       # unreadable directory: say so once, keep trying
-            self._entry_problem(str(self.cfg.incoming), exc)
-            return
-        self._entry_problem(str(self.cfg.incoming), None)
-        new, listed = [], set()
-        for e in entries:
-            if not e.name.endswith(".hdf5") or e.name.startswith("."):
-                continue
-            path = os.path.abspath(e.path)
-            listed.add(path)
-            if path in self._final or path in self._ignored:
-                continue
-            try:   # any entry may fail: a symlink loop, no permission, gone meanwhile
-                st = e.stat()
-                if not e.is_file():
-                    raise IsADirectoryError(errno.EISDIR, "not a regular file")
-            except OSError as exc:
-                self._entry_problem(path, exc)
-                continue
-            self._entry_problem(path, None)
-            new.append((st, path))
-        for path in [p for p in self._watch if p not in listed and p not in self._final]:
-            # a file seen but not yet ready vanished: forget it (seen again if it returns)
-            del self._watch[path]
-            self._entry_problem(path, _VANISHED)
-        # oldest first, so that of two files for one subband the earlier one wins
-        new.sort(key=lambda x: (x[0].st_mtime, x[1]))
-        for st, path in new:
-            if path not in self._watch:
-                if not self._register_new(path, st.st_size):
-                    continue
-                self._watch[path] = [st.st_size, st.st_mtime, now]
-                if not once:
-                    continue
-            w = self._watch[path]
-            if (st.st_size, st.st_mtime) != (w[0], w[1]):
-                w[:] = [st.st_size, st.st_mtime, now]
-                continue
-            stable = now - w[2]
-            if not once and stable < self.cfg.settle_s:
-                continue
-            self._check_file(path, st.st_size, stable, once)
-
-    def _entry_problem(self, path, exc, kind="entry"):
-        """Log a directory entry the scan cannot use (``kind`` "entry": listing it,
-        "read": reading it), once per path and reason (it is looked at again on every
-        pass); ``exc=None``: the entry is fine (again)."""
-        why = None if exc is None else (exc.strerror or str(exc)
-                                        if isinstance(exc, OSError) else str(exc))
-        if self._problems.get((path, kind)) == why:
-            return
-        if why is None:
-            log.info("%s: usable again", path)
-            del self._problems[(path, kind)]
-        else:
-            log.warning("%s: skipped for now: %s", path, why)
-            self._problems[(path, kind)] = why
-
-    def _register_new(self, path, size) -> bool:
-        try:
-            name = tel.parse_subband_filename(path)
-        except ValueError as exc:
-            log.warning("ignoring %s", exc)
-            self._ignored.add(path)
-            return False
-        ts = _unix(name.timestamp)
-        known = self.db.query("SELECT status FROM hdf5_files WHERE path=?", (path,))
-        if known:
-            if known[0]["status"] != "seen":
-                self._final.add(path)
-                return False
-            return True
-        g = self.db.find_group(ts, self.cfg.tolerance_s)
-        gid = g["group_id"] if g else name.stamp
-        status, reason = "seen", None
-        if name.subband >= self.cfg.n_subbands:
-            status, reason = "bad", (f"subband {name.subband} out of range "
-                                     f"(expected 0..{self.cfg.n_subbands - 1})")
-        elif g is not None and g["state"] != "collecting":
-            status, reason = "late", f"arrived after group {gid} was {g['state']}"
-        elif g is not None:
-            other = [f for f in self.db.files(gid) if f["subband"] == name.subband
-                     and f["status"] in ("seen", "ready")]
-            if other:
-                status, reason = "duplicate", (f"group {gid} already has subband "
-                                               f"{name.subband:02d} from {other[0]['path']}")
-        self.db.add_file(path, subband=name.subband, timestamp=ts, group_id=gid,
-                         t_start=ts, n_expected=self.cfg.n_subbands, size=size,
-                         status=status, reason=reason)
-        if status == "seen":
-            log.info("new file %s (group %s)", os.path.basename(path), gid)
-            return True
-        log.warning("%s: %s: %s", os.path.basename(path), status, reason)
-        self._final.add(path)
-        return False
-
-    def _check_file(self, path, size, stable_for, once):
-        from contimg.io.uvh5 import UVH5Error
-
-        try:
-            _check_ready(path)
-        except FileNotFoundError:        # gone meanwhile: seen again if it returns
-            self._watch.pop(path, None)
-            self._entry_problem(path, _VANISHED)
-            return
-        except OSError as exc:   # chmod 000 until someone fixes it, EIO...: retried
-            if not once:         # (a one-pass backfill records it and ends)
-                self._entry_problem(path, exc, "read")
-                return
-            self._mark_bad(path, size, f"{path}: not readable: {exc.strerror or exc}")
-            return
-        except UVH5Error as exc:
-            if once or stable_for >= self.cfg.bad_file_grace_s:
-                self._mark_bad(path, size, str(exc))
-            return
-        self._entry_problem(path, None, "read")
-        self.db.set_file_status(path, "ready", size=size)
-        self._final.add(path)
-        log.debug("ready: %s (%d bytes)", path, size)
-
-    def _mark_bad(self, path, size, why):
-        """A file is bad for good: recorded with the reason; a duplicate of its subband
-        set aside earlier takes its place."""
-        self.db.set_file_status(path, "bad", size=size, reason=why)
-        self._final.add(path)
-        log.error("bad file: %s", why)
-        f = self.db.query("SELECT group_id, subband FROM hdf5_files WHERE path=?", (path,))
-        if f and f[0]["group_id"]:
-            self._reconsider_duplicate(f[0]["group_id"], f[0]["subband"], path)
-
-    # ------------------------------------------------------------------ groups
-    def update_groups(self, *, once: bool = False):
-        """collecting → pending (complete, or timed out under "process") or failed."""
-        now = time.time()
-        n = self.cfg.n_subbands
-        for g in self.db.groups("collecting"):
-            gid = g["group_id"]
-            files = self.db.files(gid)
-            ready = {f["subband"] for f in files if f["status"] == "ready"}
-            settling = [f for f in files if f["status"] == "seen"]
-            if len(ready) == n:
-                if self.db.transition(gid, "pending", expect="collecting", missing=[]):
-                    log.info("group %s: complete (%d subbands), queued", gid, n)
-                continue
-            age = now - g["created_at"]
-            if not once and (age < self.cfg.group_timeout_s or
-                             (settling and age < self.cfg.group_timeout_s
-                              + self.cfg.bad_file_grace_s)):
-                continue
-            missing = sorted(set(range(n)) - ready)
-            what = (f"{len(ready)}/{n} subbands after {age:.0f} s "
-                    f"(missing {', '.join(f'{s:02d}' for s in missing)})")
-            if self.cfg.incomplete == "process" and len(ready) >= self.cfg.min_subbands:
-                if self.db.transition(gid, "pending", expect="collecting", missing=missing,
-                                      reason=f"incomplete: {what}; processing with the "
-                                             "missing subbands flagged"):
-                    log.warning("group %s: incomplete, %s: queued with missing subbands "
-                                "flagged", gid, what)
-            else:
-                why = (f"incomplete: {what}; policy {self.cfg.incomplete!r}"
-                       + (f" needs at least {self.cfg.min_subbands}"
-                          if self.cfg.incomplete == "process" else ""))
-                if self.db.transition(gid, "failed", expect="collecting", reason=why,
-                                      missing=missing):
-                    log.error("group %s: failed: %s", gid, why)
-                    self.failed.append(gid)
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self):
@@ -667,7 +476,7 @@ class Stream:
                 log.warning("%s: reconsidered: %s", os.path.basename(d["path"]), why)
                 return d["path"]
             try:
-                _check_ready(d["path"])
+                intake._check_ready(d["path"])
             except (UVH5Error, OSError) as exc:
                 self.db.set_file_status(d["path"], "bad", reason=str(exc))
                 continue

@@ -128,7 +128,7 @@ def test_scan_survives_any_directory_entry(tmp_path, sims, cluster, monkeypatch,
     its reason, and the good group (one file a symlink) completes with all its subbands."""
     import logging
 
-    import contimg.stream as st
+    import contimg.intake as st
 
     (a, _, _), _ = sims
     cfg = _cfg(tmp_path)
