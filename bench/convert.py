@@ -47,6 +47,10 @@ def main(argv=None):
 
     from distributed import Client, LocalCluster
 
+    from contimg.runtime import configure
+
+    configure()     # before the cluster: its worker processes inherit the settings
+
     from contimg.convert import convert_group
 
     work = tempfile.mkdtemp(prefix="contimg-bench-convert-", dir=args.work)

@@ -59,6 +59,10 @@ def main(argv=None):
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from distributed import Client, LocalCluster
 
+    from contimg.runtime import configure
+
+    configure()     # before the cluster: its worker processes inherit the settings
+
     from contimg.state import StateDB
     from contimg.stream import Stream, StreamConfig
 
