@@ -62,6 +62,14 @@ def _terms(w, m, v):
             w * (v.real * v.real + v.imag * v.imag))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _sample(w, m, v):
+    """(the sample counts, its terms): a zero model or a NaN/inf visibility is masked
+    like a flag; the terms as :func:`_terms`."""
+    ta, tb, tc = _terms(w, m, v)
+    return m != 0 and _finite(v), ta, tb, tc
+
+
 @njit(nogil=True, cache=True)
 def accumulate(vis, model, flag, weight, a1, a2, tbin, fbin, prior_t, prior_f,
                A, B, C, N):
@@ -96,12 +104,9 @@ def accumulate(vis, model, flag, weight, a1, a2, tbin, fbin, prior_t, prior_f,
                     cf = fbin[f]
                     m = (pt * prior_f[p, f, c] * np.conj(prior_f[q, f, c])
                          * model[t, b, f, c])
-                    if m == 0:
+                    use, ta, tb, tc = _sample(w, m, vis[t, b, f, c])
+                    if not use:
                         continue
-                    v = vis[t, b, f, c]
-                    if not _finite(v):
-                        continue        # NaN/inf: masked like a flag
-                    ta, tb, tc = _terms(w, m, v)
                     A[ct, cf, c, b] += ta
                     B[ct, cf, c, b] += tb
                     C[ct, cf, c, b] += tc
@@ -133,12 +138,9 @@ def accumulate_bandpass(vis, model, flag, weight, a1, a2, prior_t, A, B, C, N):
                     if not ok:
                         continue
                     m = pt * model[t, b, f, c]
-                    if m == 0:
+                    use, ta, tb, tc = _sample(w, m, vis[t, b, f, c])
+                    if not use:
                         continue
-                    v = vis[t, b, f, c]
-                    if not _finite(v):
-                        continue        # NaN/inf: masked like a flag
-                    ta, tb, tc = _terms(w, m, v)
                     A[c, b, f] += ta
                     B[c, b, f] += tb
                     C[c, b, f] += tc
@@ -159,12 +161,9 @@ def _channel_sums(vis, model, flag, weight, prior_f, p, q, t, b, c):
         if not ok:
             continue
         m = prior_f[p, f, c] * np.conj(prior_f[q, f, c]) * model[t, b, f, c]
-        if m == 0:
+        use, ta, tb, tc = _sample(w, m, vis[t, b, f, c])
+        if not use:
             continue
-        v = vis[t, b, f, c]
-        if not _finite(v):
-            continue        # NaN/inf: masked like a flag
-        ta, tb, tc = _terms(w, m, v)
         sa += ta
         sb += tb
         sc += tc
