@@ -16,6 +16,7 @@ import pytest
 from contimg.simulate import SimConfig, simulate_group
 from contimg.state import StateDB
 from contimg.stream import Stream, StreamConfig
+from test_stream import _cfg  # the same small-group stream settings
 
 CFG = SimConfig(n_ant=10, n_subbands=4, n_chan=8, n_times=6, rfi=None)
 T0 = dt.datetime(2026, 2, 3, 8, 0, 0)
@@ -42,15 +43,6 @@ def cluster():
                       dashboard_address=None, memory_limit="4GiB") as lc:
         with Client(lc, set_as_default=False) as client:
             yield client
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(incoming=tmp_path / "in", output=tmp_path / "out",
-                db_path=tmp_path / "db.sqlite3", n_subbands=4, min_subbands=3,
-                settle_s=0.3, poll_s=0.2, bad_file_grace_s=1.5, group_timeout_s=4.0,
-                skip=frozenset({"calibrate", "apply", "image"}), status_every_s=5)
-    base.update(kw)
-    return StreamConfig(**base)
 
 
 def _name(path, sb=None, dt_s=0):
