@@ -30,6 +30,7 @@ import numpy as np
 
 from contimg import caltables
 from contimg import sky as _sky
+from graphs import scheduling
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,6 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     ------
     NoCalibratorError, TooMuchFlaggedError, NoConvergenceError
     """
-    import dask
-
     from graphs import calibrate as gcal
 
     if transits is None:
@@ -240,7 +239,7 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     if cross.any():
         fl = ds.FLAG.data[:, cross] if cross.sum() < cross.size else ds.FLAG.data
         nflag = fl.sum(dtype=np.int64)
-        flag_frac = float(nflag.compute() if hasattr(nflag, "compute") else nflag) / fl.size
+        flag_frac = float(scheduling.compute(nflag)[0]) / fl.size
     else:
         flag_frac = 1.0
     if flag_frac > max_data_flagged:
@@ -256,7 +255,7 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     model = gcal.predict_model(ds, [s.ra for s in sources], [s.dec for s in sources], flux)
     sol = gcal.solve(ds, model, refant=refant, gain_interval=gain_interval,
                      gain_mode=gain_mode, min_snr=min_snr, max_iter=max_iter, tol=tol)
-    (sol,) = dask.compute(sol)
+    (sol,) = scheduling.compute(sol)
     q = _quality(sol, flag_frac)
     q["solve_seconds"] = _time.perf_counter() - tic
     log.info("solved in %.2f s: refant %d, %d antennas, bandpass SNR median %.1f, "
@@ -285,7 +284,7 @@ def _nonfinite_note(ds, cross) -> str:
     inf (the solver masks them), so that the error says so; "" when none were."""
     bad = ~np.isfinite(ds.VISIBILITY.data[:, cross]) & ~ds.FLAG.data[:, cross]
     n = bad.sum(dtype=np.int64)
-    n = int(n.compute() if hasattr(n, "compute") else n)
+    n = int(scheduling.compute(n)[0])
     if not n:
         return ""
     return (f"; {n} unflagged visibilities ({100 * n / bad.size:.1f} %) are NaN or inf "
@@ -557,7 +556,7 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
         if flag:
             stores.append(da.store(new_flag, RowTarget(proxy, "FLAG"), lock=False,
                                    compute=False))
-        dask.compute(*stores, scheduler="threads")
+        scheduling.compute(*stores, threads=scheduling.threads() or os.cpu_count())
         ok = True
     finally:
         try:

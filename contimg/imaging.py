@@ -55,6 +55,7 @@ from contimg.imaging_steps import (cell_rad, choose_w_mode, clean, clean_mask,
                                    plan_imaging, prepare_visibilities, recorded_options,
                                    source_mask, unslant)
 from contimg.io.fits import image_header, image_wcs, write_fits
+from graphs import scheduling
 from kernels.constants import ARCSEC
 
 log = logging.getLogger(__name__)
@@ -242,8 +243,6 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     :func:`plan_imaging`, :func:`imaging_weights`, :func:`dirty_and_psf`, :func:`clean`,
     :func:`image_products`.
     """
-    import dask
-
     from graphs import image as gi
     from kernels import clean as kc
 
@@ -278,7 +277,7 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     def residual_of(model):
         res_l = gi.dirty_image(vis.dsi, plan, wspec, model=model.astype(plan.image_dtype),
                                gridder=c.gridder, nthreads=c.nthreads, index=d.index)
-        (res,) = dask.compute(res_l)
+        (res,) = scheduling.compute(res_l)
         return res.astype(np.float64) / d.norm
 
     t0 = time.perf_counter()

@@ -23,7 +23,6 @@ import functools
 import gc
 import logging
 import os
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -58,32 +57,15 @@ def local_dask():
     """Inside a Dask worker task, graphs built and computed by a stage run on local
     threads: without this, dask would pick the worker's distributed client at graph
     construction (P2P rechunks, tasks scheduled back onto the busy cluster) and then fail
-    or deadlock when the stage computes with the threaded scheduler."""
-    import dask
+    or deadlock when the stage computes with the threaded scheduler.
 
-    # dask's configuration is process-wide and ``config.set`` restores what it saw on
-    # entry: two worker threads running stages at once would unset it under each
-    # other's feet and leave it set for good. The first stage in sets it, the last out
-    # restores it.
-    global _LOCAL_USERS, _LOCAL_CFG
-    with _LOCAL_LOCK:
-        if _LOCAL_USERS == 0:
-            _LOCAL_CFG = dask.config.set({"scheduler": "threads",
-                                          "array.rechunk.method": "tasks"})
-        _LOCAL_USERS += 1
-    try:
+    Per thread (:func:`graphs.scheduling.local_threads`), never through the process-wide
+    ``dask.config``: two stages running at once in one worker (or a stage beside the
+    driver) never see, strip or leave behind each other's setting."""
+    from graphs.scheduling import local_threads
+
+    with local_threads(_worker_threads()):
         yield
-    finally:
-        with _LOCAL_LOCK:
-            _LOCAL_USERS -= 1
-            if _LOCAL_USERS == 0:
-                _LOCAL_CFG.__exit__(None, None, None)
-                _LOCAL_CFG = None
-
-
-_LOCAL_LOCK = threading.Lock()
-_LOCAL_USERS = 0
-_LOCAL_CFG = None
 
 
 def _worker_threads() -> int:
