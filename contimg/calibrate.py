@@ -30,6 +30,7 @@ import numpy as np
 
 from contimg import caltables
 from contimg import sky as _sky
+from contimg.io.files import finalise, writable_dir
 from graphs import scheduling
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     base = os.path.basename(ms_path.rstrip("/"))
     name = name or (base[:-3] if base.endswith(".ms") else base)
     out_dir = os.path.abspath(out_dir) if out_dir else os.path.dirname(ms_path)
-    os.makedirs(out_dir, exist_ok=True)
+    writable_dir(out_dir, "calibration table directory")   # before solving
     prefix = os.path.join(out_dir, name)
     db = _open_db(db)
     params = dict(solver="stefcal", refant_requested=refant, **solver_opts)
@@ -564,6 +565,7 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
         except Exception:  # noqa: BLE001 - the first error is the one raised
             if ok:
                 raise
+    finalise(ms_path)   # the column's new files: the product mode, whatever the umask
     log.info("%s: CORRECTED_DATA written from %s in %.2f s", ms_path, ", ".join(
         map(str, tables)), _time.perf_counter() - tic)
 

@@ -54,6 +54,7 @@ from contimg.imaging_steps import (cell_rad, choose_w_mode, clean, clean_mask,
                                    dirty_and_psf, image_products, imaging_weights,
                                    plan_imaging, prepare_visibilities, recorded_options,
                                    source_mask, unslant)
+from contimg.io.files import writable_dir
 from contimg.io.fits import image_header, image_wcs, write_fits
 from graphs import scheduling
 from kernels.constants import ARCSEC
@@ -342,6 +343,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
     """
     t0 = time.perf_counter()
     c = image_config(config, options)
+    writable_dir(Path(out_prefix).parent, "image output directory")  # before computing
     ds, kind = _open_source(src, c.data_column)
     prod = image_dataset(ds, c, mask=mask, mask_sources=mask_sources,
                          phase_center=phase_center)

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable
 
+from contimg.io.files import make_dirs
+
 log = logging.getLogger(__name__)
 
 
@@ -155,7 +157,7 @@ def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
         matches = calibrate.find_calibrator(ms_path, catalog=catalog)
     if not matches:
         return skipped("no calibrator transits in the primary beam")
-    os.makedirs(cal_dir, exist_ok=True)
+    make_dirs(cal_dir)
     t0 = time.perf_counter()
     try:
         with local_dask():
@@ -195,7 +197,7 @@ def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> di
     """Image the MS (CORRECTED_DATA when present) to FITS files ``<prefix>-*.fits``."""
     from contimg import imaging
 
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    make_dirs(os.path.dirname(prefix) or ".")
     options = dict(options or {})
     # one gridding task per thread of this worker, each single-threaded: the stage
     # computes on local threads (see local_dask), not on the cluster's scheduler
