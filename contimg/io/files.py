@@ -79,21 +79,29 @@ def finalise(path, mode: int | None = None):
     mode = product_mode() if mode is None else parse_mode(mode)
     dmode = dir_mode(mode)
     p = os.fspath(path)
+    denied = []
+
+    def chmod(q, m):
+        try:
+            os.chmod(q, m)
+        except PermissionError:     # not ours (another user's MS we only add to)
+            denied.append(q)
+
     if os.path.islink(p):
         return path
     if not os.path.isdir(p):
-        os.chmod(p, mode)
-        return path
-    os.chmod(p, dmode)
-    for root, dirs, files in os.walk(p):
-        for d in dirs:
-            q = os.path.join(root, d)
-            if not os.path.islink(q):
-                os.chmod(q, dmode)
-        for f in files:
-            q = os.path.join(root, f)
-            if not os.path.islink(q):
-                os.chmod(q, mode)
+        chmod(p, mode)
+    else:
+        chmod(p, dmode)
+        for root, dirs, files in os.walk(p):
+            for name, m in [(d, dmode) for d in dirs] + [(f, mode) for f in files]:
+                q = os.path.join(root, name)
+                if not os.path.islink(q):
+                    chmod(q, m)
+    if denied:
+        log.warning("%s: cannot set the product mode %s of %d entr%s owned by another "
+                    "user (e.g. %s)", p, oct(mode), len(denied),
+                    "y" if len(denied) == 1 else "ies", denied[0])
     return path
 
 
