@@ -238,7 +238,8 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
         5 m spacings see scales of degrees: in images smaller than that, a natural-
         weighted PSF sits on a plateau that makes CLEAN ill-conditioned
 
-    Runs ``dask.compute`` (on the active distributed client if there is one) once for
+    Computes (on the active distributed client if there is one, on local threads inside
+    :func:`graphs.scheduling.local_threads`) once for
     the PSF + dirty image and once per major cycle. The steps, each its own function
     in :mod:`contimg.imaging_steps`: :func:`prepare_visibilities`, :func:`choose_w_mode`,
     :func:`plan_imaging`, :func:`imaging_weights`, :func:`dirty_and_psf`, :func:`clean`,
