@@ -157,3 +157,55 @@ def test_driver_graphs_run_locally_beside_a_distributed_client():
     assert reached_outside >= 1, "the counter must see a graph sent to the client"
     assert dask.config.get("scheduler", None) == before.get("scheduler")
     assert dask.config.config == before
+
+
+@pytest.mark.timeout(600)
+def test_two_images_at_once_stay_local_and_match(small_group, small_cfg):
+    """The image stage's own graphs (Stokes I, weights, gridding index, PSF + dirty,
+    every major cycle): two images made at once in two threads of a process whose
+    default scheduler is a distributed client run on local threads (none reaches the
+    scheduler) and equal the synchronous scheduler's image."""
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from contimg.imaging import image_dataset
+    from contimg.io.uvh5 import open_group
+    from contimg.pipeline import local_dask
+
+    kw = dict(npix=128, cell_arcsec=20.0, niter=60, auto_threshold_sigma=0.0,
+              threshold=0.0, mgain=0.5, grid_tasks=2)
+    ds = open_group(small_group.files, n_subbands=small_cfg.n_subbands).compute()
+    with dask.config.set(scheduler="sync"):
+        ref = image_dataset(ds, **kw)
+
+    class Count(SchedulerPlugin):
+        graphs = 0
+
+        def update_graph(self, scheduler, **k):
+            Count.graphs += 1
+
+    before = _config()
+    out, errors = {}, []
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster):
+        cluster.scheduler.add_plugin(Count(), name="count-graphs")
+
+        def stage(tag):
+            try:
+                with local_dask():
+                    out[tag] = image_dataset(ds, **kw)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+        ts = [threading.Thread(target=stage, args=(t,)) for t in "ab"]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not errors, errors
+    assert Count.graphs == 0, f"{Count.graphs} image graphs reached the scheduler"
+    assert ref.n_major >= 2, "CLEAN must run several major cycles to test them"
+    for tag in "ab":
+        np.testing.assert_allclose(out[tag].image, ref.image, rtol=0,
+                                   atol=1e-5 * np.abs(ref.image).max())
+    assert dask.config.config == before
