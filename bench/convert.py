@@ -81,7 +81,7 @@ def main(argv=None):
 
         results = {}
         with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                          dashboard_address=":0") as cl, Client(cl) as client:
+                          dashboard_address="127.0.0.1:0") as cl, Client(cl) as client:
             def ours(i):
                 ms = os.path.join(work, f"ours{i}.ms")
                 t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def main(argv=None):
                            catalog=None if catalog is None else str(catalog))
         n = os.cpu_count() or 2
         with LocalCluster(n_workers=1, threads_per_worker=n, processes=True,
-                          dashboard_address=":0") as cl, Client(cl) as client:
+                          dashboard_address="127.0.0.1:0") as cl, Client(cl) as client:
             db = StateDB(cfg.db_path)
             stream = Stream(cfg, client, db=db)
             t0 = time.perf_counter()

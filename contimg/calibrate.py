@@ -30,6 +30,8 @@ import numpy as np
 
 from contimg import caltables
 from contimg import sky as _sky
+from contimg.io.files import finalise, writable_dir
+from graphs import scheduling
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +220,6 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     ------
     NoCalibratorError, TooMuchFlaggedError, NoConvergenceError
     """
-    import dask
-
     from graphs import calibrate as gcal
 
     if transits is None:
@@ -240,7 +240,7 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     if cross.any():
         fl = ds.FLAG.data[:, cross] if cross.sum() < cross.size else ds.FLAG.data
         nflag = fl.sum(dtype=np.int64)
-        flag_frac = float(nflag.compute() if hasattr(nflag, "compute") else nflag) / fl.size
+        flag_frac = float(scheduling.compute(nflag)[0]) / fl.size
     else:
         flag_frac = 1.0
     if flag_frac > max_data_flagged:
@@ -256,7 +256,7 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     model = gcal.predict_model(ds, [s.ra for s in sources], [s.dec for s in sources], flux)
     sol = gcal.solve(ds, model, refant=refant, gain_interval=gain_interval,
                      gain_mode=gain_mode, min_snr=min_snr, max_iter=max_iter, tol=tol)
-    (sol,) = dask.compute(sol)
+    (sol,) = scheduling.compute(sol)
     q = _quality(sol, flag_frac)
     q["solve_seconds"] = _time.perf_counter() - tic
     log.info("solved in %.2f s: refant %d, %d antennas, bandpass SNR median %.1f, "
@@ -285,7 +285,7 @@ def _nonfinite_note(ds, cross) -> str:
     inf (the solver masks them), so that the error says so; "" when none were."""
     bad = ~np.isfinite(ds.VISIBILITY.data[:, cross]) & ~ds.FLAG.data[:, cross]
     n = bad.sum(dtype=np.int64)
-    n = int(n.compute() if hasattr(n, "compute") else n)
+    n = int(scheduling.compute(n)[0])
     if not n:
         return ""
     return (f"; {n} unflagged visibilities ({100 * n / bad.size:.1f} %) are NaN or inf "
@@ -363,7 +363,7 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     base = os.path.basename(ms_path.rstrip("/"))
     name = name or (base[:-3] if base.endswith(".ms") else base)
     out_dir = os.path.abspath(out_dir) if out_dir else os.path.dirname(ms_path)
-    os.makedirs(out_dir, exist_ok=True)
+    writable_dir(out_dir, "calibration table directory")   # before solving
     prefix = os.path.join(out_dir, name)
     db = _open_db(db)
     params = dict(solver="stefcal", refant_requested=refant, **solver_opts)
@@ -557,7 +557,7 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
         if flag:
             stores.append(da.store(new_flag, RowTarget(proxy, "FLAG"), lock=False,
                                    compute=False))
-        dask.compute(*stores, scheduler="threads")
+        scheduling.compute(*stores, threads=scheduling.threads() or os.cpu_count())
         ok = True
     finally:
         try:
@@ -565,6 +565,7 @@ def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None
         except Exception:  # noqa: BLE001 - the first error is the one raised
             if ok:
                 raise
+    finalise(ms_path)   # the column's new files: the product mode, whatever the umask
     log.info("%s: CORRECTED_DATA written from %s in %.2f s", ms_path, ", ".join(
         map(str, tables)), _time.perf_counter() - tic)
 

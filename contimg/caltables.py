@@ -35,6 +35,7 @@ import shutil
 
 import numpy as np
 
+from contimg.io.files import finalise
 from kernels.constants import MJD_UNIX_OFFSET_S
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def write_caltable(path, ms_path, *, kind, times_unix, cparam, flag, paramerr=No
                     tb.putkeyword(name, sub)
         if os.path.lexists(path):
             shutil.rmtree(path)
-        os.rename(tmp, path)
+        os.rename(finalise(tmp), path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -114,6 +114,19 @@ class PathsConfig(_Section):
     incoming: Path | None = setting(None, "directory the subband files arrive in",
                                     flags=("--incoming",), metavar="DIR")
 
+    def _parse_mode(value):  # noqa: N805 - the parser of product_mode, not a method
+        from contimg.io.files import parse_mode
+
+        return parse_mode(value)
+
+    product_mode: int = setting(
+        0o644, "permission bits of product files, octal ('0640'); their directories get x "
+        "where r is set; never world-writable",
+        parse=_parse_mode)
+
+    def _check(self):
+        object.__setattr__(self, "product_mode", PathsConfig._parse_mode(self.product_mode))
+
 
 @dataclass(frozen=True)
 class DaskConfig(_Section):

@@ -54,7 +54,9 @@ from contimg.imaging_steps import (cell_rad, choose_w_mode, clean, clean_mask,
                                    dirty_and_psf, image_products, imaging_weights,
                                    plan_imaging, prepare_visibilities, recorded_options,
                                    source_mask, unslant)
+from contimg.io.files import writable_dir
 from contimg.io.fits import image_header, image_wcs, write_fits
+from graphs import scheduling
 from kernels.constants import ARCSEC
 
 log = logging.getLogger(__name__)
@@ -236,14 +238,13 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
         5 m spacings see scales of degrees: in images smaller than that, a natural-
         weighted PSF sits on a plateau that makes CLEAN ill-conditioned
 
-    Runs ``dask.compute`` (on the active distributed client if there is one) once for
+    Computes (on the active distributed client if there is one, on local threads inside
+    :func:`graphs.scheduling.local_threads`) once for
     the PSF + dirty image and once per major cycle. The steps, each its own function
     in :mod:`contimg.imaging_steps`: :func:`prepare_visibilities`, :func:`choose_w_mode`,
     :func:`plan_imaging`, :func:`imaging_weights`, :func:`dirty_and_psf`, :func:`clean`,
     :func:`image_products`.
     """
-    import dask
-
     from graphs import image as gi
     from kernels import clean as kc
 
@@ -278,7 +279,7 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     def residual_of(model):
         res_l = gi.dirty_image(vis.dsi, plan, wspec, model=model.astype(plan.image_dtype),
                                gridder=c.gridder, nthreads=c.nthreads, index=d.index)
-        (res,) = dask.compute(res_l)
+        (res,) = scheduling.compute(res_l)
         return res.astype(np.float64) / d.norm
 
     t0 = time.perf_counter()
@@ -343,6 +344,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
     """
     t0 = time.perf_counter()
     c = image_config(config, options)
+    writable_dir(Path(out_prefix).parent, "image output directory")  # before computing
     ds, kind = _open_source(src, c.data_column)
     prod = image_dataset(ds, c, mask=mask, mask_sources=mask_sources,
                          phase_center=phase_center)

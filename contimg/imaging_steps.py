@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from contimg import telescope as tel
+from graphs import scheduling
 from kernels.constants import ARCSEC, SPEED_OF_LIGHT
 
 if TYPE_CHECKING:
@@ -126,6 +127,8 @@ def _pb_map(npix, cell, ra0, dec0, pc_ra, pc_dec, freqs, wsum, ncoarse=129, nfbi
 
 
 def _scheduler_threads():
+    if scheduling.threads():   # computing on local threads (graphs.scheduling)
+        return scheduling.threads()
     try:
         from distributed import get_client
 
@@ -224,11 +227,11 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         opts.update(n_vis_in=nvis_in, n_vis_gridded=int(nrow),
                     smear_radius_deg=math.degrees(theta))
         if c.persist:
-            dsi = dsi.persist()
+            dsi = scheduling.persist(dsi)
     else:
         dsi = gi.stokes_i_dataset(ds, uvw_t, uv_range=uv_range)
         if c.persist:
-            dsi = dsi.persist()
+            dsi = scheduling.persist(dsi)
         nf = dsi.sizes["frequency"]
         nfc = len(dsi.VIS_I.data.chunks[2])
         if ntask < nfc or len(dsi.VIS_I.data.chunks[0]) > 1:
@@ -316,15 +319,13 @@ def clean_mask(vis: Visibilities, c: ImageConfig, slant, mask=None, mask_sources
 
 def imaging_weights(vis: Visibilities, c: ImageConfig):
     """Step 4: the imaging weights (natural, uniform or Briggs) as a ``WeightSpec``."""
-    import dask
-
     from graphs import image as gi
     from kernels import weighting as kw
 
     if c.weighting == "natural":
         return gi.WeightSpec("natural")
     dens, du, dv = gi.density(vis.dsi, c.npix, c.npix, cell_rad(c))
-    dens, sum_w = dask.compute(dens, vis.dsi.WEIGHT_I.data.sum(dtype=np.float64))
+    dens, sum_w = scheduling.compute(dens, vis.dsi.WEIGHT_I.data.sum(dtype=np.float64))
     f2 = kw.briggs_f2(dens, float(sum_w), c.robust) if c.weighting == "briggs" else 0.0
     return gi.WeightSpec(c.weighting, dens, f2, du, dv)
 
@@ -343,20 +344,19 @@ class Dirty:
 def dirty_and_psf(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> Dirty:
     """Step 5: the PSF and the dirty image in one compute (with the gridding index the
     major cycles reuse, when there will be any)."""
-    import dask
-
     from graphs import image as gi
 
     index = None
     if c.gridder == "contimg" and c.persist and (c.niter > 0 or psf_plan is plan):
         # sort the visibilities into uv tiles and w-planes once, for every major cycle
-        index = gi.grid_index(vis.dsi, plan, wspec, nthreads=c.nthreads).persist()
+        index = gi.grid_index(vis.dsi, plan, wspec, nthreads=c.nthreads)
+        index = scheduling.persist(index)
     wsum_l = gi.weight_sums(vis.dsi, wspec)
     psf_l = gi.dirty_image(vis.dsi, psf_plan, wspec, psf=True, gridder=c.gridder,
                            nthreads=c.nthreads, index=index if psf_plan is plan else None)
     dirty_l = gi.dirty_image(vis.dsi, plan, wspec, gridder=c.gridder, nthreads=c.nthreads,
                              index=index)
-    wsum, psf, dirty = dask.compute(wsum_l, psf_l, dirty_l)
+    wsum, psf, dirty = scheduling.compute(wsum_l, psf_l, dirty_l)
     norm = float(wsum.sum())
     if not norm > 0:
         raise ValueError("nothing to image: every visibility is flagged or has zero weight")

@@ -136,6 +136,10 @@ class Intake:
             if other:
                 status, reason = "duplicate", (f"group {gid} already has subband "
                                                f"{name.subband:02d} from {other[0]['path']}")
+        if status == "seen" and g is not None and ts < g["t_start"]:
+            # the group is named after its earliest subband (its products' name)
+            if self.db.rename_group(gid, name.stamp, t_start=ts):
+                gid = name.stamp
         self.db.add_file(path, subband=name.subband, timestamp=ts, group_id=gid,
                          t_start=ts, n_expected=self.cfg.n_subbands, size=size,
                          status=status, reason=reason)

@@ -286,4 +286,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE calibration_sets_v2 RENAME TO calibration_sets;
     CREATE INDEX calibration_sets_time ON calibration_sets(status, t_transit);
     """,
+    # --- version 5: a group is named after its earliest subband's timestamp (its products'
+    # name); one registered under a later file's name is renamed when the earlier file
+    # arrives, and its former names still find it (logs, links) ----------------------
+    """
+    CREATE TABLE group_aliases (
+        alias      TEXT PRIMARY KEY,               -- a former group_id
+        group_id   TEXT NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,
+        renamed_at REAL NOT NULL
+    );
+    CREATE INDEX group_aliases_group ON group_aliases(group_id);
+    """,
 ]

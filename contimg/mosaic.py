@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contimg.io.files import finalise, make_dirs
 from kernels.constants import SECONDS_PER_DAY, UNIX_MJD0
 
 log = logging.getLogger(__name__)
@@ -201,14 +202,14 @@ def _write(path: Path, data, wcs, beam, bunit: str, kind: str, extra: dict):
     tmp = path.with_name(path.name + ".tmp")
     fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=h).writeto(
         tmp, overwrite=True, output_verify="exception")
-    os.replace(tmp, path)
+    os.replace(finalise(tmp), path)
     return path
 
 
 def write_mosaic(out: Path, mosaic, weight, noise, wcs, beam, *, n_images=0, t0=None,
                  t1=None) -> dict:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     stem = out.name[:-5] if out.name.endswith(".fits") else out.name
     extra = {"NIMAGES": (n_images, "member images")}
     if t0 is not None:

@@ -23,13 +23,14 @@ import functools
 import gc
 import logging
 import os
-import threading
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable
+
+from contimg.io.files import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +59,15 @@ def local_dask():
     """Inside a Dask worker task, graphs built and computed by a stage run on local
     threads: without this, dask would pick the worker's distributed client at graph
     construction (P2P rechunks, tasks scheduled back onto the busy cluster) and then fail
-    or deadlock when the stage computes with the threaded scheduler."""
-    import dask
+    or deadlock when the stage computes with the threaded scheduler.
 
-    # dask's configuration is process-wide and ``config.set`` restores what it saw on
-    # entry: two worker threads running stages at once would unset it under each
-    # other's feet and leave it set for good. The first stage in sets it, the last out
-    # restores it.
-    global _LOCAL_USERS, _LOCAL_CFG
-    with _LOCAL_LOCK:
-        if _LOCAL_USERS == 0:
-            _LOCAL_CFG = dask.config.set({"scheduler": "threads",
-                                          "array.rechunk.method": "tasks"})
-        _LOCAL_USERS += 1
-    try:
+    Per thread (:func:`graphs.scheduling.local_threads`), never through the process-wide
+    ``dask.config``: two stages running at once in one worker (or a stage beside the
+    driver) never see, strip or leave behind each other's setting."""
+    from graphs.scheduling import local_threads
+
+    with local_threads(_worker_threads()):
         yield
-    finally:
-        with _LOCAL_LOCK:
-            _LOCAL_USERS -= 1
-            if _LOCAL_USERS == 0:
-                _LOCAL_CFG.__exit__(None, None, None)
-                _LOCAL_CFG = None
-
-
-_LOCAL_LOCK = threading.Lock()
-_LOCAL_USERS = 0
-_LOCAL_CFG = None
 
 
 def _worker_threads() -> int:
@@ -173,7 +157,7 @@ def stage_calibrate(ms_path: str, *, db_path: str, cal_dir: str, name: str,
         matches = calibrate.find_calibrator(ms_path, catalog=catalog)
     if not matches:
         return skipped("no calibrator transits in the primary beam")
-    os.makedirs(cal_dir, exist_ok=True)
+    make_dirs(cal_dir)
     t0 = time.perf_counter()
     try:
         with local_dask():
@@ -213,7 +197,7 @@ def stage_image(ms_path: str, *, prefix: str, options: dict | None = None) -> di
     """Image the MS (CORRECTED_DATA when present) to FITS files ``<prefix>-*.fits``."""
     from contimg import imaging
 
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    make_dirs(os.path.dirname(prefix) or ".")
     options = dict(options or {})
     # one gridding task per thread of this worker, each single-threaded: the stage
     # computes on local threads (see local_dask), not on the cluster's scheduler

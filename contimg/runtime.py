@@ -16,6 +16,8 @@ users call it once themselves. Idempotent; what it does:
   bundled IERS tables without trying to refresh them (the telescope and CI have no
   network), and not fail once the table is old (:func:`astropy_offline`, also called
   by the functions that need the tables).
+* **umask**: from ``[paths] product_mode`` (:func:`product_umask`): nothing this
+  process creates is world-writable, whatever umask it was started with.
 * **HDF5**: ``HDF5_USE_FILE_LOCKING=FALSE`` unless set (subband files are read while the
   correlator may still hold them); see :func:`contimg.config.ensure_environment`.
 """
@@ -48,6 +50,15 @@ def astropy_offline() -> None:
     iers.conf.auto_max_age = None
 
 
+def product_umask() -> None:
+    """The process umask follows ``[paths] product_mode`` (``0644``: umask ``022``), so
+    that what libraries add to a product later (casacore's new column files in an MS)
+    is never more open than products are (see :mod:`contimg.io.files`)."""
+    from contimg.io.files import apply_umask
+
+    apply_umask()
+
+
 def configure() -> None:
     """Apply every process setting above; safe to call any number of times."""
     from contimg.config import ensure_environment
@@ -55,6 +66,7 @@ def configure() -> None:
     dask_settings()
     astropy_offline()
     ensure_environment()
+    product_umask()
     log.debug("contimg runtime configured")
 
 

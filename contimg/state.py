@@ -278,8 +278,43 @@ class StateDB:
         return self.query(sql + " ORDER BY subband, path", args)
 
     def group(self, group_id) -> dict | None:
+        """The group ``group_id`` (or a former name of it, see :meth:`rename_group`)."""
         r = self.query("SELECT * FROM groups WHERE group_id=?", (group_id,))
+        if not r:
+            r = self.query("SELECT g.* FROM groups g JOIN group_aliases a "
+                           "ON a.group_id = g.group_id WHERE a.alias=?", (group_id,))
         return r[0] if r else None
+
+    def rename_group(self, old: str, new: str, *, t_start: float) -> bool:
+        """Rename a *collecting* group (an earlier subband arrived after it was registered
+        under a later file's name: its id becomes the earliest timestamp, its products'
+        name). Every row that refers to it follows; ``old`` stays an alias; an event
+        records it. False if the group is no longer collecting (left as it is)."""
+        now = time.time()
+        with self.transaction() as con:
+            if con.execute("SELECT 1 FROM groups WHERE group_id=?", (new,)).fetchone():
+                raise StateError(f"{self.path}: cannot rename group {old} to {new}: "
+                                 f"a group {new} exists")
+            con.execute("PRAGMA defer_foreign_keys=ON")   # until COMMIT (reset there)
+            if not con.execute("UPDATE groups SET group_id=?, t_start=?, updated_at=? "
+                               "WHERE group_id=? AND state='collecting'",
+                               (new, t_start, now, old)).rowcount:
+                return False
+            tables = [r["name"] for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
+            for table in tables:
+                for fk in con.execute(f"PRAGMA foreign_key_list({table})").fetchall():
+                    if fk["table"] == "groups":
+                        con.execute(f"UPDATE {table} SET {fk['from']}=? WHERE {fk['from']}=?",
+                                    (new, old))
+            con.execute("INSERT INTO group_aliases (alias, group_id, renamed_at) "
+                        "VALUES (?,?,?)", (old, new, now))
+            con.execute("INSERT INTO group_events (group_id, from_state, to_state, at, "
+                        "owner, reason) VALUES (?,?,?,?,?,?)",
+                        (new, "collecting", "collecting", now, owner_id(),
+                         f"renamed from {old}: an earlier subband arrived"))
+        log.info("group %s renamed %s (its earliest subband's timestamp)", old, new)
+        return True
 
     def groups(self, state=None, limit=None) -> list[dict]:
         sql, args = "SELECT * FROM groups", []

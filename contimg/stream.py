@@ -53,6 +53,7 @@ from contimg import telescope as tel
 from contimg.config import Config, ImageConfig, StreamSettings
 from contimg import intake
 from contimg.intake import Intake
+from contimg.io.files import make_dirs
 from contimg.mosaic import NightlySchedule
 from contimg.pipeline import register_image_result  # noqa: F401 - its old home
 from contimg.maintenance import (  # noqa: F401 - housekeeping: its old home
@@ -587,7 +588,7 @@ class Stream(Intake):
             raise BadInput(str(exc)) from None
         stamp = min(tel.parse_subband_filename(f).stamp for f in files)
         ms = str(self.cfg.output / "ms" / f"{stamp}.ms")
-        os.makedirs(os.path.dirname(ms), exist_ok=True)
+        make_dirs(os.path.dirname(ms))
         times = ds.time.values
         t_mid = float(times[len(times) // 2])
 

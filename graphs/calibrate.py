@@ -36,6 +36,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from graphs import scheduling
 from kernels import solvers
 from kernels.dft import predict_points
 from kernels.predict import predict_dft
@@ -118,7 +119,7 @@ def predict_model(ds, ra, dec, apparent_flux):
     if not isinstance(vis, da.Array):
         vis = da.from_array(vis, chunks=(-1, -1, 48, -1))
     tchunks, fchunks = vis.chunks[0], vis.chunks[2]
-    uvw = da.asarray(ds.UVW.data).rechunk((tchunks, -1, -1))
+    uvw = da.asarray(ds.UVW.data).rechunk((tchunks, -1, -1), method=scheduling.rechunk_method())
     ublk = uvw.to_delayed()[:, 0, 0]
     t_edges = np.concatenate([[0], np.cumsum(tchunks)])
     f_edges = np.concatenate([[0], np.cumsum(fchunks)])
@@ -396,10 +397,10 @@ def solve(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.
     vis = arr(ds.VISIBILITY)
     fchunks = vis.chunks[2]
     ch = (ntime, vis.shape[1], fchunks, npol)
-    vis = vis.rechunk(ch)
-    mod = arr(model).rechunk(ch)
-    flg = arr(ds.FLAG).rechunk(ch)
-    wgt = arr(ds.WEIGHT).rechunk(ch)
+    vis = vis.rechunk(ch, method=scheduling.rechunk_method())
+    mod = arr(model).rechunk(ch, method=scheduling.rechunk_method())
+    flg = arr(ds.FLAG).rechunk(ch, method=scheduling.rechunk_method())
+    wgt = arr(ds.WEIGHT).rechunk(ch, method=scheduling.rechunk_method())
     blocks = [b.ravel() for b in (vis.to_delayed(), mod.to_delayed(), flg.to_delayed(),
                                   wgt.to_delayed())]
     nchunk = len(fchunks)
@@ -699,8 +700,8 @@ def apply(ds, solutions, *, interp="linear"):
     flag = ds.FLAG.data
     if not isinstance(vis, da.Array):
         vis = da.from_array(vis, chunks=(-1, -1, 48, -1))
-    vis = vis.rechunk({1: -1, 3: -1})
-    flag = da.asarray(flag).rechunk(vis.chunks)
+    vis = vis.rechunk({1: -1, 3: -1}, method=scheduling.rechunk_method())
+    flag = da.asarray(flag).rechunk(vis.chunks, method=scheduling.rechunk_method())
     tch, fch = vis.chunks[0], vis.chunks[2]
     t_edges = np.concatenate([[0], np.cumsum(tch)]).astype(int)
     f_edges = np.concatenate([[0], np.cumsum(fch)]).astype(int)

@@ -37,6 +37,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from graphs import scheduling
 from graphs.contract import UVW_DIMS, VIS_DIMS
 from kernels import averaging as ka
 from kernels import gridding as kg
@@ -138,7 +139,7 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
     if not isinstance(uvw_old, da.Array):
         uvw_old = da.from_array(np.asarray(uvw_old), chunks=(tchunks, bchunks, 3))
     else:
-        uvw_old = uvw_old.rechunk((tchunks, bchunks, 3))
+        uvw_old = uvw_old.rechunk((tchunks, bchunks, 3), method=scheduling.rechunk_method())
     freq = da.from_array(np.asarray(ds.frequency.values, dtype=np.float64),
                          chunks=(fchunks,))
     if uvw_target is not None:
@@ -259,7 +260,7 @@ def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
     w_b = dsi.WEIGHT_I.data.to_delayed().ravel()
     uvw = dsi.UVW.data
     if isinstance(uvw, da.Array):
-        uvw = uvw.rechunk((nt, nb, 3))
+        uvw = uvw.rechunk((nt, nb, 3), method=scheduling.rechunk_method())
         (uvw_d,) = uvw.to_delayed().ravel()
     else:
         uvw_d = np.asarray(uvw, dtype=np.float64)
@@ -310,13 +311,14 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
         a = ds[name].data
         if not isinstance(a, da.Array):
             a = da.from_array(np.asarray(a), chunks=(-1, -1, 48, -1))
-        arrs.append(a.rechunk({0: -1, 1: -1, 3: -1}))
+        arrs.append(a.rechunk({0: -1, 1: -1, 3: -1}, method=scheduling.rechunk_method()))
     fchunks = arrs[0].chunks[2]
-    arrs = [a.rechunk({2: fchunks}) for a in arrs]
+    arrs = [a.rechunk({2: fchunks}, method=scheduling.rechunk_method()) for a in arrs]
     blocks = [a.to_delayed().reshape(-1) for a in arrs]
     uvw_old = ds.UVW.data
     if isinstance(uvw_old, da.Array):
-        (uvw_old,) = uvw_old.rechunk((nt, nb, 3)).to_delayed().reshape(-1)
+        (uvw_old,) = uvw_old.rechunk((nt, nb, 3), method=scheduling.rechunk_method()
+                                     ).to_delayed().reshape(-1)
     else:
         uvw_old = np.asarray(uvw_old, dtype=np.float64)
     uvw_new = dask.delayed(uvw_target)
@@ -347,7 +349,8 @@ def _cube(dsi):
         return dsi.VIS_I.data, dsi.WEIGHT_I.data, _uvw_arr(dsi), _freq_arr(dsi)
     vis = dsi.VIS_I.data[None, :, None]
     w = dsi.WEIGHT_I.data[None, :, None]
-    uvw = dsi.UVW_L.data.rechunk((dsi.VIS_I.data.chunks[0], 3))[None]
+    uvw = dsi.UVW_L.data.rechunk((dsi.VIS_I.data.chunks[0], 3),
+                                 method=scheduling.rechunk_method())[None]
     freq = da.from_array(np.array([SPEED_OF_LIGHT]), chunks=1)
     return vis, w, uvw, freq
 
@@ -418,19 +421,17 @@ def coplanar_fit(uvw, radius, *, scale=1.0) -> Coplanar:
     costs a point source ``radius`` radians from the centre: ``1 - <cos phi>`` with
     ``phi = 2 pi w' (1 - cos radius)``, bounded by ``2 pi^2 (1 - cos radius)^2
     <w'^2>``. Rows of zeros (autocorrelations) do not move the fit."""
-    import dask
-
     u, v, w = uvw[:, 0], uvw[:, 1], uvw[:, 2]
     sums = [(u * u).sum(), (u * v).sum(), (v * v).sum(), (u * w).sum(), (v * w).sum(),
             (w * w).sum(), (abs(u) + abs(v) + abs(w) > 0).sum()]
-    suu, suv, svv, suw, svw, sww, n = (float(x) for x in dask.compute(*sums))
+    suu, suv, svv, suw, svw, sww, n = (float(x) for x in scheduling.compute(*sums))
     det = suu * svv - suv * suv
     if n < 3 or not det > 0:
         a = b = 0.0
     else:
         a = (suw * svv - svw * suv) / det
         b = (svw * suu - suw * suv) / det
-    (wmax,) = dask.compute(abs(w - a * u - b * v).max())
+    (wmax,) = scheduling.compute(abs(w - a * u - b * v).max())
     ss = max(sww - 2 * a * suw - 2 * b * svw + a * a * suu + 2 * a * b * suv + b * b * svv,
              0.0)
     rms = scale * float(np.sqrt(ss / max(n, 1.0)))
@@ -443,11 +444,9 @@ def imaging_plan_rows(dsr: xr.Dataset, npix, cell_rad, epsilon=1e-4, *, double=F
                       nthreads=1, do_wstacking=True):
     """:func:`imaging_plan` for a row Dataset (:func:`average_dataset`): the w range and
     uv extent of its rows (UVW in wavelengths). Computes four small reductions."""
-    import dask
-
     uvw = dsr.UVW_L.data
     aw = abs(uvw[:, 2])
-    wmin, wmax, umax, vmax = dask.compute(aw.min(), aw.max(), abs(uvw[:, 0]).max(),
+    wmin, wmax, umax, vmax = scheduling.compute(aw.min(), aw.max(), abs(uvw[:, 0]).max(),
                                           abs(uvw[:, 1]).max())
     if epsilon < 1e-5:
         double = True
@@ -478,7 +477,7 @@ def _freq_arr(dsi):
 
 def _uvw_arr(dsi):
     c = dsi.VIS_I.data.chunks
-    return dsi.UVW.data.rechunk((c[0], c[1], 3))
+    return dsi.UVW.data.rechunk((c[0], c[1], 3), method=scheduling.rechunk_method())
 
 
 def density(dsi: xr.Dataset, npix_x, npix_y, cell_x_rad, cell_y_rad=None):
@@ -529,7 +528,7 @@ def _grid_arg(wspec):
     g = wspec.grid
     if not isinstance(g, da.Array):
         g = da.from_array(np.asarray(g, dtype=np.float64), chunks=-1)
-    return g.rechunk(-1), "gh", light
+    return g.rechunk(-1, method=scheduling.rechunk_method()), "gh", light
 
 
 def weight_sums(dsi: xr.Dataset, wspec: WeightSpec):

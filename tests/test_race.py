@@ -108,13 +108,15 @@ def test_two_threads_of_one_process_give_identical_images(tmp_path):
 
 def test_local_dask_holds_while_any_thread_is_inside():
     """``contimg.pipeline.local_dask`` in two overlapping threads (two stages on one
-    worker): the threaded scheduler stays set until the last one leaves, then the
-    configuration is back to what it was (dask's configuration is process-wide)."""
+    worker): the second stays on local threads after the first leaves, and neither
+    touches dask's process-wide configuration (the setting is per thread, see
+    ``graphs.scheduling`` and tests/test_stage_dask.py)."""
     import time
 
     import dask
 
     from contimg.pipeline import local_dask
+    from graphs import scheduling
 
     before = dask.config.get("scheduler", None)
     seen = []
@@ -127,14 +129,14 @@ def test_local_dask_holds_while_any_thread_is_inside():
         time.sleep(0.05)
         with local_dask():
             time.sleep(0.3)  # ``first`` leaves meanwhile
-            seen.append(dask.config.get("scheduler", None))
+            seen.append((scheduling.threads() is not None, dask.config.get("scheduler", None)))
 
     threads = [threading.Thread(target=f) for f in (first, second)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert seen == ["threads"]
+    assert seen == [(True, before)]
     assert dask.config.get("scheduler", None) == before
 
 

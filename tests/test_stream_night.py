@@ -268,11 +268,12 @@ def test_a_subband_still_being_written_is_not_ready(tmp_path, sims, cluster):
         time.sleep(4.0)
         for _ in range(50):   # (the stream may hold it open read-only in this process)
             try:
+                t = time.time()   # (the stream may see it finished before this returns)
                 _finish(a.files[1], slow)
+                done["t"] = t
                 break
             except OSError:
                 time.sleep(0.1)
-        done["t"] = time.time()
 
     import threading
 

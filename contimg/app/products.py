@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contimg.io.files import finalise
+
 log = logging.getLogger(__name__)
 
 THUMB_PX = 256
@@ -69,7 +71,7 @@ def make_thumbnail(fits_path, png_path, size: int = THUMB_PX) -> Path:
     png_path = Path(png_path)
     tmp = png_path.with_name(png_path.name + f".tmp-{os.getpid()}")
     img.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
+    os.replace(finalise(tmp), png_path)
     return png_path
 
 

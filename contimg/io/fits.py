@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from contimg import telescope as tel
+from contimg.io.files import finalise
 from kernels.constants import SECONDS_PER_DAY, UNIX_MJD0
 
 __all__ = ["image_header", "image_wcs", "site_obsgeo", "write_fits"]
@@ -132,5 +133,5 @@ def write_fits(path, data, header):
     hdu = fits.PrimaryHDU(arr, header=header)
     tmp = path.with_name(path.name + ".tmp")
     hdu.writeto(tmp, overwrite=True, output_verify="exception")
-    os.replace(tmp, path)
+    os.replace(finalise(tmp), path)
     return path

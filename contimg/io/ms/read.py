@@ -28,7 +28,7 @@ from contimg.io.ms.common import (
     MSFormatError,
 )
 from contimg.uvw import compute_uvw
-from graphs import contract
+from graphs import contract, scheduling
 
 __all__ = ["open_ms"]
 
@@ -53,7 +53,8 @@ def _read_subtable(path, name, columns, optional=()):
                                            column_keywords=True, table_proxy=True)
         out = {}
         if dsets:
-            out = {k: np.asarray(v.values) for k, v in dsets[0].compute().data_vars.items()}
+            (got,) = scheduling.compute(dsets[0])
+            out = {k: np.asarray(v.values) for k, v in got.data_vars.items()}
         present = set(proxy.colnames().result())
         for col in optional:
             if col in present and proxy.nrows().result() > 0:
@@ -127,7 +128,7 @@ def _read_main_index(path, data_column):
         raise MSFormatError(f"{path}: cannot read the MAIN table ({exc})") from exc
     if len(idx_ds) != 1:
         raise MSFormatError(f"{path}: unexpected grouping of the MAIN table")
-    idx = idx_ds[0].compute()
+    idx = scheduling.compute(idx_ds[0])[0]
     time_col = np.asarray(idx["TIME"].values)
     if time_col.size == 0:
         raise MSFormatError(f"{path}: the MAIN table has no rows")
@@ -456,9 +457,11 @@ def open_ms(path, *, chunks=None, data_column="DATA"):
             ants["antenna_position"], grid.bl_a1, grid.bl_a2, times_unix, pc_ra, pc_dec,
             telescope_location=telescope_location))
     cube = (grid.ntime, grid.nbl, spec.nchan, spec.npol)
-    vis, flag, weight = (a.reshape(cube).rechunk((tchunk, grid.nbl, fchunk, spec.npol))
+    vis, flag, weight = (a.reshape(cube).rechunk((tchunk, grid.nbl, fchunk, spec.npol),
+                                                 method=scheduling.rechunk_method())
                          for a in rows[:3])
-    uvw = rows[3].reshape(grid.ntime, grid.nbl, 3).rechunk((tchunk, grid.nbl, 3))
+    uvw = rows[3].reshape(grid.ntime, grid.nbl, 3).rechunk((tchunk, grid.nbl, 3),
+                                                           method=scheduling.rechunk_method())
 
     return contract.visibility_dataset(
         vis=vis, flag=flag, weight=weight, uvw=uvw,

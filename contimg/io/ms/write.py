@@ -8,6 +8,7 @@ import os
 import shutil
 import time as _time
 
+from contimg.io.files import finalise
 from contimg.io.ms.common import ATTRS_KEYWORD
 from contimg.io.ms.main_table import main_table_desc, write_main
 from contimg.io.ms.plan import WritePlan
@@ -72,7 +73,7 @@ def _move_into_place(tmp, path):
         old = f"{path}.old-{os.getpid()}"
         os.rename(path, old)
     try:
-        os.rename(tmp, path)
+        os.rename(finalise(tmp), path)
     except BaseException:
         if old is not None:
             os.rename(old, path)
