@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_ms import make_dataset
 
-from contimg.io.ms import compute_uvw, ms_fields, open_ms, write_ms
+from contimg.io.ms import MJD_UNIX_OFFSET_S, compute_uvw, ms_fields, open_ms, write_ms
 
 TAI_MINUS_UTC = 37.0  # seconds, since 2017-01-01
 
@@ -209,3 +209,96 @@ def test_conjugation_option_overrides_detection(base, tmp_path):
     assert ours.attrs["ms_conjugation"] == "ms"
     with pytest.raises(ValueError, match="conjugation"):
         open_ms(path, conjugation="casa")
+
+
+# ---------------------------------------------------------------------------------
+# CASA's importuvfits (interop): TIME in TAI
+# ---------------------------------------------------------------------------------
+
+_IMPORT_SCRIPT = r"""
+import sys
+from casatasks import importuvfits
+importuvfits(fitsfile=sys.argv[1], vis=sys.argv[2])
+"""
+
+
+def _have_casatasks():
+    import importlib.util
+
+    return importlib.util.find_spec("casatasks") is not None
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(not _have_casatasks(), reason="casatasks is not installed")
+def test_casa_importuvfits_tai_ms_gives_our_times_and_positions(tmp_path):
+    """UVFITS of our data through CASA's importuvfits: CASA writes TIME in TAI; open_ms
+    gives the same times (UTC), phase centre, UVW and visibilities as our MS."""
+    import os
+    import subprocess
+    import sys
+
+    from casacore import tables as ct
+    from conftest import casa_site_config
+    from pyuvdata import UVData
+
+    # contiguous channels (UVFITS needs them); one phase centre (UVFITS holds one): our
+    # data rephased by pyuvdata
+    ds = make_dataset(nant=6, ntime=3, nsub=1, nchan=48, autos=False).compute()
+    path = str(tmp_path / "ours.ms")
+    write_ms(ds, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uvd = UVData.from_file(path)
+        # antennas numbered 1..n (importuvfits stumbles over gaps in the AN table)
+        lut = {int(n): i + 1 for i, n in enumerate(uvd.telescope.antenna_numbers)}
+        uvd.ant_1_array = np.array([lut[int(a)] for a in uvd.ant_1_array])
+        uvd.ant_2_array = np.array([lut[int(a)] for a in uvd.ant_2_array])
+        uvd.telescope.antenna_numbers = np.arange(1, uvd.telescope.Nants + 1)
+        uvd.baseline_array = uvd.antnums_to_baseline(uvd.ant_1_array, uvd.ant_2_array)
+        uvd.phase(ra=float(ds.PHASE_CENTER_RA.values[1]), dec=float(ds.PHASE_CENTER_DEC.values[1]),
+                  cat_name="CENTRE", phase_frame="icrs")
+        ref_ms = tmp_path / "ref.ms"
+        uvd.write_ms(str(ref_ms))
+        # an AIPS-style UVFITS in IAT (TAI): times 37 s later, TIMSYS = 'IAT'
+        # (importuvfits copies the times and labels them by TIMSYS; pyuvdata writes
+        # 'TIMESYS', which CASA does not read, and then CASA assumes IAT too)
+        uvd.time_array = uvd.time_array + TAI_MINUS_UTC / 86400.0
+        fits_path = tmp_path / "data.uvfits"
+        uvd.write_uvfits(str(fits_path), run_check=False)
+    from astropy.io import fits
+
+    with fits.open(fits_path, mode="update") as hdul:
+        an = hdul["AIPS AN"].header
+        an.pop("TIMESYS", None)
+        an["TIMSYS"] = "IAT"
+    site = casa_site_config(tmp_path)
+    script = tmp_path / "imp.py"
+    script.write_text(_IMPORT_SCRIPT)
+    casa_ms = tmp_path / "casa.ms"
+    res = subprocess.run([sys.executable, str(script), str(fits_path), str(casa_ms)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env=dict(os.environ, CASASITECONFIG=str(site)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with ct.table(str(casa_ms), ack=False) as tb:
+        ref = tb.getcolkeyword("TIME", "MEASINFO")["Ref"]
+        raw = np.unique(tb.getcol("TIME"))
+    got, want = open_ms(casa_ms), open_ms(ref_ms)
+    assert ref.upper() in ("TAI", "IAT")
+    # CASA's TAI, 37 s after UTC: without the conversion every time would be late
+    np.testing.assert_allclose(raw - MJD_UNIX_OFFSET_S - TAI_MINUS_UTC, want.time.values,
+                               rtol=0, atol=1e-3)
+    np.testing.assert_allclose(got.time.values, want.time.values, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(got.PHASE_CENTER_RA.values, want.PHASE_CENTER_RA.values,
+                               atol=1e-9)
+    np.testing.assert_allclose(got.PHASE_CENTER_DEC.values, want.PHASE_CENTER_DEC.values,
+                               atol=1e-9)
+    assert got.attrs["ms_conjugation"] == "ms"
+    np.testing.assert_allclose(got.UVW.values, want.UVW.values, rtol=0, atol=1e-4)
+    # the geometry at the times read is the stored UVW (37 s off would be metres)
+    uvw = compute_uvw(want.ANTENNA_POSITION.values, want.baseline_antenna1_id.values,
+                      want.baseline_antenna2_id.values, got.time.values,
+                      got.PHASE_CENTER_RA.values, got.PHASE_CENTER_DEC.values,
+                      telescope_location=np.asarray(want.attrs["telescope_location"]))
+    np.testing.assert_allclose(uvw, got.UVW.values, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(got.VISIBILITY.values, want.VISIBILITY.values, rtol=0,
+                               atol=1e-4)
