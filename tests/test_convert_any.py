@@ -85,6 +85,7 @@ def test_find_inputs_and_names(foreign, small_group, tmp_path):
     shutil.copy(path, d / "other.hdf5")
     shutil.copy(path, d / "third.uvh5")
     (d / "notes.txt").write_text("not data")
+    shutil.copy(path, d / "2025-10-05T12:00:00_sb16.hdf5")   # a subband number gone wrong
     units = find_inputs([str(d)])
     assert len(units) == 3
     assert sorted(os.path.basename(f) for f in units[0]) == sorted(

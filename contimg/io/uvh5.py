@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -538,8 +539,15 @@ def find_inputs(inputs, tolerance_s: float = tel.GROUP_TOLERANCE_S) -> list[list
         p = Path(item)
         if p.is_dir():
             for x in sorted(p.iterdir()):
-                if x.is_file() and x.suffix.lower() in UVH5_SUFFIXES:
-                    (subbands if is_subband_file(x) else singles).append(str(x))
+                if not (x.is_file() and x.suffix.lower() in UVH5_SUFFIXES):
+                    continue
+                if is_subband_file(x):
+                    subbands.append(str(x))
+                elif re.search(r"_sb\d+\.hdf5$", x.name):
+                    # a DSA-110 subband name gone wrong: not converted on its own
+                    log.warning("ignoring %s: not a valid subband file name", x)
+                else:
+                    singles.append(str(x))
         elif p.exists():
             (subbands if is_subband_file(p) else singles).append(str(p))
         else:
