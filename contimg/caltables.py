@@ -102,7 +102,7 @@ def _copy_subtable(ms_path, name, dest, keep_rows=True):
 
 def write_caltable(path, ms_path, *, kind, times_unix, cparam, flag, paramerr=None, snr=None,
                    refant=0, field_id=None, interval=None, scan_number=1, overwrite=True,
-                   convention="dataset"):
+                   convention="dataset", freqs_hz=None):
     """Write a CASA ``B Jones`` or ``G Jones`` table for the MS at ``ms_path``.
 
     Parameters
@@ -127,6 +127,12 @@ def write_caltable(path, ms_path, *, kind, times_unix, cparam, flag, paramerr=No
         INTERVAL column (CASA writes 0).
     convention : {"dataset", "casa"}
         ``"dataset"`` (default) conjugates ``cparam`` into CASA's convention.
+    freqs_hz : array (nchan,), optional
+        Frequency of each channel of a B ``cparam``. Default: ascending (a Dataset's
+        order) for ``convention="dataset"``, the MS's channel order for ``"casa"``.
+        The table's channels follow the MS's SPECTRAL_WINDOW (CASA maps CPARAM
+        channel j to CHAN_FREQ[j]), so solutions of a descending-frequency MS are
+        written in its (descending) order.
     """
     from casacore import tables as ct
 
@@ -150,6 +156,13 @@ def write_caltable(path, ms_path, *, kind, times_unix, cparam, flag, paramerr=No
         ms_width = t.getcell("CHAN_WIDTH", 0)
     if kind == "B" and nchan != ms_freq.size:
         raise CalTableError(f"{ms_path}: {ms_freq.size} channels, bandpass has {nchan}")
+    chan = None   # B: the cparam channel of each MS channel
+    if kind == "B":
+        if freqs_hz is None and convention == "dataset":
+            freqs_hz = np.sort(ms_freq)
+        if freqs_hz is not None:
+            chan = _channel_map(np.asarray(freqs_hz, float).reshape(-1), ms_freq, ms_width,
+                                ms_path)
     if kind == "G" and nchan != 1:
         raise ValueError(f"G solutions must have one channel, got {nchan}")
     flag = np.broadcast_to(np.asarray(flag, bool), cparam.shape)
@@ -157,6 +170,8 @@ def write_caltable(path, ms_path, *, kind, times_unix, cparam, flag, paramerr=No
                 else np.broadcast_to(np.asarray(paramerr, np.float32), cparam.shape))
     snr = (np.zeros(cparam.shape, np.float32) if snr is None
            else np.broadcast_to(np.asarray(snr, np.float32), cparam.shape))
+    if chan is not None and not np.array_equal(chan, np.arange(nchan)):
+        cparam, flag, paramerr, snr = (a[:, :, chan] for a in (cparam, flag, paramerr, snr))
     if convention == "dataset":
         cparam = np.conj(cparam)
     elif convention != "casa":
@@ -217,6 +232,23 @@ def write_caltable(path, ms_path, *, kind, times_unix, cparam, flag, paramerr=No
     return path
 
 
+def _channel_map(freqs, ms_freq, ms_width, ms_path):
+    """For each MS channel, the index of ``freqs`` at its frequency (refused, naming the
+    MS, unless every MS channel has exactly one within a tenth of a channel)."""
+    if freqs.size != ms_freq.size:
+        raise CalTableError(f"{ms_path}: {ms_freq.size} channels, bandpass has {freqs.size}")
+    order = np.argsort(freqs, kind="stable")
+    pos = np.clip(np.searchsorted(freqs[order], ms_freq), 0, freqs.size - 1)
+    best = order[pos]
+    lower = order[np.maximum(pos - 1, 0)]
+    best = np.where(np.abs(freqs[lower] - ms_freq) < np.abs(freqs[best] - ms_freq), lower, best)
+    tol = 0.1 * np.maximum(np.abs(np.asarray(ms_width, float)), 1e-3)
+    if (np.abs(freqs[best] - ms_freq) > tol).any() or np.unique(best).size != best.size:
+        raise CalTableError(f"{ms_path}: the bandpass channels' frequencies do not match "
+                            "the MS SPECTRAL_WINDOW's channels")
+    return best
+
+
 def read_caltable(path, convention="dataset"):
     """Read a CASA ``B Jones`` or ``G Jones`` table (ours or CASA's).
 
@@ -225,6 +257,9 @@ def read_caltable(path, convention="dataset"):
     ``snr``, ``paramerr``, ``refant``, ``freqs_hz`` (nchan,), ``ms_name``,
     ``antenna_names``, ``field_id`` (nsol,). Rows missing for an antenna at a time
     come back flagged with unit gain. A single SPECTRAL_WINDOW is supported.
+    Channels: ascending frequency for ``convention="dataset"`` (as a Dataset's), the
+    table's own order (its SPECTRAL_WINDOW's, e.g. descending) for ``"casa"``;
+    ``cparam[..., j, :]`` is always the solution at ``freqs_hz[j]``.
     """
     from casacore import tables as ct
 
@@ -277,13 +312,18 @@ def read_caltable(path, convention="dataset"):
     e[tidx, a1] = err
     field = np.zeros(nsol, np.int32)
     field[tidx] = fid
+    freqs = np.asarray(freqs, float)
     if convention == "dataset":
         cparam = np.conj(cparam)
+        if freqs.size == nchan and freqs.size > 1 and not np.all(np.diff(freqs) > 0):
+            o = np.argsort(freqs, kind="stable")
+            freqs = freqs[o]
+            cparam, flag, s, e = (a[:, :, o] for a in (cparam, flag, s, e))
     ref = np.unique(a2)
     return dict(kind="G" if kind == "T" else kind, times_unix=ut - MJD_UNIX_OFFSET_S,
                 cparam=cparam, flag=flag, snr=s, paramerr=e,
                 refant=int(ref[0]) if ref.size == 1 else int(np.bincount(a2).argmax()),
-                freqs_hz=np.asarray(freqs, float), ms_name=str(kw.get("MSName", "")),
+                freqs_hz=freqs, ms_name=str(kw.get("MSName", "")),
                 antenna_names=names, field_id=field, path=path)
 
 
@@ -337,7 +377,9 @@ def write_solutions(solutions, ms_path, prefix, *, field_ids=None):
                         flag=solutions.BANDPASS_FLAG.values[None],
                         paramerr=solutions.BANDPASS_ERR.values[None],
                         snr=solutions.BANDPASS_SNR.values[None], refant=refant,
-                        field_id=[0] if field_ids is None else [field_ids[0]])
+                        field_id=[0] if field_ids is None else [field_ids[0]],
+                        freqs_hz=(solutions.BANDPASS.frequency.values
+                                  if "frequency" in solutions.BANDPASS.coords else None))
     G = solutions.GAIN.values[:, :, None, :]
     nsol = G.shape[0]
     if field_ids is None:

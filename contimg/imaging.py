@@ -358,7 +358,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
                              ("psf", prod.psf, "JY/BEAM"),
                              ("image-pb", prod.image_pb, "JY/BEAM")):
         p = prefix.with_name(f"{prefix.name}-{name}.fits")
-        write_fits(p, data, image_header(prod, name, unit))
+        write_fits(p, data, image_header(prod, name, unit, ds))
         paths[name] = p
     timings = dict(prod.timings)
     timings["write"] = time.perf_counter() - t1

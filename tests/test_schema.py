@@ -130,11 +130,12 @@ def test_constructor_names_the_source_of_a_bad_part():
 def test_both_readers_build_the_same_dataset(ds, tmp_path):
     """UVH5 -> Dataset and UVH5 -> MS -> Dataset: the same variables, coordinates,
     dtypes and attributes (time to the MS's float64 rounding; the MS reader adds
-    ``ms_path``)."""
+    ``ms_path`` and ``ms_conjugation``)."""
     from contimg.io.ms import open_ms, write_ms
 
     back = open_ms(write_ms(ds, tmp_path / "g.ms")).compute()
     assert back.attrs.pop("ms_path") == str(tmp_path / "g.ms")
+    assert back.attrs.pop("ms_conjugation") == "ms"
     np.testing.assert_allclose(back.time.values, ds.time.values, rtol=0, atol=1e-6)
     back = back.assign_coords(time=ds.time)
     xr.testing.assert_identical(back, ds.compute())

@@ -1,6 +1,8 @@
 """UVH5 → lazy, dask-backed visibility Dataset (the contract in :mod:`graphs.contract`).
 
 * :func:`read_header` reads and checks one file's header (small arrays only).
+* :func:`open_any` opens either (a group or one file of any telescope);
+  :func:`find_inputs` lists what ``contimg convert`` converts.
 * :func:`open_uvh5` opens one file; :func:`open_group` opens the subband files of one
   DSA-110 group and validates them as a group (16 distinct subbands, same antennas,
   same times, contiguous frequencies); a missing subband is an error or, with
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +31,18 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from contimg import telescope as tel  # noqa: E402
+from contimg.io.uvh5_arrays import (  # noqa: E402,F401  (the lazy arrays, re-exported)
+    _DSETS,
+    _DTYPES,
+    _FilledArray,
+    _filled_arrays,
+    _full_key,
+    _SubbandArray,
+    _subband_arrays,
+    _time_chunks,
+)
 from graphs import contract  # noqa: E402
 from kernels.constants import SECONDS_PER_DAY, UNIX_JD0  # noqa: E402
-from kernels.rows import reverse_channels  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +91,8 @@ class Header:
     phase_center_ra: np.ndarray | None  # (ntime,) ICRS radians (None: not read)
     phase_center_dec: np.ndarray | None
     extra_keywords: dict = field(default_factory=dict)
+    integration_times: np.ndarray | None = None  # (ntime, nbl) when rows differ
+    phase_center_name: list | None = None  # (ntime,) catalogue names, None: unnamed
     spw_axis: bool = False       # old UVH5 layout (Nblts, 1, Nfreqs, Npols)
     vis_kind: str = "complex"    # "complex" or "compound"
 
@@ -268,19 +282,25 @@ def _read_header(f, path, phase_centres=True) -> Header:
                 val.item() if isinstance(val, np.generic) else val)
 
     if phase_centres:
-        ra0, dec0 = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
+        ra0, dec0, pc_name = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
     else:
-        ra0 = dec0 = None
+        ra0 = dec0 = pc_name = None
+    integ = float(np.median(it))
+    it_grid = None
+    if it.size == nblts and not np.allclose(it, integ, rtol=1e-9, atol=0):
+        # baseline-dependent averaging: keep every row's integration time
+        it_grid = np.where(row_index >= 0, it[np.maximum(row_index, 0)], integ)
     return Header(
         path=path, nblts=nblts, nfreqs=nfreqs, npols=npols, freqs=freqs,
         channel_width=channel_width, pols=pols,
-        times_unix=(ut - UNIX_JD0) * SECONDS_PER_DAY, integration_time=float(np.median(it)),
+        times_unix=(ut - UNIX_JD0) * SECONDS_PER_DAY, integration_time=integ,
         antenna_numbers=ant_numbers, antenna_names=ant_names,
         antenna_positions=ant_pos + loc, antenna_diameters=diam,
         telescope_name=tname, telescope_location=loc,
         bl_ant1=(ukey // nant).astype(np.int32), bl_ant2=(ukey % nant).astype(np.int32),
         row_index=row_index, conj=conj, uvw=uvw_c,
         phase_center_ra=ra0, phase_center_dec=dec0, extra_keywords=extra,
+        integration_times=it_grid, phase_center_name=pc_name,
         spw_axis=spw_axis, vis_kind=vis_kind,
     )
 
@@ -335,7 +355,7 @@ def _itrf_cached(lat_deg, lon_deg, alt_m):
 
 
 def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
-    """Per-integration ICRS phase centre (radians)."""
+    """Per-integration ICRS phase centre (radians) and name (None when unnamed)."""
     first_row = np.zeros(ntime, np.int64)
     first_row[t_idx[::-1]] = np.arange(t_idx.size)[::-1]
     if "phase_center_catalog" in h and "phase_center_id_array" in h:
@@ -347,14 +367,17 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
             if int(key) in wanted:   # only the fields we use (big catalogs are slow to read)
                 grp = pcc[key]
                 cat[int(key)] = {k: grp[k][()] for k in
-                                 ("cat_type", "cat_frame", "cat_lon", "cat_lat") if k in grp}
+                                 ("cat_type", "cat_frame", "cat_lon", "cat_lat", "cat_name")
+                                 if k in grp}
         ra = np.zeros(ntime)
         dec = np.zeros(ntime)
         todo = np.zeros(ntime, bool)
+        names = []
         for i, cid in enumerate(ids):
             entry = cat.get(int(cid))
             if entry is None:
                 raise UVH5Error(f"{path}: phase_center_id {cid} not in phase_center_catalog")
+            names.append(_str(entry["cat_name"]) if "cat_name" in entry else "")
             ctype = _str(entry.get("cat_type", b"sidereal"))
             frame = _str(entry.get("cat_frame", b"icrs")).lower()
             if ctype == "sidereal" and frame == "icrs":
@@ -369,13 +392,14 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
             r, d = _app_to_icrs(time_jd[first_row][todo], app_ra[todo], app_dec[todo],
                                 lat, lon, alt)
             ra[todo], dec[todo] = r, d
-        return ra, dec
+        return ra, dec, (names if any(names) else None)
     # UVH5 < 1.0: phase_type "drift" (zenith) or "phased" (one phase centre)
     ptype = _str(h["phase_type"][()]) if "phase_type" in h else "drift"
     if ptype == "phased":
         ra = np.full(ntime, float(h["phase_center_ra"][()]))
         dec = np.full(ntime, float(h["phase_center_dec"][()]))
-        return ra, dec
+        name = _str(h["object_name"][()]) if "object_name" in h else ""
+        return ra, dec, ([name] * ntime if name else None)
     from astropy import units as u
     from astropy.coordinates import AltAz, EarthLocation, SkyCoord
     from astropy.time import Time
@@ -384,7 +408,7 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
     t = Time(time_jd[first_row], format="jd", scale="utc")
     zen = SkyCoord(alt=np.full(ntime, 90.0) * u.deg, az=np.zeros(ntime) * u.deg,
                    frame=AltAz(obstime=t, location=loc)).icrs
-    return zen.ra.rad, zen.dec.rad
+    return zen.ra.rad, zen.dec.rad, None
 
 
 def _app_to_icrs(time_jd, app_ra, app_dec, lat, lon, alt):
@@ -397,199 +421,6 @@ def _app_to_icrs(time_jd, app_ra, app_dec, lat, lon, alt):
                                            app_dec=app_dec, telescope_loc=loc,
                                            coord_frame="icrs")
     return np.asarray(ra, float).reshape(-1), np.asarray(dec, float).reshape(-1)
-
-
-# ---------------------------------------------------------------------------------
-# lazy arrays
-# ---------------------------------------------------------------------------------
-
-_DSETS = {"VISIBILITY": "visdata", "FLAG": "flags", "WEIGHT": "nsamples"}
-_DTYPES = {"VISIBILITY": np.dtype("complex64"), "FLAG": np.dtype("bool"),
-           "WEIGHT": np.dtype("float32")}
-
-
-class _SubbandArray:
-    """Array-like over one file's data: (time, baseline, frequency ascending, pol).
-
-    ``__getitem__`` takes basic slices (what dask's ``from_array`` passes), reads the
-    needed contiguous row range with one h5py slice, and reorders in memory.
-    """
-
-    def __init__(self, header: Header, var: str):
-        self.path = header.path
-        self.var = var
-        self.dset = _DSETS[var]
-        self.dtype = _DTYPES[var]
-        # the regular DSA-110 layout (time-major, our baseline order, no conjugated
-        # rows) needs no index arrays: keep the pickled graph small
-        rows = header.row_index
-        self.regular = bool(np.array_equal(rows.reshape(-1), np.arange(rows.size))
-                            and not header.conj.any())
-        self.row_index = None if self.regular else rows.astype(np.int32)
-        self.conj = None if self.regular else header.conj
-        self.grid = rows.shape
-        self.spw_axis = header.spw_axis
-        self.vis_kind = header.vis_kind
-        self.descending = header.nfreqs > 1 and header.freqs[1] < header.freqs[0]
-        pols = header.pols
-        self.pol_swap = None
-        if "XY" in pols and "YX" in pols:
-            p = list(range(len(pols)))
-            p[pols.index("XY")], p[pols.index("YX")] = pols.index("YX"), pols.index("XY")
-            self.pol_swap = np.array(p)
-        if "RL" in pols and "LR" in pols:
-            p = list(range(len(pols)))
-            p[pols.index("RL")], p[pols.index("LR")] = pols.index("LR"), pols.index("RL")
-            self.pol_swap = np.array(p)
-        self.shape = (header.ntime, header.nbl, header.nfreqs, header.npols)
-        self.ndim = 4
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            key = (key,)
-        key = key + (slice(None),) * (4 - len(key))
-        tsl, bsl, fsl, psl = key
-        if not all(isinstance(k, slice) for k in key):
-            raise TypeError("only basic slices are supported")
-        if self.regular:
-            rows = np.arange(self.grid[0] * self.grid[1]).reshape(self.grid)[tsl, bsl]
-            conj = np.zeros(rows.shape, bool)
-        else:
-            rows = self.row_index[tsl, bsl]        # (nt, nb)
-            conj = self.conj[tsl, bsl]
-        nf = self.shape[2]
-        # frequency slice in ascending order -> file channels
-        fidx = np.arange(nf)[fsl]
-        file_f = (nf - 1 - fidx) if self.descending else fidx
-        out_shape = rows.shape + (fidx.size, self.shape[3])
-        valid = rows >= 0
-
-        def empty():   # absent rows: zeros, flagged
-            out = np.zeros(out_shape, self.dtype)
-            if self.var == "FLAG":
-                out[...] = True
-            return out
-
-        if rows.size == 0 or fidx.size == 0 or not valid.any():
-            return empty()[..., psl]
-        r0, r1 = int(rows[valid].min()), int(rows[valid].max()) + 1
-        f0, f1 = int(file_f.min()), int(file_f.max()) + 1
-        try:
-            with h5py.File(self.path, "r") as f:
-                d = f["Data"][self.dset]
-                reverse = (self.descending and self.vis_kind == "complex"
-                           and np.array_equal(file_f, np.arange(f1 - 1, f0 - 1, -1)))
-                if reverse:
-                    # descending file, ascending out: read slabs of rows and reverse
-                    # them into one C-ordered block (peak: the block + one slab)
-                    block = np.empty((r1 - r0, f1 - f0, d.shape[-1]), d.dtype)
-                    step = max(1, (8 << 20) // max(1, block[0].nbytes))
-                    slab = np.empty((min(step, r1 - r0),) + block.shape[1:], d.dtype)
-                    for a in range(r0, r1, step):
-                        b = min(a + step, r1)
-                        s = slab[:b - a]
-                        if self.spw_axis:
-                            d.read_direct(s, np.s_[a:b, 0, f0:f1, :])
-                        else:
-                            d.read_direct(s, np.s_[a:b, f0:f1, :])
-                        reverse_channels(s, block[a - r0:b - r0])
-                    file_f = np.arange(f0, f1)  # now in ascending order
-                elif self.spw_axis:
-                    block = d[r0:r1, 0, f0:f1, :]
-                else:
-                    block = d[r0:r1, f0:f1, :]
-        except (OSError, KeyError) as exc:
-            raise UVH5Error(f"{self.path}: cannot read Data/{self.dset} rows {r0}:{r1}: "
-                            f"{exc}", culprits=[self.path]) from None
-        if self.var == "VISIBILITY" and self.vis_kind == "compound":
-            c = np.empty(block.shape, np.complex64)
-            c.real, c.imag = block["r"], block["i"]
-            block = c
-        # ascending frequency: a reversed view when the slice is contiguous
-        if self.descending and np.array_equal(file_f, np.arange(f1 - 1, f0 - 1, -1)):
-            # one copy, here in the (parallel) read task, so consumers get C order
-            block = np.ascontiguousarray(block[:, ::-1, :])
-        elif not np.array_equal(file_f, np.arange(f0, f1)):
-            block = block[:, file_f - f0, :]
-        if valid.all() and np.array_equal(rows.reshape(-1), np.arange(r0, r1)):
-            # fast path: the file is time-major in our baseline order (DSA-110 files)
-            out = block.reshape(out_shape)
-            if out.dtype != self.dtype:
-                out = out.astype(self.dtype)
-            cj = conj
-            if cj.any():
-                out = np.array(out)
-                self._fix_conj(out, cj)
-            return out[..., psl]
-        vals = block[rows[valid] - r0].astype(self.dtype, copy=False)
-        self._fix_conj(vals, conj[valid])
-        out = empty()
-        out[valid] = vals
-        return out[..., psl]
-
-    def _fix_conj(self, vals, cj):
-        """Rows stored as (a2, a1): conjugate visibilities and swap the cross-hands."""
-        if not cj.any():
-            return
-        if self.var == "VISIBILITY":
-            vals[cj] = np.conj(vals[cj])
-        if self.pol_swap is not None:
-            vals[cj] = vals[cj][..., self.pol_swap]
-
-
-class _FilledArray:
-    """A fully flagged stand-in for a missing subband."""
-
-    def __init__(self, shape, var):
-        self.shape = shape
-        self.ndim = 4
-        self.var = var
-        self.dtype = _DTYPES[var]
-
-    def __getitem__(self, key):
-        shape = tuple(len(range(*k.indices(n))) for k, n in zip(_full_key(key), self.shape))
-        if self.var == "FLAG":
-            return np.ones(shape, self.dtype)
-        return np.zeros(shape, self.dtype)
-
-
-def _full_key(key):
-    if not isinstance(key, tuple):
-        key = (key,)
-    return key + (slice(None),) * (4 - len(key))
-
-
-# ---------------------------------------------------------------------------------
-# Dataset assembly
-# ---------------------------------------------------------------------------------
-
-def _time_chunks(ntime, chunks):
-    tc = (chunks or {}).get("time", ntime) if isinstance(chunks, dict) else ntime
-    tc = ntime if tc in (None, -1) else int(tc)
-    return tc
-
-
-def _subband_arrays(header: Header, tc: int, label: str, token: str):
-    out = {}
-    for var in _DSETS:
-        arr = _SubbandArray(header, var)
-        out[var] = da.from_array(
-            arr, chunks=(tc, header.nbl, header.nfreqs, header.npols), asarray=False,
-            lock=False, fancy=False, name=f"uvh5-{var.lower()}-{label}-{token}",
-            meta=np.empty((0, 0, 0, 0), dtype=arr.dtype),
-        )
-    return out
-
-
-def _filled_arrays(ntime, nbl, nfreqs, npols, tc, label, token):
-    out = {}
-    for var in _DSETS:
-        arr = _FilledArray((ntime, nbl, nfreqs, npols), var)
-        out[var] = da.from_array(arr, chunks=(tc, nbl, nfreqs, npols), asarray=False,
-                                 lock=False, fancy=False,
-                                 name=f"missing-{var.lower()}-{label}-{token}",
-                                 meta=np.empty((0, 0, 0, 0), dtype=arr.dtype))
-    return out
 
 
 def _token(headers):
@@ -607,10 +438,13 @@ def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
     attrs = dict(source_files=[str(f) for f in files], **extra_attrs)
     if "phase_center_dec" in ref.extra_keywords:
         attrs["phase_center_dec"] = float(ref.extra_keywords["phase_center_dec"])
-    return contract.visibility_dataset(
-        vis=vis,
-        flag=da.concatenate([p["FLAG"] for p in parts], axis=2),
-        weight=da.concatenate([p["WEIGHT"] for p in parts], axis=2),
+    flag = da.concatenate([p["FLAG"] for p in parts], axis=2)
+    weight = da.concatenate([p["WEIGHT"] for p in parts], axis=2)
+    # negative nsamples (a writer's fault): flagged, weight 0 (the read warns)
+    neg = weight < 0
+    flag, weight = flag | neg, da.where(neg, np.float32(0), weight)
+    ds = contract.visibility_dataset(
+        vis=vis, flag=flag, weight=weight,
         uvw=da.from_array(ref.uvw, chunks=(vis.chunks[0][0], ref.nbl, 3)),
         time=ref.times_unix, integration_time=ref.integration_time,
         antenna1=ref.bl_ant1, antenna2=ref.bl_ant2,
@@ -622,15 +456,124 @@ def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
         attrs=attrs,
         name=", ".join(os.path.basename(str(f)) for f in files[:2])
         + (" ..." if len(files) > 2 else ""))
+    if ref.phase_center_name is not None:
+        ds = ds.assign_coords(phase_center_name=("time", list(ref.phase_center_name)))
+    if ref.integration_times is not None:
+        ds["INTEGRATION_TIME"] = (("time", "baseline_id"), da.from_array(
+            ref.integration_times, chunks=(vis.chunks[0], ref.nbl)))
+    return ds
 
 
 def open_uvh5(path, *, chunks=None) -> xr.Dataset:
-    """Open one UVH5 file as a lazy contract Dataset (frequency ascending)."""
+    """Open one UVH5 file (any telescope) as a lazy contract Dataset (frequency
+    ascending; telescope, antennas and phase centres from the file).
+    ``chunks={"time": n, "frequency": m}``; default: the whole file per chunk."""
     h = read_header(path)
     tc = _time_chunks(h.ntime, chunks)
-    part = _subband_arrays(h, tc, Path(path).stem, _token([h]))
+    fc = (chunks or {}).get("frequency") if isinstance(chunks, dict) else None
+    fc = h.nfreqs if fc in (None, -1) else max(1, min(int(fc), h.nfreqs))
+    part = _subband_arrays(h, tc, Path(path).stem, _token([h]), fc)
     freqs = np.sort(h.freqs)
-    return _build_dataset(h, [part], freqs, [path], {"chunk_files": [str(path)]})
+    nfc = -(-h.nfreqs // fc)
+    return _build_dataset(h, [part], freqs, [path], {"chunk_files": [str(path)] * nfc})
+
+
+def is_subband_file(path) -> bool:
+    """Whether ``path``'s name is a DSA-110 subband file name."""
+    try:
+        tel.parse_subband_filename(path)
+    except ValueError:
+        return False
+    return True
+
+
+#: file name endings :func:`open_any` and :func:`find_inputs` take as UVH5
+UVH5_SUFFIXES = (".uvh5", ".hdf5", ".h5")
+
+
+def open_any(path_or_paths, *, chunks=None, n_subbands: int = tel.N_SUBBANDS,
+             allow_missing: bool = False, **group_kw) -> xr.Dataset:
+    """Open UVH5 data of any telescope: a DSA-110 group (a directory holding one, or
+    several subband files) through :func:`open_group`, one file (of any name, any
+    telescope; also a single DSA-110 subband) through :func:`open_uvh5`.
+
+    A directory without subband files must hold exactly one UVH5 file
+    (``*.uvh5``, ``*.hdf5``, ``*.h5``). Several files that are not the subbands of one
+    group raise :class:`UVH5Error` (open them one at a time). ``n_subbands``,
+    ``allow_missing`` and ``group_kw`` apply to groups only."""
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        p = Path(path_or_paths)
+        if p.is_dir():
+            if any(is_subband_file(x) for x in p.glob("*_sb??.hdf5")):
+                return open_group(p, n_subbands=n_subbands, allow_missing=allow_missing,
+                                  chunks=chunks, **group_kw)
+            found = sorted(x for x in p.iterdir() if x.suffix.lower() in UVH5_SUFFIXES)
+            if len(found) != 1:
+                raise UVH5Error(f"{p}: neither a DSA-110 subband group nor a directory "
+                                f"with one UVH5 file ({len(found)} UVH5 files)")
+            return open_uvh5(found[0], chunks=chunks)
+        files = [str(p)]
+    else:
+        files = [str(x) for x in path_or_paths]
+    if not files:
+        raise UVH5Error("open_any: no files given")
+    if len(files) == 1:
+        if not os.path.exists(files[0]):
+            raise UVH5Error(f"{files[0]}: no such file", culprits=files)
+        return open_uvh5(files[0], chunks=chunks)
+    odd = [f for f in files if not is_subband_file(f)]
+    if odd:
+        raise UVH5Error(f"{odd[0]}: several files that are not the DSA-110 subbands of one "
+                        "group (YYYY-MM-DDTHH:MM:SS_sbNN.hdf5); open them one at a time",
+                        culprits=odd)
+    return open_group(files, n_subbands=n_subbands, allow_missing=allow_missing,
+                      chunks=chunks, **group_kw)
+
+
+def find_inputs(inputs, tolerance_s: float = tel.GROUP_TOLERANCE_S) -> list[list[str]]:
+    """Directories and files -> units to convert: DSA-110 groups (subband files grouped
+    by file-name timestamp, as :func:`find_groups` does) and, each on its own, every
+    other UVH5 file (any telescope; in a directory: ``*.uvh5``, ``*.hdf5``, ``*.h5``)."""
+    subbands, singles = [], []
+    for item in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs):
+        p = Path(item)
+        if p.is_dir():
+            for x in sorted(p.iterdir()):
+                if not (x.is_file() and x.suffix.lower() in UVH5_SUFFIXES):
+                    continue
+                if is_subband_file(x):
+                    subbands.append(str(x))
+                elif re.search(r"_sb\d+\.hdf5$", x.name):
+                    # a DSA-110 subband name gone wrong: not converted on its own
+                    log.warning("ignoring %s: not a valid subband file name", x)
+                else:
+                    singles.append(str(x))
+        elif p.exists():
+            (subbands if is_subband_file(p) else singles).append(str(p))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+    subbands.sort(key=lambda f: tel.parse_subband_filename(f).timestamp)
+    groups: list[list[str]] = []
+    start = None
+    for f in subbands:
+        ts = tel.parse_subband_filename(f).timestamp
+        if groups and (ts - start).total_seconds() <= tolerance_s:
+            groups[-1].append(f)
+        else:
+            groups.append([f])
+            start = ts
+    return groups + [[f] for f in singles]
+
+
+def product_stem(files) -> str:
+    """The name of what a unit of :func:`find_inputs` becomes: a group's earliest
+    file-name timestamp, a single non-DSA-110 file's stem."""
+    files = [str(f) for f in files]
+    if all(is_subband_file(f) for f in files):
+        return min(tel.parse_subband_filename(f).stamp for f in files)
+    if len(files) == 1:
+        return Path(files[0]).stem
+    raise UVH5Error(f"{files[0]}: not the DSA-110 subbands of one group", culprits=files)
 
 
 # ---------------------------------------------------------------------------------

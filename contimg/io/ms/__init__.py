@@ -9,6 +9,8 @@ Modules: :mod:`~contimg.io.ms.read` (:func:`open_ms`, in named steps),
 :mod:`~contimg.io.ms.plan` (what a write needs, computed once; block preparation),
 :mod:`~contimg.io.ms.main_table` (MAIN's description and its filling, block by block),
 :mod:`~contimg.io.ms.subtables` (one function per subtable),
+:mod:`~contimg.io.ms.fields` (:func:`ms_fields`, field selection by id or name),
+:mod:`~contimg.io.ms.measures` (measure references -> the contract's frames),
 :mod:`~contimg.io.ms.common` (names both directions share).
 
 Conventions, settled here and checked by ``tests/test_ms.py``
@@ -29,7 +31,10 @@ Baseline conjugation
     Hermitian forms apart, calibration can: this is the form pyuvdata's authors found
     CASA's calibration tasks to assume. pyuvdata reads our MS back into its own
     convention, bit for bit (the files carry no ``pyuvdata_flip_conj`` keyword, so
-    it assumes the MS convention; interop test). :func:`open_ms` undoes the flip.
+    it assumes the MS convention; interop test). :func:`open_ms` undoes the flip;
+    an MS pyuvdata 2.x wrote (its own convention: a pyuvdata HISTORY row and no
+    ``pyuvdata_flip_conj`` keyword, or that keyword False) is read as stored
+    (``conjugation="auto"|"ms"|"pyuvdata"``; the Dataset attr ``ms_conjugation``).
 
 FIELD
     One FIELD row per *distinct* phase centre, in order of first use. DSA-110 data are
@@ -54,6 +59,9 @@ Times and weights
     UTC, integration centre; :mod:`kernels.constants`); ``INTERVAL`` = ``EXPOSURE`` =
     ``time.attrs["integration_time"]``.
     Round trip of ``time`` is exact to the float64 rounding of that sum (< 1 us).
+    On reading, TIME in another reference (TAI, TT, ...: its MEASINFO) is converted
+    to UTC, and FIELD directions in other fixed frames to ICRS
+    (:mod:`~contimg.io.ms.measures`).
     ``WEIGHT_SPECTRUM`` is the contract's ``WEIGHT``; the row ``WEIGHT`` is its mean
     over channels and ``SIGMA = 1/sqrt(WEIGHT)`` (0 where the weight is 0, as CASA
     does); ``FLAG_ROW`` is set where every channel and correlation is flagged.
@@ -87,7 +95,9 @@ from contimg.io.ms.common import (
     MS_TELESCOPE_NAMES,
     VISIBILITY_CONVENTION,
     MSFormatError,
+    UnknownFieldError,
 )
+from contimg.io.ms.fields import ms_fields
 from contimg.io.ms.plan import prepare_ms_block, single_block
 from contimg.io.ms.read import open_ms
 from contimg.io.ms.write import write_ms
@@ -100,6 +110,8 @@ __all__ = [
     "compute_uvw",
     "MJD_UNIX_OFFSET_S",
     "MSFormatError",
+    "UnknownFieldError",
+    "ms_fields",
     "prepare_ms_block",
     "single_block",
     "CORR_TYPE",

@@ -1,0 +1,118 @@
+"""The current pipeline's archive format: a DSA-110 group read by pyuvdata and written by
+its ``write_ms`` (pyuvdata >= 3, and 2.x's own conjugation). open_ms gives the same
+Dataset as our own MS of the group, and calibrate / apply / image give the same results
+(issue 13, "Must show")."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from contimg import calibrate as cc
+from contimg.io.ms import open_ms, write_ms
+from contimg.io.uvh5 import open_group
+from contimg.simulate import SimConfig, simulate_group
+
+NSUB, NCHAN, NTIME, NANT = 2, 8, 6, 16
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """(our MS, pyuvdata 3 MS, pyuvdata 2.x-style MS, catalogue CSV, group Dataset)."""
+    from casacore import tables as ct
+    from pyuvdata import UVData
+
+    tmp = tmp_path_factory.mktemp("archive")
+    cfg = SimConfig(n_ant=NANT, n_subbands=NSUB, n_chan=NCHAN, n_times=NTIME, rfi=None,
+                    threads=1)
+    g = simulate_group(tmp / "raw", cfg=cfg, calibrator=True)
+    truth = g.load_truth()
+    i = list(truth["sky_name"]).index("SIMCAL")
+    cat = tmp / "cal.csv"
+    cat.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
+                   f"SIMCAL,{float(np.degrees(truth['sky_ra'][i]))!r},"
+                   f"{float(np.degrees(truth['sky_dec'][i]))!r},"
+                   f"{float(truth['sky_flux'][i])!r},{float(truth['sky_alpha'][i])!r}\n")
+    ds = open_group(g.files, n_subbands=NSUB)
+    ours = tmp / "ours.ms"
+    write_ms(ds, ours)
+    # what the current pipeline does: pyuvdata reads the subbands (descending
+    # frequency, as the files hold them) and writes the MS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uvd = UVData.from_file([str(f) for f in g.files], axis="freq", file_type="uvh5")
+        v3 = tmp / "pyuvdata3.ms"
+        uvd.write_ms(str(v3))
+        v2 = tmp / "pyuvdata2.ms"
+        uvd.write_ms(str(v2), flip_conj=False)
+    with ct.table(str(v2), readonly=False, ack=False) as tb:   # 2.x wrote no keyword
+        tb.removekeyword("pyuvdata_flip_conj")
+    with ct.table(f"{v3}::SPECTRAL_WINDOW", ack=False) as tb:
+        assert np.all(np.diff(tb.getcell("CHAN_FREQ", 0)) < 0)   # descending, as archived
+    return dict(ours=str(ours), v3=str(v3), v2=str(v2), catalog=str(cat), ds=ds)
+
+
+def _same_dataset(a, b, tol=1e-4):
+    for name in ("VISIBILITY", "WEIGHT"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=tol,
+                                   err_msg=name)
+    np.testing.assert_array_equal(a.FLAG.values, b.FLAG.values)
+    np.testing.assert_allclose(a.UVW.values, b.UVW.values, rtol=0, atol=tol)
+    np.testing.assert_allclose(a.time.values, b.time.values, rtol=0, atol=tol)
+    np.testing.assert_array_equal(a.frequency.values, b.frequency.values)
+    for name in ("PHASE_CENTER_RA", "PHASE_CENTER_DEC"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a.ANTENNA_POSITION.values, b.ANTENNA_POSITION.values,
+                               rtol=0, atol=tol)
+    np.testing.assert_array_equal(a.baseline_antenna1_id.values, b.baseline_antenna1_id.values)
+    np.testing.assert_array_equal(a.baseline_antenna2_id.values, b.baseline_antenna2_id.values)
+    assert a.attrs["telescope_name"] == b.attrs["telescope_name"]
+    np.testing.assert_allclose(a.attrs["telescope_location"], b.attrs["telescope_location"],
+                               rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("which, conj", [("v3", "ms"), ("v2", "pyuvdata")])
+def test_pyuvdata_archive_ms_opens_as_our_ms(archive, which, conj):
+    theirs = open_ms(archive[which])
+    assert theirs.attrs["ms_conjugation"] == conj
+    ours = open_ms(archive["ours"])
+    _same_dataset(theirs, ours)
+    _same_dataset(theirs, archive["ds"])
+    assert list(theirs.phase_center_name.values) == list(ours.phase_center_name.values)
+
+
+@pytest.mark.slow
+def test_pyuvdata_archive_calibrates_applies_and_images_as_our_ms(archive, tmp_path):
+    import shutil
+
+    from contimg.caltables import read_caltable
+    from contimg.imaging import image_ms
+
+    res, corrected, images = {}, {}, {}
+    for which in ("ours", "v3"):
+        ms = str(tmp_path / f"{which}.ms")
+        shutil.copytree(archive[which], ms)
+        r = cc.calibrate_ms(ms, catalog=archive["catalog"], name=which, out_dir=str(tmp_path))
+        assert r.calibrator == "SIMCAL" and r.status == "valid", r
+        res[which] = r
+        cc.apply_ms(ms, r.tables)
+        corrected[which] = open_ms(ms, data_column="CORRECTED_DATA")
+        images[which] = image_ms(ms, tmp_path / which, npix=256, cell_arcsec=20.0, niter=50,
+                                  weighting="natural")
+    for kind in ("B", "G"):
+        a = read_caltable(res["ours"].tables[kind])
+        b = read_caltable(res["v3"].tables[kind])
+        np.testing.assert_array_equal(a["freqs_hz"], b["freqs_hz"])
+        np.testing.assert_array_equal(a["flag"], b["flag"])
+        ok = ~a["flag"]
+        np.testing.assert_allclose(a["cparam"][ok], b["cparam"][ok], rtol=1e-4, atol=1e-5)
+    ca, cb = corrected["ours"], corrected["v3"]
+    np.testing.assert_array_equal(ca.FLAG.values, cb.FLAG.values)
+    good = ~ca.FLAG.values
+    np.testing.assert_allclose(ca.VISIBILITY.values[good], cb.VISIBILITY.values[good],
+                               rtol=1e-4, atol=1e-4)
+    ia, ib = images["ours"], images["v3"]
+    assert ib.peak == pytest.approx(ia.peak, rel=1e-4)
+    np.testing.assert_allclose(ib.peak_radec, ia.peak_radec, atol=1e-6)
