@@ -1,0 +1,170 @@
+"""Memory that grows with the chunk, not the group (issue 17): calibration in passes over
+chunks gives today's solutions, flagging on bounded baseline blocks gives today's flags,
+the stream admits groups by a memory budget, and the simulator scales groups beyond
+DSA-110. Small data throughout; the memory figures themselves are bench/memory.py's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from contimg import calibrate as cc
+from contimg import sky
+from contimg.io.uvh5 import open_group
+from contimg.simulate import SimConfig, layout_enu, n_visibilities, scaled, simulate_group
+
+NSUB, NCHAN, NTIME, NANT = 2, 8, 6, 12
+
+
+# ---------------------------------------------------------------------------------
+# calibration in passes
+# ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calgroup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memcal")
+    cfg = SimConfig(n_ant=NANT, n_subbands=NSUB, n_chan=NCHAN, n_times=NTIME, rfi=None,
+                    threads=1)
+    g = simulate_group(tmp / "raw", cfg=cfg, calibrator=True)
+    truth = g.load_truth()
+    i = list(truth["sky_name"]).index("SIMCAL")
+    src = sky.Source(name="SIMCAL", ra=float(truth["sky_ra"][i]),
+                     dec=float(truth["sky_dec"][i]), flux_jy=float(truth["sky_flux"][i]),
+                     alpha=float(truth["sky_alpha"][i]))
+    cat = tmp / "cal.csv"
+    cat.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
+                   f"SIMCAL,{float(np.degrees(src.ra))!r},{float(np.degrees(src.dec))!r},{src.flux_jy!r},"
+                   f"{src.alpha!r}\n")
+    ds = open_group(g.files, n_subbands=NSUB)
+    # some flags, so that the sums' flag handling is compared too
+    rng = np.random.default_rng(3)
+    flag = ds.FLAG.values | (rng.random(ds.FLAG.shape) < 0.05)
+    ds = ds.assign(FLAG=(ds.FLAG.dims, flag)).compute()
+    return ds, src, str(cat)
+
+
+def _model(ds, src):
+    from graphs import calibrate as gcal
+
+    flux = sky.apparent_flux([src], ds.PHASE_CENTER_RA.values, ds.PHASE_CENTER_DEC.values,
+                             ds.frequency.values)
+    return gcal.predict_model(ds, [src.ra], [src.dec], flux)
+
+
+@pytest.mark.parametrize("time_chunk,opts", [
+    (None, {}),                                       # one time chunk: two fused passes
+    (2, {}),                                          # three time chunks: four passes
+    (4, dict(gain_interval=2, gain_mode="p")),
+    (None, dict(phase_pass=False, gain_interval=3)),
+    (1, dict(phase_pass=False)),
+])
+def test_solutions_in_passes_equal_the_one_graph_solve(calgroup, time_chunk, opts):
+    import dask
+
+    from graphs import calibrate as gcal
+    from graphs import calpasses
+
+    ds, src, _ = calgroup
+    ref = ds.chunk({"frequency": NCHAN})
+    (one,) = dask.compute(gcal.solve(ref, _model(ref, src), **opts))
+    ds = ds.chunk({"frequency": NCHAN, "time": time_chunk or -1})
+    steps = calpasses.solve_steps(ds, _model(ds, src), **opts)
+    npass = 0
+    lazy = next(steps)
+    while True:
+        npass += 1
+        try:
+            lazy = steps.send(list(dask.compute(*lazy)))
+        except StopIteration as stop:
+            sol = stop.value
+            break
+    phase = opts.get("phase_pass", True)
+    assert npass == ((2 if phase else 1) if time_chunk in (None, NTIME) else
+                     (4 if phase else 2))
+    assert set(sol.data_vars) == set(one.data_vars) and sol.attrs == one.attrs
+    assert int(sol.REFANT) == int(one.REFANT)
+    np.testing.assert_array_equal(sol.gain_time.values, one.gain_time.values)
+    for name in sol.data_vars:
+        a, b = sol[name].values, one[name].values
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if a.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * np.abs(b).max(),
+                                       err_msg=name)
+    assert not sol.BANDPASS_FLAG.values.all()          # there is something to compare
+
+
+def test_solve_dataset_uses_passes(calgroup, monkeypatch):
+    """solve_dataset goes through the passes and never through the one-graph solve."""
+    from graphs import calibrate as gcal
+
+    ds, src, cat = calgroup
+    monkeypatch.setattr(gcal, "solve", lambda *a, **k: pytest.fail("one-graph solve used"))
+    sol, _, q = cc.solve_dataset(ds.chunk({"time": 2, "frequency": NCHAN}), catalog=cat)
+    assert q["bandpass_converged_fraction"] == 1.0
+    assert sol.BANDPASS.shape[1:] == (NSUB * NCHAN, 2)
+
+
+# ---------------------------------------------------------------------------------
+# simulator scaling
+# ---------------------------------------------------------------------------------
+
+def test_scaled_groups_hold_factor_times_the_visibilities():
+    base = SimConfig()
+    full = n_visibilities(base)
+    assert full == 96 * 97 // 2 * 768 * 24 * 2            # 171 M, a full DSA-110 group
+    for f in (2, 4):
+        a = scaled(f, "antennas")
+        nb = a.n_ant * (a.n_ant + 1) // 2
+        # the smallest antenna count that reaches f times the baselines
+        assert nb >= f * 4656 > (a.n_ant - 1) * a.n_ant // 2
+        assert n_visibilities(scaled(f, "channels")) == f * full
+        assert scaled(f, "channels").n_chan == 48 * f
+        assert scaled(f, "times").n_times == 24 * f
+    assert (scaled(2, "antennas").n_ant, scaled(4, "antennas").n_ant) == (136, 193)
+    small = SimConfig(n_ant=8, n_subbands=2, n_chan=4, n_times=3)
+    assert scaled(3, "times", small).n_times == 9 and scaled(3, "times", small).n_ant == 8
+    with pytest.raises(ValueError, match="whole number"):
+        scaled(1.5, "times", small)
+    with pytest.raises(ValueError, match="scale axis"):
+        scaled(2, "baselines")
+
+
+def test_layout_beyond_117_stations_extends_the_arms():
+    enu, names = layout_enu(130)
+    base, _ = layout_enu(117)
+    assert enu.shape == (130, 3) and len(set(names)) == 130
+    np.testing.assert_array_equal(enu[:117], base)
+    extra = enu[117:]
+    # on the arms' lines, beyond their ends, no two stations on the same pad
+    ew = np.abs(extra[:, 1]) < 2
+    assert np.all(np.abs(extra[ew, 0]) > 200) and np.all(extra[~ew, 1] > 440)
+    d = np.linalg.norm(enu[:, None, :2] - enu[None, :, :2], axis=-1)
+    assert d[np.triu_indices(130, 1)].min() > 1.0
+
+
+def test_simulated_group_beyond_dsa110(tmp_path):
+    """120 antennas (more than DSA-110's 117 stations) and 96 channels per subband:
+    the files read back with every baseline and channel."""
+    cfg = scaled(2, "channels", SimConfig(n_ant=120, n_subbands=1, n_chan=48, n_times=2,
+                                          rfi=None, threads=1))
+    g = simulate_group(tmp_path, cfg=cfg, calibrator=True)
+    ds = open_group(g.files, n_subbands=1)
+    assert ds.sizes["baseline_id"] == 120 * 121 // 2 and ds.sizes["frequency"] == 96
+    assert ds.sizes["antenna_id"] == 120
+    width = np.diff(ds.frequency.values)
+    np.testing.assert_allclose(width, 244140.625 / 2)
+    vis = ds.VISIBILITY.values
+    assert np.isfinite(vis).all() and np.abs(vis).mean() > 0
+
+
+def test_cli_simulate_scale(tmp_path):
+    from contimg.cli import main
+
+    rc = main(["simulate", "--out", str(tmp_path), "--antennas", "6", "--subbands", "1",
+               "--channels", "4", "--integrations", "2", "--no-rfi",
+               "--scale", "2", "--scale-axis", "times"])
+    assert rc == 0
+    ds = open_group(sorted(tmp_path.glob("*.hdf5")), n_subbands=1)
+    assert ds.sizes["time"] == 4 and ds.sizes["baseline_id"] == 21
