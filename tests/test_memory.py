@@ -168,3 +168,51 @@ def test_cli_simulate_scale(tmp_path):
     assert rc == 0
     ds = open_group(sorted(tmp_path.glob("*.hdf5")), n_subbands=1)
     assert ds.sizes["time"] == 4 and ds.sizes["baseline_id"] == 21
+
+
+# ---------------------------------------------------------------------------------
+# flagging on bounded baseline blocks
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_baselines", [7, 1000])
+def test_flag_ms_on_baseline_blocks_gives_todays_flags(tmp_path, monkeypatch, block_baselines):
+    """flag_ms reads, flags and writes per baseline block (here 7 baselines, i.e. 11
+    blocks, or one block): the flags are those of the one-graph flagger on the whole
+    MS (open_ms + graphs.flag.flag_dataset), bit for bit, with some flags and a
+    FLAG_ROW set beforehand."""
+    from casacore import tables as ct
+
+    from contimg import flagging
+    from contimg.io.ms import open_ms, write_ms
+    from graphs.flag import flag_dataset
+
+    cfg = SimConfig(n_ant=11, n_subbands=2, n_chan=16, n_times=8, threads=1)
+    g = simulate_group(tmp_path / "raw", cfg=cfg)
+    ms = str(tmp_path / "g.ms")
+    write_ms(open_group(g.files, n_subbands=2), ms)
+    rng = np.random.default_rng(5)
+    with ct.table(ms, readonly=False, ack=False) as tb:
+        f = tb.getcol("FLAG")
+        f |= rng.random(f.shape) < 0.03
+        tb.putcol("FLAG", f)
+        fr = tb.getcol("FLAG_ROW")
+        fr[17] = True
+        tb.putcol("FLAG_ROW", fr)
+    ds = open_ms(ms)
+    want = flag_dataset(ds).FLAG.values
+    before = ds.FLAG.values
+    del ds
+    plane = 8 * 32 * 2 * 8
+    monkeypatch.setattr(flagging, "BLOCK_BYTES", block_baselines * plane)
+    reads = []
+    real = flagging._get_block
+    monkeypatch.setattr(flagging, "_get_block",
+                        lambda tb, layout, col, tsl, bsl: reads.append(bsl) or real(
+                            tb, layout, col, tsl, bsl))
+    summary = flagging.flag_ms(ms, backup=False)
+    assert len(reads) == -(-66 // min(block_baselines, 66))
+    assert max(b.stop - b.start for b in reads) == min(block_baselines, 66)
+    got = open_ms(ms).FLAG.values
+    assert (want & ~before).any()                      # the flagger found something
+    np.testing.assert_array_equal(got, want)
+    assert summary["after"]["overall"] == pytest.approx(want.mean())
