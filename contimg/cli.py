@@ -483,6 +483,7 @@ STREAM_OPTIONS = (
     "stream.min_subbands", "stream.in_flight", "stream.image_slots", "stream.max_retries",
     "stream.stale_after_s", "stream.skip", "stream.placement", "flag.strategy_file",
     "calibrate.catalog", "calibrate.refant", "image.npix", "image.cell_arcsec", "image.niter",
+    "stream.memory_limit",
 )
 
 

@@ -216,3 +216,112 @@ def test_flag_ms_on_baseline_blocks_gives_todays_flags(tmp_path, monkeypatch, bl
     assert (want & ~before).any()                      # the flagger found something
     np.testing.assert_array_equal(got, want)
     assert summary["after"]["overall"] == pytest.approx(want.mean())
+
+
+# ---------------------------------------------------------------------------------
+# admission by a memory budget
+# ---------------------------------------------------------------------------------
+
+def test_parse_memory_limit():
+    from contimg.admission import parse_bytes
+
+    assert parse_bytes("auto") is None
+    assert parse_bytes("off") == 0 and parse_bytes("0") == 0
+    assert parse_bytes("6GiB") == 6 * 2 ** 30 and parse_bytes("6 GB") == 6_000_000_000
+    assert parse_bytes("6.5e9") == 6_500_000_000 and parse_bytes("512MiB") == 2 ** 29
+    assert parse_bytes(4e9) == 4_000_000_000
+    for bad in ("lots", "6 parsecs", "-1GB"):
+        with pytest.raises(ValueError, match="memory limit"):
+            parse_bytes(bad)
+
+
+def test_admission_reserves_per_visibility_and_says_why(caplog):
+    from contimg.admission import Admission
+
+    full = n_visibilities(SimConfig())                 # 171 M visibilities
+    adm = Admission(int(7.5 * 2 ** 30), per_visibility=20.0)   # room for two full groups
+    assert adm.check("a", full) is None
+    adm.admit("a", full)
+    assert adm.check("b", full) is None
+    adm.admit("b", full)
+    why = adm.check("c", full)
+    assert why and "memory budget" in why and "2 group(s) in flight" in why
+    with caplog.at_level("INFO", logger="contimg.admission"):
+        adm.waiting("c", why)
+        adm.waiting("c", why)                          # said once
+    assert sum("group c: waits: memory budget" in r.message for r in caplog.records) == 1
+    adm.release("a")
+    assert adm.check("c", full) is None
+    # a group bigger than the whole budget still runs when nothing else does
+    big = n_visibilities(scaled(4, "antennas"))
+    adm.release("b")
+    assert adm.check("d", big) is None
+    adm.admit("d", big)
+    assert adm.check("e", 1000) is not None
+    # no budget: slots only
+    off = Admission(0, 20.0)
+    off.admit("a", big)
+    assert off.check("b", big) is None
+
+
+def test_auto_limit_is_the_workers_memory():
+    from contimg.admission import Admission
+
+    class FakeClient:
+        def scheduler_info(self):
+            return {"workers": {"w1": {"memory_limit": 3 * 2 ** 30},
+                                "w2": {"memory_limit": 2 ** 30}}}
+
+    assert Admission.from_settings("auto", 20.0, FakeClient()).limit == 4 * 2 ** 30
+    assert Admission.from_settings("5GiB", 20.0, FakeClient()).limit == 5 * 2 ** 30
+    assert Admission.from_settings("auto", 20.0, None).limit == 0
+
+
+def test_memory_limit_setting_and_cli_option():
+    from contimg.cli import build_parser
+    from contimg.config import from_args
+
+    args = build_parser().parse_args(["stream", "--memory-limit", "6GiB"])
+    assert from_args(args).stream.memory_limit == "6GiB"
+    from contimg.config import StreamSettings
+
+    with pytest.raises(ValueError, match="memory limit"):
+        StreamSettings(memory_limit="plenty")
+
+
+def test_stream_admits_by_memory_budget(tmp_path, caplog):
+    """Two slots, but a budget for one group: the groups run one after the other and
+    the log says why the second waits."""
+    import datetime as dt
+    import shutil
+
+    from distributed import Client, LocalCluster
+
+    from contimg.state import StateDB
+    from contimg.stream import Stream, StreamConfig
+
+    cfg_sim = SimConfig(n_ant=6, n_subbands=2, n_chan=4, n_times=6, rfi=None, threads=1)
+    nvis = n_visibilities(cfg_sim)
+    inc = tmp_path / "in"
+    for i in range(2):
+        g = simulate_group(tmp_path / f"g{i}", dt.datetime(2026, 1, 15, 8, 0, 0)
+                           + dt.timedelta(seconds=i * 6 * 12.884901888), cfg=cfg_sim)
+        inc.mkdir(exist_ok=True)
+        for f in g.files:
+            shutil.copy(f, inc / f.name)
+    per_vis = 20.0
+    cfg = StreamConfig(incoming=inc, output=tmp_path / "out", db_path=tmp_path / "db.sqlite3",
+                       n_subbands=2, min_subbands=2, settle_s=0.2, poll_s=0.2, in_flight=2,
+                       skip=frozenset({"calibrate", "apply", "image"}),
+                       memory_limit=str(int(1.5 * per_vis * nvis)),
+                       memory_per_visibility=per_vis)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        with caplog.at_level("INFO", logger="contimg.admission"):
+            stream = Stream(cfg, client, db=StateDB(cfg.db_path))
+            stream.run(until_idle=True, timeout=300)
+    assert len(stream.completed) == 2, stream.failed
+    db = StateDB(cfg.db_path)
+    (a, b) = sorted((db.group(gid) for gid in stream.completed), key=lambda g: g["started_at"])
+    assert b["started_at"] >= a["finished_at"]            # never both in flight
+    assert any("waits: memory budget" in r.message for r in caplog.records)
