@@ -256,7 +256,8 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     # in passes over the chunks (graphs.calpasses): memory of a chunk, not of the group
     sol = run_steps(calpasses.solve_steps(ds, model, refant=refant,
                                           gain_interval=gain_interval, gain_mode=gain_mode,
-                                          min_snr=min_snr, max_iter=max_iter, tol=tol))
+                                          min_snr=min_snr, max_iter=max_iter, tol=tol,
+                                          batch=os.cpu_count() or 1))
     q = _quality(sol, flag_frac)
     q["solve_seconds"] = _time.perf_counter() - tic
     log.info("solved in %.2f s: refant %d, %d antennas, bandpass SNR median %.1f, "

@@ -99,12 +99,14 @@ def _second(x):
 
 
 def solve_steps(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.0,
-                max_iter=200, tol=1e-8, phase_pass=True):
+                max_iter=200, tol=1e-8, phase_pass=True, batch=2):
     """Bandpass + gain solutions of ``ds`` against ``model`` in passes (a generator).
 
-    Same parameters and solutions as :func:`graphs.calibrate.solve`. Yields a list of
-    lazy objects per pass; send back their computed values (``dask.compute(*lazy)``);
-    the generator's return value is the computed solutions Dataset.
+    Same parameters and solutions as :func:`graphs.calibrate.solve`. Yields lists of
+    lazy objects (``batch`` frequency chunks of one pass each: a scheduler given every
+    chunk at once reads ahead of the solvers); send back their computed values
+    (``dask.compute(*lazy)``); the generator's return value is the computed solutions
+    Dataset.
     """
     if gain_mode not in ("ap", "p"):
         raise ValueError(f"gain_mode must be 'ap' or 'p', got {gain_mode!r}")
@@ -143,46 +145,60 @@ def solve_steps(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_
     def tsl(i, x):
         return None if x is None else np.ascontiguousarray(x[t_edges[i]:t_edges[i + 1]])
 
-    if nt == 1:
-        # pass 1: B0 and the Gp sums; pass 2: B and the G sums (one read each)
-        out = [d(_bp_then_gain_sums, pure=True, nout=2)(
-            *blk[0][k], a1, a2, nant, opts, None, tbin_p if phase_pass else tbin_g,
-            ntime if phase_pass else nct, dask_key_name=f"calpass1-f{k:02d}-{tag}")
-            for k in range(nf)]
-        bps = [o[0] for o in out]
-        sums = _tree_sum([o[1] for o in out], f"calpass1-sums-{tag}")
-        got = yield [bps, sums]
-        bp, sums = got
-        if phase_pass:
-            gp = _solve_gains(sums, a1, a2, nant, opts, True)
-            prior = _expand_gp(gp, tbin_p)
+    def batches():
+        for k0 in range(0, nf, batch):
+            yield range(k0, min(k0 + batch, nf))
+
+    def fused(prior, tbin, n, step):
+        """One read per chunk: its bandpass, then its gain sums (``batch`` frequency
+        chunks per compute; the sums are added here, between computes)."""
+        bp, sums = [], None
+        for ks in batches():
             out = [d(_bp_then_gain_sums, pure=True, nout=2)(
-                *blk[0][k], a1, a2, nant, opts, prior, tbin_g, nct,
-                dask_key_name=f"calpass2-f{k:02d}-{tag}") for k in range(nf)]
-            got = yield [[o[0] for o in out],
-                         _tree_sum([o[1] for o in out], f"calpass2-sums-{tag}")]
-            bp, sums = got
-    else:
-        def bandpass(prior, step):
-            return [d(_bp_solve, pure=True)(
+                *blk[0][k], a1, a2, nant, opts, prior, tbin, n,
+                dask_key_name=f"{step}-f{k:02d}-{tag}") for k in ks]
+            got = yield [[o[0] for o in out], _tree_sum([o[1] for o in out],
+                                                        f"{step}-sums-{ks[0]:02d}-{tag}")]
+            bp += got[0]
+            sums = got[1] if sums is None else _add_sums(sums, got[1])
+        return bp, sums
+
+    def bandpass(prior, step):
+        bp = []
+        for ks in batches():
+            got = yield [[d(_bp_solve, pure=True)(
                 _tree_sum([d(_bp_sums, pure=True)(*blk[i][k], a1, a2, nant, tsl(i, prior),
                                                   dask_key_name=f"{step}-t{i:02d}-f{k:02d}-{tag}")
                            for i in range(nt)], f"{step}-f{k:02d}-{tag}"),
                 a1, a2, nant, opts, dask_key_name=f"{step}-solve-f{k:02d}-{tag}")
-                for k in range(nf)]
+                for k in ks]]
+            bp += got[0]
+        return bp
 
-        def gain_sums(bp, tbin, n, step):
-            return _tree_sum([d(_gain_sums_chunk, pure=True)(
+    def gain_sums(bp, tbin, n, step):
+        sums = None
+        for ks in batches():
+            (got,) = yield [_tree_sum([d(_gain_sums_chunk, pure=True)(
                 *blk[i][k], a1, a2, nant, tsl(i, tbin), n, bp[k],
                 dask_key_name=f"{step}-t{i:02d}-f{k:02d}-{tag}")
-                for i in range(nt) for k in range(nf)], f"{step}-{tag}")
+                for i in range(nt) for k in ks], f"{step}-{ks[0]:02d}-{tag}")]
+            sums = got if sums is None else _add_sums(sums, got)
+        return sums
 
-        (bp,) = yield [bandpass(None, "calpass-b0")]
+    if nt == 1:
+        # pass 1: B0 and the Gp sums; pass 2: B and the G sums (one read each)
+        bp, sums = yield from fused(None, tbin_p if phase_pass else tbin_g,
+                                    ntime if phase_pass else nct, "calpass1")
         if phase_pass:
-            (sums,) = yield [gain_sums(bp, tbin_p, ntime, "calpass-gp")]
             gp = _solve_gains(sums, a1, a2, nant, opts, True)
-            (bp,) = yield [bandpass(_expand_gp(gp, tbin_p), "calpass-b")]
-        (sums,) = yield [gain_sums(bp, tbin_g, nct, "calpass-g")]
+            bp, sums = yield from fused(_expand_gp(gp, tbin_p), tbin_g, nct, "calpass2")
+    else:
+        bp = yield from bandpass(None, "calpass-b0")
+        if phase_pass:
+            sums = yield from gain_sums(bp, tbin_p, ntime, "calpass-gp")
+            gp = _solve_gains(sums, a1, a2, nant, opts, True)
+            bp = yield from bandpass(_expand_gp(gp, tbin_p), "calpass-b")
+        sums = yield from gain_sums(bp, tbin_g, nct, "calpass-g")
     g = _solve_gains(sums, a1, a2, nant, opts, gain_mode == "p")
     fin = _finish(list(bp), g, stations, nstations, refant, opts)
     return solutions_dataset(lambda key, shape, dtype: np.asarray(fin[key], dtype=dtype),
