@@ -221,6 +221,7 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     NoCalibratorError, TooMuchFlaggedError, NoConvergenceError
     """
     from graphs import calibrate as gcal
+    from graphs import calpasses
 
     if transits is None:
         transits = find_calibrator(ds, catalog, radius_deg=radius_deg, topn=topn)
@@ -254,9 +255,11 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
              ", ".join(t.name for t in transits),
              ", ".join(f"{t.apparent_flux_jy:.2f}" for t in transits))
     model = gcal.predict_model(ds, [s.ra for s in sources], [s.dec for s in sources], flux)
-    sol = gcal.solve(ds, model, refant=refant, gain_interval=gain_interval,
-                     gain_mode=gain_mode, min_snr=min_snr, max_iter=max_iter, tol=tol)
-    (sol,) = scheduling.compute(sol)
+    # in passes over the chunks (graphs.calpasses): memory of a chunk, not of the group
+    sol = run_steps(calpasses.solve_steps(ds, model, refant=refant,
+                                          gain_interval=gain_interval, gain_mode=gain_mode,
+                                          min_snr=min_snr, max_iter=max_iter, tol=tol,
+                                          batch=os.cpu_count() or 1))
     q = _quality(sol, flag_frac)
     q["solve_seconds"] = _time.perf_counter() - tic
     log.info("solved in %.2f s: refant %d, %d antennas, bandpass SNR median %.1f, "
@@ -278,6 +281,17 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
             f"{min_snr} or no data; limit {max_solutions_flagged * 100:.0f} %)"
             + _nonfinite_note(ds, cross))
     return sol, transits, q
+
+
+def run_steps(steps):
+    """Drive a pass generator (:func:`graphs.calpasses.solve_steps`): compute each pass's
+    lazy list, send the values back, return the generator's result."""
+    lazy = next(steps)
+    while True:
+        try:
+            lazy = steps.send(list(scheduling.compute(*lazy)))
+        except StopIteration as stop:
+            return stop.value
 
 
 def _nonfinite_note(ds, cross) -> str:

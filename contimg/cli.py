@@ -52,6 +52,12 @@ def _add_sim_options(p):
     p.add_argument("--no-noise", action="store_true", help="no thermal noise")
     p.add_argument("--no-gains", action="store_true", help="unit gains and bandpass")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scale", type=float, default=None, metavar="F",
+                   help="groups F times larger than the options above give (default a "
+                        "full DSA-110 group), along --scale-axis")
+    p.add_argument("--scale-axis", default="antennas", choices=("antennas", "channels", "times"),
+                   help="what grows with --scale: antennas (baselines), channels per "
+                        "subband, or integrations per group")
 
 
 def _sim_config(args):
@@ -69,6 +75,10 @@ def _sim_config(args):
         kw["noise"] = False
     if args.no_gains:
         kw["gains"] = False
+    if getattr(args, "scale", None):
+        from contimg.simulate import scaled
+
+        return scaled(args.scale, args.scale_axis, SimConfig(**kw))
     return SimConfig(**kw)
 
 
@@ -450,6 +460,7 @@ STREAM_OPTIONS = (
     "stream.min_subbands", "stream.in_flight", "stream.image_slots", "stream.max_retries",
     "stream.stale_after_s", "stream.skip", "stream.placement", "flag.strategy_file",
     "calibrate.catalog", "calibrate.refant", "image.npix", "image.cell_arcsec", "image.niter",
+    "stream.memory_limit",
 )
 
 

@@ -197,6 +197,14 @@ class StreamSettings(_Section):
     tmp_age_hours: float = setting(6.0, "housekeeping removes temporary outputs older than "
                                    "this even if their process may live",
                                    flags=("--tmp-age-hours",))
+    memory_limit: str = setting("auto", "memory budget of the groups in flight: 'auto' (the "
+                                "Dask workers' memory limit), 'off', or a size such as "
+                                "'6GiB' (see contimg.admission)", flags=("--memory-limit",),
+                                metavar="SIZE")
+    memory_per_visibility: float = setting(30.0, "bytes reserved per visibility of a group "
+                                           "in flight (measured, bench/memory.py: the "
+                                           "stream's peak on a full group, 4.70 GiB / "
+                                           "171.6 M = 29.4)")
 
     def _check(self):
         if "convert" in self.skip:
@@ -206,6 +214,12 @@ class StreamSettings(_Section):
         for name in ("in_flight", "image_slots", "n_subbands"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from contimg.admission import parse_bytes
+
+        parse_bytes(self.memory_limit)          # a clear error now, not in the stream
+        if self.memory_per_visibility < 0:
+            raise ValueError(f"memory_per_visibility must be >= 0, got "
+                             f"{self.memory_per_visibility}")
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from contimg.io.ms import MSFormatError, open_ms
-from contimg.io.mscolumns import StoreTarget, put_block, put_flag_row, read_layout
+from contimg.io.mscolumns import StoreTarget, put_block, put_flag_row, read_layout, row_runs
 from contimg.io.mscolumns import ms_proxy as _proxy
 from contimg.io.mscolumns import run_in_table as _run
 
@@ -489,6 +489,11 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     ds = open_ms(ms, chunks=chunks)
     layout = _run(proxy, read_layout, ms, ds, write=False)
     before = flag_summary(ds).compute(scheduler=scheduler)
+    if st.frequency_chunking == "band" and chunks is None:
+        # read, flag and write back per baseline block (all integrations and channels
+        # of at most baseline_block baselines), never the whole group at once
+        ds = baseline_block_dataset(proxy, ds, layout, _block_size(st, ds),
+                                    name=os.path.basename(ms))
     timing["open_and_summary_before"] = _time.perf_counter() - t0
 
     # --- backup (before anything changes) -----------------------------------------
@@ -554,6 +559,83 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     if summary_path is not None:
         write_flag_summary(summary, summary_path)
     return summary
+
+
+#: largest baseline block read at once (VISIBILITY bytes): a block is all integrations
+#: and channels of its baselines, so longer or wider groups get fewer baselines per block
+BLOCK_BYTES = 96 << 20
+
+
+def _block_size(st, ds) -> int:
+    plane = ds.sizes["time"] * ds.sizes["frequency"] * ds.sizes["polarization"] * 8
+    return int(max(1, min(st.baseline_block, BLOCK_BYTES // max(plane, 1),
+                          ds.sizes["baseline_id"])))
+
+
+def _get_block(tb, layout, column, tsl, bsl):
+    """In the table thread: VISIBILITY and FLAG of one (time, baseline) block, all
+    channels, exactly as :func:`contimg.io.ms.open_ms` gives them (visibilities
+    conjugated, FLAG_ROW folded into FLAG, channels ascending, rows stored as (ant2,
+    ant1) turned round, missing rows zero and flagged)."""
+    nt, nb = tsl.stop - tsl.start, bsl.stop - bsl.start
+    nchan, npol = layout.chan_ms.size, layout.npol
+    flat = (np.arange(tsl.start, tsl.stop)[:, None] * layout.nbl
+            + np.arange(bsl.start, bsl.stop)[None, :]).ravel()
+    rows = layout.pos[flat]
+    vis = np.zeros((nt * nb, nchan, npol), np.complex64)
+    flag = np.ones((nt * nb, nchan, npol), bool)
+    cols = set(tb.colnames())
+    for r0, sel in row_runs(rows):
+        n = sel.size
+        d = tb.getcol(column, startrow=r0, nrow=n)
+        f = tb.getcol("FLAG", startrow=r0, nrow=n).astype(bool)
+        if "FLAG_ROW" in cols:
+            try:
+                f |= tb.getcol("FLAG_ROW", startrow=r0, nrow=n).astype(bool)[:, None, None]
+            except RuntimeError:        # a FLAG_ROW column without data
+                pass
+        vis[sel] = np.conj(d)
+        flag[sel] = f
+    sw = layout.swapped[flat] & (rows >= 0)
+    if sw.any():          # a swapped row holds V21 = conj(V12), cross-hands exchanged
+        vis[sw] = np.conj(vis[sw])[:, :, layout.perm]
+    order = layout.chan_ms
+    if not np.array_equal(order, np.arange(nchan)):
+        vis, flag = vis[:, order], flag[:, order]
+    return vis.reshape(nt, nb, nchan, npol), flag.reshape(nt, nb, nchan, npol)
+
+
+def _read_block(proxy, layout, column, tsl, bsl):
+    from daskms.table_proxy import READLOCK
+
+    return proxy.submit(_get_block, READLOCK, layout, column, tsl, bsl).result()
+
+
+def baseline_block_dataset(proxy, ds, layout, block, column="DATA", name="ms"):
+    """``ds`` (of :func:`open_ms`) with VISIBILITY and FLAG read per baseline block
+    (all integrations and channels of ``block`` baselines, one read of the MS each, in
+    its table thread): the flagger's own blocks, so that no task needs the whole band
+    of every baseline at once (open_ms's chunks are subbands of all baselines)."""
+    import dask
+    import dask.array as da
+    import xarray as xr
+
+    nt, nbl = ds.sizes["time"], ds.sizes["baseline_id"]
+    nf, npol = ds.sizes["frequency"], ds.sizes["polarization"]
+    vis, flag = [], []
+    for k, b0 in enumerate(range(0, nbl, block)):
+        bsl = slice(b0, min(b0 + block, nbl))
+        d = dask.delayed(_read_block, pure=True, nout=2)(
+            proxy, layout, column, slice(0, nt), bsl,
+            dask_key_name=f"flag-read-{k:04d}-{name}")
+        shape = (nt, bsl.stop - bsl.start, nf, npol)
+        vis.append(da.from_delayed(d[0], shape, dtype=np.complex64))
+        flag.append(da.from_delayed(d[1], shape, dtype=bool))
+    out = ds.copy()
+    for name, parts in (("VISIBILITY", vis), ("FLAG", flag)):
+        out[name] = xr.DataArray(da.concatenate(parts, axis=1), dims=ds[name].dims,
+                                 coords=ds[name].coords, attrs=ds[name].attrs)
+    return out
 
 
 def _write_flag_row_hook(tb, layout, flag_row):

@@ -55,6 +55,14 @@ class RFIConfig:
     max_snr: float = 50.0       # strongest injected RFI, in σ
 
 
+#: group-size knobs beyond DSA-110 (:func:`scaled`): more antennas extend the T layout's
+#: arms, more channels per subband split the same band finer, more integrations make
+#: longer groups
+MAX_ANTENNAS = 2048
+MAX_CHAN_PER_SUBBAND = 48 * 64
+SCALE_AXES = ("antennas", "channels", "times")
+
+
 @dataclass
 class SimConfig:
     """What to simulate. Defaults: a full-size DSA-110 group."""
@@ -82,10 +90,12 @@ class SimConfig:
     def __post_init__(self):
         if not 1 <= self.n_subbands <= tel.N_SUBBANDS:
             raise ValueError(f"n_subbands must be 1..{tel.N_SUBBANDS}, got {self.n_subbands}")
-        if not 2 <= self.n_ant <= tel.N_STATIONS:
-            raise ValueError(f"n_ant must be 2..{tel.N_STATIONS}, got {self.n_ant}")
-        if not 1 <= self.n_chan <= tel.N_CHAN_PER_SUBBAND:
-            raise ValueError(f"n_chan must be 1..{tel.N_CHAN_PER_SUBBAND}, got {self.n_chan}")
+        if not 2 <= self.n_ant <= MAX_ANTENNAS:
+            raise ValueError(f"n_ant must be 2..{MAX_ANTENNAS}, got {self.n_ant} (beyond "
+                             f"{tel.N_STATIONS} the T layout's arms are extended)")
+        if not 1 <= self.n_chan <= MAX_CHAN_PER_SUBBAND:
+            raise ValueError(f"n_chan must be 1..{MAX_CHAN_PER_SUBBAND}, got {self.n_chan} "
+                             f"(beyond {tel.N_CHAN_PER_SUBBAND} the channels get narrower)")
         if self.n_times < 1:
             raise ValueError(f"n_times must be >= 1, got {self.n_times}")
 
@@ -175,6 +185,70 @@ def _lmn(ra, dec, ra0, dec0):
 # instrument
 # ---------------------------------------------------------------------------------
 
+def layout_enu(n_ant: int = tel.N_CORRELATED) -> tuple[np.ndarray, list[str]]:
+    """Station positions (ENU metres) and names: DSA-110's 117 (:func:`telescope.t_layout_enu`)
+    and, for ``n_ant`` beyond them, more stations that continue the east-west and
+    north-south arms outwards at the arms' spacing (alternately east, west, north),
+    so that a larger simulated array keeps the T's shape."""
+    enu, names = tel.t_layout_enu()
+    extra = n_ant - enu.shape[0]
+    if extra <= 0:
+        return enu, names
+    rng = np.random.default_rng([110, n_ant])
+    pos = np.zeros((extra, 3))
+    k = np.arange(extra)
+    step = 1 + k // 3
+    ew_step, ns_step = 400.0 / 50, 440.0 / 51
+    east, west, north = k % 3 == 0, k % 3 == 1, k % 3 == 2
+    pos[east, 0] = 200.0 + step[east] * ew_step
+    pos[west, 0] = -200.0 - step[west] * ew_step
+    pos[north, 1] = 440.0 + step[north] * ns_step
+    pos[:, :2] += rng.normal(scale=0.3, size=(extra, 2))
+    pos[:, 2] += rng.normal(scale=0.5, size=extra)
+    return (np.concatenate([enu, pos]),
+            names + [f"pad{enu.shape[0] + i + 1}" for i in range(extra)])
+
+
+def scaled(factor: float, axis: str = "antennas", base: SimConfig | None = None) -> SimConfig:
+    """A simulator configuration whose groups hold ``factor`` times the visibilities of
+    ``base`` (default: a full DSA-110 group), grown along one ``axis``:
+
+    * ``"antennas"``: the smallest antenna count whose baselines (with autos) reach
+      ``factor`` times ``base``'s (e.g. 96 -> 136 for 2x, 193 for 4x); beyond 117
+      stations the T layout's arms are extended (:func:`layout_enu`);
+    * ``"channels"``: ``factor`` times the channels per subband over the same band
+      (narrower channels; 48 -> 96 for 2x);
+    * ``"times"``: ``factor`` times the integrations per group (longer groups).
+
+    The other fields are ``base``'s. Channels and times need ``factor * base`` to be a
+    whole number.
+    """
+    from dataclasses import replace
+
+    base = base or SimConfig()
+    factor = float(factor)
+    if not factor > 0:
+        raise ValueError(f"scale factor must be > 0, got {factor}")
+    if axis == "antennas":
+        want = factor * base.n_ant * (base.n_ant + 1) / 2
+        n = int(np.ceil((np.sqrt(1 + 8 * want) - 1) / 2 - 1e-9))
+        return replace(base, n_ant=max(2, n))
+    if axis not in ("channels", "times"):
+        raise ValueError(f"scale axis must be one of {', '.join(SCALE_AXES)}, got {axis!r}")
+    key = "n_chan" if axis == "channels" else "n_times"
+    n = factor * getattr(base, key)
+    if abs(n - round(n)) > 1e-6 or round(n) < 1:
+        raise ValueError(f"scaling {axis} ({getattr(base, key)}) by {factor:g} gives "
+                         f"{n:g}: not a whole number")
+    return replace(base, **{key: int(round(n))})
+
+
+def n_visibilities(cfg: SimConfig) -> int:
+    """Complex visibilities of one group (baselines with autos x channels x times x 2 pol)."""
+    return (cfg.n_ant * (cfg.n_ant + 1) // 2 * cfg.n_subbands * cfg.n_chan * cfg.n_times
+            * len(tel.POLARIZATIONS))
+
+
 def _antenna_params(cfg: SimConfig, n_stations: int):
     rng = np.random.default_rng([cfg.seed, 11])
     p = dict(
@@ -228,8 +302,9 @@ def _metadata(cfg: SimConfig, start: _dt.datetime):
     from pyuvdata import Telescope, UVData
     from pyuvdata.utils import phasing, times as uvtimes
 
-    enu_all, names_all = tel.t_layout_enu()
-    stations = tel.correlated_subset(cfg.n_ant)
+    enu_all, names_all = layout_enu(cfg.n_ant)
+    stations = (tel.correlated_subset(cfg.n_ant) if cfg.n_ant <= tel.N_STATIONS
+                else np.arange(cfg.n_ant))
     lat, lon = np.radians(tel.SITE_LAT_DEG), np.radians(tel.SITE_LON_DEG)
     rel_ecef = enu_all @ tel.enu_to_ecef_rotation(lat, lon).T
     location = EarthLocation.from_geodetic(tel.SITE_LON_DEG * u.deg, tel.SITE_LAT_DEG * u.deg,
@@ -390,7 +465,7 @@ def simulate_group(outdir, start="2026-01-15T08:00:00", cfg: SimConfig | None = 
     log.info("group %s: %d sources in the beam, %d antennas, %d baselines",
              start.isoformat(), int(keep.sum()), len(stations), nbl)
 
-    params = _antenna_params(cfg, tel.N_STATIONS)
+    params = _antenna_params(cfg, max(tel.N_STATIONS, cfg.n_ant))
     nchan_total = cfg.n_subbands * cfg.n_chan
     # ascending-frequency axis of the whole group (for the truth)
     freqs_desc = np.concatenate([tel.subband_frequencies(sb, cfg.n_chan)

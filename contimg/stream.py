@@ -58,6 +58,7 @@ from contimg.mosaic import NightlySchedule
 from contimg.pipeline import register_image_result  # noqa: F401 - its old home
 from contimg.maintenance import (  # noqa: F401 - housekeeping: its old home
     housekeeping, remove_stale_temporaries, resume_stale_groups)
+from contimg.admission import visibilities
 from contimg.state import StateDB, owner_id
 
 if typing.TYPE_CHECKING:
@@ -198,6 +199,10 @@ class Stream(Intake):
         # named limits on stages running at once (a Stage's `slot`)
         self._slots = {"image": threading.BoundedSemaphore(max(1, cfg.image_slots))}
         self._submit = pipeline.submitter(client)
+        from contimg.admission import Admission
+
+        self._admission = Admission.from_settings(cfg.memory_limit, cfg.memory_per_visibility,
+                                                  client)
         self._last_status = 0.0
         self._mosaic = NightlySchedule(client, self.db, cfg.output / "mosaics",
                                        cfg.mosaic_hour_utc)
@@ -329,24 +334,37 @@ class Stream(Intake):
                      if g["group_id"] not in self._running]
             if not cands:
                 return
-            g = self.db.claim(cands[0]["group_id"], owner=self.owner)
-            if g is None:
-                continue
-            log.info("group %s: started (attempt %d)", g["group_id"], g["attempts"])
-            # headers now, in this thread: whether a calibrator transits is known before
-            # any other group in flight can reach its apply stage
+            # headers now, in this thread: the group's size for the memory budget, and
+            # whether a calibrator transits is known before any other group in flight
+            # can reach its apply stage
+            gid = cands[0]["group_id"]
             opened = None
             try:
-                opened = self._open(g["group_id"])
-                self._note_calibrator(g["group_id"], opened[1])
+                opened = self._open(gid)
             except Exception as exc:  # noqa: BLE001 - the pipeline reports it properly
-                log.debug("group %s: early open failed: %s", g["group_id"], exc)
+                log.debug("group %s: early open failed: %s", gid, exc)
+            nvis = visibilities(opened[1]) if opened else 0
+            why = self._admission.check(gid, nvis)
+            if why:
+                self._admission.waiting(gid, why)
+                return
+            g = self.db.claim(gid, owner=self.owner)
+            if g is None:
+                continue
+            self._admission.admit(gid, nvis)
+            log.info("group %s: started (attempt %d)", g["group_id"], g["attempts"])
+            if opened:
+                try:
+                    self._note_calibrator(gid, opened[1])
+                except Exception as exc:  # noqa: BLE001 - the pipeline reports it properly
+                    log.debug("group %s: calibrator check failed: %s", gid, exc)
             self._running[g["group_id"]] = self._pool.submit(self._process, g, opened)
 
     def _reap(self):
         for gid, fut in list(self._running.items()):
             if fut.done():
                 del self._running[gid]
+                self._admission.release(gid)
                 exc = fut.exception()
                 if exc is not None:  # _process handles its own errors; this is a bug
                     log.error("group %s: internal error: %r", gid, exc)

@@ -406,14 +406,8 @@ def solve(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.
     nchunk = len(fchunks)
 
     gi = int(gain_interval)
-    tbin_g = np.arange(ntime, dtype=np.int64) // gi
-    nct = int(tbin_g.max()) + 1
+    tbin_g, nct, t_centres, t_width = gain_bins(ds, gi)
     tbin_p = np.arange(ntime, dtype=np.int64)
-    times = np.asarray(ds.time.values, float)
-    t_centres = np.array([times[tbin_g == k].mean() for k in range(nct)])
-    dt = float(ds.time.attrs.get("integration_time", np.median(np.diff(times))
-                                 if ntime > 1 else 0.0))
-    t_width = np.array([dt * np.count_nonzero(tbin_g == k) for k in range(nct)])
 
     d = dask.delayed
     blk = [tuple(b[k] for b in blocks) for k in range(nchunk)]
@@ -444,6 +438,32 @@ def solve(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.
     def lazy(key, shape, dtype):
         return da.from_delayed(d(operator.getitem, pure=True)(fin, key), shape, dtype=dtype)
 
+    return solutions_dataset(lazy, ds, nstations, nct, t_centres, t_width,
+                             dict(gain_mode=gain_mode, gain_interval_integrations=gi,
+                                  min_snr=float(min_snr), max_iter=int(max_iter), tol=float(tol),
+                                  phase_pass=bool(phase_pass)))
+
+
+def gain_bins(ds, gi):
+    """Gain solution intervals of ``gi`` integrations: the interval index of each
+    integration, their count, centres and widths (s)."""
+    ntime = ds.sizes["time"]
+    tbin_g = np.arange(ntime, dtype=np.int64) // gi
+    nct = int(tbin_g.max()) + 1
+    times = np.asarray(ds.time.values, float)
+    t_centres = np.array([times[tbin_g == k].mean() for k in range(nct)])
+    dt = float(ds.time.attrs.get("integration_time", np.median(np.diff(times))
+                                 if ntime > 1 else 0.0))
+    t_width = np.array([dt * np.count_nonzero(tbin_g == k) for k in range(nct)])
+    return tbin_g, nct, t_centres, t_width
+
+
+def solutions_dataset(get, ds, nstations, nct, t_centres, t_width, attrs):
+    """The solutions Dataset (see :func:`solve`); ``get(key, shape, dtype)`` gives each
+    array of :func:`_finish`'s dict (lazy or computed)."""
+    lazy = get
+    freqs = np.asarray(ds.frequency.values, float)
+    npol = ds.sizes["polarization"]
     nf = freqs.size
     sol = xr.Dataset(
         dict(
@@ -486,10 +506,8 @@ def solve(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.
             gain_time=("gain_time", t_centres, {"units": "s", "description": "unix seconds"}),
             gain_interval=("gain_time", t_width, {"units": "s"}),
         ),
-        attrs=dict(gain_mode=gain_mode, gain_interval_integrations=gi, min_snr=float(min_snr),
-                   max_iter=int(max_iter), tol=float(tol), phase_pass=bool(phase_pass),
-                   solver="stefcal", convention="V = g_p conj(g_q) b_p conj(b_q) M "
-                                                "(contract Dataset convention)"),
+        attrs=dict(attrs, solver="stefcal", convention="V = g_p conj(g_q) b_p conj(b_q) M "
+                                                        "(contract Dataset convention)"),
     )
     return sol
 

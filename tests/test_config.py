@@ -400,6 +400,8 @@ def _sample(spec, tmp_path):
         return str(p)
     if spec.name == "min_subbands":
         return "8"
+    if spec.name == "memory_limit":
+        return "6GiB"
     return {int: "24", float: "0.25", str: "x", Path: "/some/where"}[base]
 
 

@@ -1,0 +1,208 @@
+"""Calibration solved in passes over bounded chunks: memory of a chunk, not of a group.
+
+:func:`graphs.calibrate.solve` is one graph: its four steps (``B0``, ``Gp``, ``B``,
+``G``; see :mod:`graphs.calibrate`) read every chunk of the group once and keep the
+visibilities and the model in memory until the last step has used them, so its peak
+grows with the group (~3.7 GB on a full DSA-110 group).
+
+:func:`solve_steps` takes the same steps as a sequence of small graphs, one per pass
+over the data: each pass reads the chunks again (from the MS, through the Dataset's own
+lazy reads), reduces every ``(time, frequency)`` chunk to the per-cell sums its solver
+needs (``sum w M* V`` and ``sum w |M|^2`` per baseline and channel or interval,
+:mod:`kernels.solvers`), adds the sums over chunks in a tree, and lets go of the chunk.
+Only the sums and the solutions live between passes. The solutions are those of
+:func:`graphs.calibrate.solve` within float rounding (the same sums, added in another
+order when a frequency chunk has more than one time chunk).
+
+Passes: when every frequency chunk is one time chunk (a full DSA-110 group as
+``open_ms`` chunks it), ``B0`` and the ``Gp`` sums are taken in one read and ``B`` and
+the ``G`` sums in a second, as :func:`graphs.calibrate.solve` does in one; otherwise
+each step is one read (four). Either way the largest thing in memory is a chunk per
+thread plus sums of one chunk's baselines.
+
+This module builds graphs and never computes: :func:`solve_steps` is a generator that
+yields a lazy list, receives its computed values through ``send``, and returns the
+solutions Dataset (numpy-backed) as its value; :func:`contimg.calibrate.run_steps` drives it.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+
+from graphs.calibrate import (
+    _add_sums, _compact_antennas, _expand_gp, _finish, _gain_sums_chunk, _solve_gains,
+    _solve_sums, gain_bins, solutions_dataset,
+)
+from kernels import solvers
+
+__all__ = ["solve_steps"]
+
+
+def _bp_sums(vis, model, flag, weight, a1, a2, nant, prior_t):
+    """Bandpass sums (npol, nbl, nchan) of one chunk; ``prior_t`` (ntime, nant, npol)."""
+    ntime, nbl, nchan, npol = vis.shape
+    if prior_t is None:
+        prior_t = np.ones((ntime, nant, npol), np.complex128)
+    A = np.zeros((npol, nbl, nchan), np.complex128)
+    B = np.zeros((npol, nbl, nchan), np.float64)
+    C = np.zeros((npol, nbl, nchan), np.float64)
+    N = np.zeros((npol, nbl, nchan), np.int64)
+    solvers.accumulate_bandpass(np.ascontiguousarray(vis), np.ascontiguousarray(model),
+                                np.ascontiguousarray(flag),
+                                np.ascontiguousarray(weight, np.float32), a1, a2,
+                                np.ascontiguousarray(prior_t), A, B, C, N)
+    return A, B, C, N
+
+
+def _bp_solve(sums, a1, a2, nant, opts):
+    """Per-channel bandpass of a frequency chunk from its summed sums (as
+    ``graphs.calibrate._bandpass_chunk``)."""
+    cells = tuple(np.ascontiguousarray(x.transpose(2, 0, 1))[None] for x in sums)
+    res = _solve_sums(cells, a1, a2, nant, opts["max_iter"], opts["tol"], False)
+    res["g"] = res["g"][0].transpose(2, 0, 1)
+    res["err"] = res["err"][0].transpose(2, 0, 1)
+    for k in ("niter", "converged", "chi2", "nsamp"):
+        res[k] = res[k][0]
+    return res
+
+
+def _bp_then_gain_sums(vis, model, flag, weight, a1, a2, nant, opts, prior_t, tbin, nct):
+    """One read of a whole-time chunk: its bandpass, then its gain sums with it applied
+    (``tbin is None``: the bandpass only)."""
+    bp = _bp_solve(_bp_sums(vis, model, flag, weight, a1, a2, nant, prior_t), a1, a2, nant,
+                   opts)
+    if tbin is None:
+        return bp, None
+    return bp, _gain_sums_chunk(vis, model, flag, weight, a1, a2, nant, tbin, nct, bp)
+
+
+def _tree_sum(parts, name):
+    """Add tuples of sums pairwise, so that parts are let go as soon as they are added."""
+    d = dask.delayed
+    level = 0
+    while len(parts) > 1:
+        parts = [d(_add_sums, pure=True)(*parts[i:i + 2],
+                                         dask_key_name=f"{name}-add{level}-{i}")
+                 if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        level += 1
+    return parts[0]
+
+
+def _first(x):
+    return x[0]
+
+
+def _second(x):
+    return x[1]
+
+
+def solve_steps(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.0,
+                max_iter=200, tol=1e-8, phase_pass=True, batch=2):
+    """Bandpass + gain solutions of ``ds`` against ``model`` in passes (a generator).
+
+    Same parameters and solutions as :func:`graphs.calibrate.solve`. Yields lists of
+    lazy objects (``batch`` frequency chunks of one pass each: a scheduler given every
+    chunk at once reads ahead of the solvers); send back their computed values
+    (``dask.compute(*lazy)``); the generator's return value is the computed solutions
+    Dataset.
+    """
+    if gain_mode not in ("ap", "p"):
+        raise ValueError(f"gain_mode must be 'ap' or 'p', got {gain_mode!r}")
+    if int(gain_interval) < 1:
+        raise ValueError(f"gain_interval must be >= 1 integration, got {gain_interval}")
+    opts = dict(max_iter=int(max_iter), tol=float(tol), min_snr=float(min_snr))
+    ntime = ds.sizes["time"]
+    nstations = ds.sizes["antenna_id"] if "antenna_id" in ds.sizes else int(
+        max(ds.baseline_antenna1_id.max(), ds.baseline_antenna2_id.max()) + 1)
+    stations, a1, a2 = _compact_antennas(ds)
+    nant = stations.size
+    if nant < 3:
+        raise ValueError(f"need at least 3 antennas with cross-correlations, got {nant}")
+
+    def arr(x):
+        x = x.data if hasattr(x, "data") else x
+        if not isinstance(x, da.Array):
+            x = da.from_array(x, chunks=(-1, -1, 48, -1))
+        return x
+
+    vis = arr(ds.VISIBILITY)
+    vis = vis.rechunk((vis.chunks[0], -1, vis.chunks[2], -1))
+    chunks = vis.chunks
+    parts = [vis] + [arr(x).rechunk(chunks) for x in (model, ds.FLAG, ds.WEIGHT)]
+    delayed = [p.to_delayed()[:, 0, :, 0] for p in parts]       # (ntchunk, nfchunk)
+    nt, nf = delayed[0].shape
+    t_edges = np.concatenate([[0], np.cumsum(chunks[0])])
+    blk = [[tuple(x[i, k] for x in delayed) for k in range(nf)] for i in range(nt)]
+    tag = vis.name
+    d = dask.delayed
+
+    gi = int(gain_interval)
+    tbin_g, nct, t_centres, t_width = gain_bins(ds, gi)
+    tbin_p = np.arange(ntime, dtype=np.int64)
+
+    def tsl(i, x):
+        return None if x is None else np.ascontiguousarray(x[t_edges[i]:t_edges[i + 1]])
+
+    def batches():
+        for k0 in range(0, nf, batch):
+            yield range(k0, min(k0 + batch, nf))
+
+    def fused(prior, tbin, n, step):
+        """One read per chunk: its bandpass, then its gain sums (``batch`` frequency
+        chunks per compute; the sums are added here, between computes)."""
+        bp, sums = [], None
+        for ks in batches():
+            out = [d(_bp_then_gain_sums, pure=True, nout=2)(
+                *blk[0][k], a1, a2, nant, opts, prior, tbin, n,
+                dask_key_name=f"{step}-f{k:02d}-{tag}") for k in ks]
+            got = yield [[o[0] for o in out], _tree_sum([o[1] for o in out],
+                                                        f"{step}-sums-{ks[0]:02d}-{tag}")]
+            bp += got[0]
+            sums = got[1] if sums is None else _add_sums(sums, got[1])
+        return bp, sums
+
+    def bandpass(prior, step):
+        bp = []
+        for ks in batches():
+            got = yield [[d(_bp_solve, pure=True)(
+                _tree_sum([d(_bp_sums, pure=True)(*blk[i][k], a1, a2, nant, tsl(i, prior),
+                                                  dask_key_name=f"{step}-t{i:02d}-f{k:02d}-{tag}")
+                           for i in range(nt)], f"{step}-f{k:02d}-{tag}"),
+                a1, a2, nant, opts, dask_key_name=f"{step}-solve-f{k:02d}-{tag}")
+                for k in ks]]
+            bp += got[0]
+        return bp
+
+    def gain_sums(bp, tbin, n, step):
+        sums = None
+        for ks in batches():
+            (got,) = yield [_tree_sum([d(_gain_sums_chunk, pure=True)(
+                *blk[i][k], a1, a2, nant, tsl(i, tbin), n, bp[k],
+                dask_key_name=f"{step}-t{i:02d}-f{k:02d}-{tag}")
+                for i in range(nt) for k in ks], f"{step}-{ks[0]:02d}-{tag}")]
+            sums = got if sums is None else _add_sums(sums, got)
+        return sums
+
+    if nt == 1:
+        # pass 1: B0 and the Gp sums; pass 2: B and the G sums (one read each)
+        bp, sums = yield from fused(None, tbin_p if phase_pass else tbin_g,
+                                    ntime if phase_pass else nct, "calpass1")
+        if phase_pass:
+            gp = _solve_gains(sums, a1, a2, nant, opts, True)
+            bp, sums = yield from fused(_expand_gp(gp, tbin_p), tbin_g, nct, "calpass2")
+    else:
+        bp = yield from bandpass(None, "calpass-b0")
+        if phase_pass:
+            sums = yield from gain_sums(bp, tbin_p, ntime, "calpass-gp")
+            gp = _solve_gains(sums, a1, a2, nant, opts, True)
+            bp = yield from bandpass(_expand_gp(gp, tbin_p), "calpass-b")
+        sums = yield from gain_sums(bp, tbin_g, nct, "calpass-g")
+    g = _solve_gains(sums, a1, a2, nant, opts, gain_mode == "p")
+    fin = _finish(list(bp), g, stations, nstations, refant, opts)
+    return solutions_dataset(lambda key, shape, dtype: np.asarray(fin[key], dtype=dtype),
+                             ds, nstations, nct, t_centres, t_width,
+                             dict(gain_mode=gain_mode, gain_interval_integrations=gi,
+                                  min_snr=float(min_snr), max_iter=int(max_iter),
+                                  tol=float(tol), phase_pass=bool(phase_pass)))

@@ -1,0 +1,328 @@
+"""Memory that grows with the chunk, not the group (issue 17): calibration in passes over
+chunks gives today's solutions, flagging on bounded baseline blocks gives today's flags,
+the stream admits groups by a memory budget, and the simulator scales groups beyond
+DSA-110. Small data throughout; the memory figures themselves are bench/memory.py's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from contimg import calibrate as cc
+from contimg import sky
+from contimg.io.uvh5 import open_group
+from contimg.simulate import SimConfig, layout_enu, n_visibilities, scaled, simulate_group
+
+NSUB, NCHAN, NTIME, NANT = 2, 8, 6, 12
+
+
+# ---------------------------------------------------------------------------------
+# calibration in passes
+# ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calgroup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memcal")
+    cfg = SimConfig(n_ant=NANT, n_subbands=NSUB, n_chan=NCHAN, n_times=NTIME, rfi=None,
+                    threads=1)
+    g = simulate_group(tmp / "raw", cfg=cfg, calibrator=True)
+    truth = g.load_truth()
+    i = list(truth["sky_name"]).index("SIMCAL")
+    src = sky.Source(name="SIMCAL", ra=float(truth["sky_ra"][i]),
+                     dec=float(truth["sky_dec"][i]), flux_jy=float(truth["sky_flux"][i]),
+                     alpha=float(truth["sky_alpha"][i]))
+    cat = tmp / "cal.csv"
+    cat.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
+                   f"SIMCAL,{float(np.degrees(src.ra))!r},{float(np.degrees(src.dec))!r},{src.flux_jy!r},"
+                   f"{src.alpha!r}\n")
+    ds = open_group(g.files, n_subbands=NSUB)
+    # some flags, so that the sums' flag handling is compared too
+    rng = np.random.default_rng(3)
+    flag = ds.FLAG.values | (rng.random(ds.FLAG.shape) < 0.05)
+    ds = ds.assign(FLAG=(ds.FLAG.dims, flag)).compute()
+    return ds, src, str(cat)
+
+
+def _model(ds, src):
+    from graphs import calibrate as gcal
+
+    flux = sky.apparent_flux([src], ds.PHASE_CENTER_RA.values, ds.PHASE_CENTER_DEC.values,
+                             ds.frequency.values)
+    return gcal.predict_model(ds, [src.ra], [src.dec], flux)
+
+
+@pytest.mark.parametrize("time_chunk,opts", [
+    (None, {}),                                       # one time chunk: two fused passes
+    (2, {}),                                          # three time chunks: four passes
+    (4, dict(gain_interval=2, gain_mode="p")),
+    (None, dict(phase_pass=False, gain_interval=3)),
+    (1, dict(phase_pass=False)),
+])
+def test_solutions_in_passes_equal_the_one_graph_solve(calgroup, time_chunk, opts):
+    import dask
+
+    from graphs import calibrate as gcal
+    from graphs import calpasses
+
+    ds, src, _ = calgroup
+    ref = ds.chunk({"frequency": NCHAN})
+    (one,) = dask.compute(gcal.solve(ref, _model(ref, src), **opts))
+    ds = ds.chunk({"frequency": NCHAN, "time": time_chunk or -1})
+    batch = 1 if time_chunk == 2 else 2          # computes of one frequency chunk, or two
+    steps = calpasses.solve_steps(ds, _model(ds, src), batch=batch, **opts)
+    npass = 0
+    lazy = next(steps)
+    while True:
+        npass += 1
+        try:
+            lazy = steps.send(list(dask.compute(*lazy)))
+        except StopIteration as stop:
+            sol = stop.value
+            break
+    phase = opts.get("phase_pass", True)
+    assert npass == ((2 if phase else 1) if time_chunk in (None, NTIME) else
+                     (4 if phase else 2)) * (NSUB // batch)
+    assert set(sol.data_vars) == set(one.data_vars) and sol.attrs == one.attrs
+    assert int(sol.REFANT) == int(one.REFANT)
+    np.testing.assert_array_equal(sol.gain_time.values, one.gain_time.values)
+    for name in sol.data_vars:
+        a, b = sol[name].values, one[name].values
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if a.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * np.abs(b).max(),
+                                       err_msg=name)
+    assert not sol.BANDPASS_FLAG.values.all()          # there is something to compare
+
+
+def test_solve_dataset_uses_passes(calgroup, monkeypatch):
+    """solve_dataset goes through the passes and never through the one-graph solve."""
+    from graphs import calibrate as gcal
+
+    ds, src, cat = calgroup
+    monkeypatch.setattr(gcal, "solve", lambda *a, **k: pytest.fail("one-graph solve used"))
+    sol, _, q = cc.solve_dataset(ds.chunk({"time": 2, "frequency": NCHAN}), catalog=cat)
+    assert q["bandpass_converged_fraction"] == 1.0
+    assert sol.BANDPASS.shape[1:] == (NSUB * NCHAN, 2)
+
+
+# ---------------------------------------------------------------------------------
+# simulator scaling
+# ---------------------------------------------------------------------------------
+
+def test_scaled_groups_hold_factor_times_the_visibilities():
+    base = SimConfig()
+    full = n_visibilities(base)
+    assert full == 96 * 97 // 2 * 768 * 24 * 2            # 171 M, a full DSA-110 group
+    for f in (2, 4):
+        a = scaled(f, "antennas")
+        nb = a.n_ant * (a.n_ant + 1) // 2
+        # the smallest antenna count that reaches f times the baselines
+        assert nb >= f * 4656 > (a.n_ant - 1) * a.n_ant // 2
+        assert n_visibilities(scaled(f, "channels")) == f * full
+        assert scaled(f, "channels").n_chan == 48 * f
+        assert scaled(f, "times").n_times == 24 * f
+    assert (scaled(2, "antennas").n_ant, scaled(4, "antennas").n_ant) == (136, 193)
+    small = SimConfig(n_ant=8, n_subbands=2, n_chan=4, n_times=3)
+    assert scaled(3, "times", small).n_times == 9 and scaled(3, "times", small).n_ant == 8
+    with pytest.raises(ValueError, match="whole number"):
+        scaled(1.5, "times", small)
+    with pytest.raises(ValueError, match="scale axis"):
+        scaled(2, "baselines")
+
+
+def test_layout_beyond_117_stations_extends_the_arms():
+    enu, names = layout_enu(130)
+    base, _ = layout_enu(117)
+    assert enu.shape == (130, 3) and len(set(names)) == 130
+    np.testing.assert_array_equal(enu[:117], base)
+    extra = enu[117:]
+    # on the arms' lines, beyond their ends, no two stations on the same pad
+    ew = np.abs(extra[:, 1]) < 2
+    assert np.all(np.abs(extra[ew, 0]) > 200) and np.all(extra[~ew, 1] > 440)
+    d = np.linalg.norm(enu[:, None, :2] - enu[None, :, :2], axis=-1)
+    assert d[np.triu_indices(130, 1)].min() > 1.0
+
+
+def test_simulated_group_beyond_dsa110(tmp_path):
+    """120 antennas (more than DSA-110's 117 stations) and 96 channels per subband:
+    the files read back with every baseline and channel."""
+    cfg = scaled(2, "channels", SimConfig(n_ant=120, n_subbands=1, n_chan=48, n_times=2,
+                                          rfi=None, threads=1))
+    g = simulate_group(tmp_path, cfg=cfg, calibrator=True)
+    ds = open_group(g.files, n_subbands=1)
+    assert ds.sizes["baseline_id"] == 120 * 121 // 2 and ds.sizes["frequency"] == 96
+    assert ds.sizes["antenna_id"] == 120
+    width = np.diff(ds.frequency.values)
+    np.testing.assert_allclose(width, 244140.625 / 2)
+    vis = ds.VISIBILITY.values
+    assert np.isfinite(vis).all() and np.abs(vis).mean() > 0
+
+
+def test_cli_simulate_scale(tmp_path):
+    from contimg.cli import main
+
+    rc = main(["simulate", "--out", str(tmp_path), "--antennas", "6", "--subbands", "1",
+               "--channels", "4", "--integrations", "2", "--no-rfi",
+               "--scale", "2", "--scale-axis", "times"])
+    assert rc == 0
+    ds = open_group(sorted(tmp_path.glob("*.hdf5")), n_subbands=1)
+    assert ds.sizes["time"] == 4 and ds.sizes["baseline_id"] == 21
+
+
+# ---------------------------------------------------------------------------------
+# flagging on bounded baseline blocks
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_baselines", [7, 1000])
+def test_flag_ms_on_baseline_blocks_gives_todays_flags(tmp_path, monkeypatch, block_baselines):
+    """flag_ms reads, flags and writes per baseline block (here 7 baselines, i.e. 11
+    blocks, or one block): the flags are those of the one-graph flagger on the whole
+    MS (open_ms + graphs.flag.flag_dataset), bit for bit, with some flags and a
+    FLAG_ROW set beforehand."""
+    from casacore import tables as ct
+
+    from contimg import flagging
+    from contimg.io.ms import open_ms, write_ms
+    from graphs.flag import flag_dataset
+
+    cfg = SimConfig(n_ant=11, n_subbands=2, n_chan=16, n_times=8, threads=1)
+    g = simulate_group(tmp_path / "raw", cfg=cfg)
+    ms = str(tmp_path / "g.ms")
+    write_ms(open_group(g.files, n_subbands=2), ms)
+    rng = np.random.default_rng(5)
+    with ct.table(ms, readonly=False, ack=False) as tb:
+        f = tb.getcol("FLAG")
+        f |= rng.random(f.shape) < 0.03
+        tb.putcol("FLAG", f)
+        fr = tb.getcol("FLAG_ROW")
+        fr[17] = True
+        tb.putcol("FLAG_ROW", fr)
+    ds = open_ms(ms)
+    want = flag_dataset(ds).FLAG.values
+    before = ds.FLAG.values
+    del ds
+    plane = 8 * 32 * 2 * 8
+    monkeypatch.setattr(flagging, "BLOCK_BYTES", block_baselines * plane)
+    reads = []
+    real = flagging._get_block
+    monkeypatch.setattr(flagging, "_get_block",
+                        lambda tb, layout, col, tsl, bsl: reads.append(bsl) or real(
+                            tb, layout, col, tsl, bsl))
+    summary = flagging.flag_ms(ms, backup=False)
+    assert len(reads) == -(-66 // min(block_baselines, 66))
+    assert max(b.stop - b.start for b in reads) == min(block_baselines, 66)
+    got = open_ms(ms).FLAG.values
+    assert (want & ~before).any()                      # the flagger found something
+    np.testing.assert_array_equal(got, want)
+    assert summary["after"]["overall"] == pytest.approx(want.mean())
+
+
+# ---------------------------------------------------------------------------------
+# admission by a memory budget
+# ---------------------------------------------------------------------------------
+
+def test_parse_memory_limit():
+    from contimg.admission import parse_bytes
+
+    assert parse_bytes("auto") is None
+    assert parse_bytes("off") == 0 and parse_bytes("0") == 0
+    assert parse_bytes("6GiB") == 6 * 2 ** 30 and parse_bytes("6 GB") == 6_000_000_000
+    assert parse_bytes("6.5e9") == 6_500_000_000 and parse_bytes("512MiB") == 2 ** 29
+    assert parse_bytes(4e9) == 4_000_000_000
+    for bad in ("lots", "6 parsecs", "-1GB"):
+        with pytest.raises(ValueError, match="memory limit"):
+            parse_bytes(bad)
+
+
+def test_admission_reserves_per_visibility_and_says_why(caplog):
+    from contimg.admission import Admission
+
+    full = n_visibilities(SimConfig())                 # 171 M visibilities
+    adm = Admission(int(7.5 * 2 ** 30), per_visibility=20.0)   # room for two full groups
+    assert adm.check("a", full) is None
+    adm.admit("a", full)
+    assert adm.check("b", full) is None
+    adm.admit("b", full)
+    why = adm.check("c", full)
+    assert why and "memory budget" in why and "2 group(s) in flight" in why
+    with caplog.at_level("INFO", logger="contimg.admission"):
+        adm.waiting("c", why)
+        adm.waiting("c", why)                          # said once
+    assert sum("group c: waits: memory budget" in r.message for r in caplog.records) == 1
+    adm.release("a")
+    assert adm.check("c", full) is None
+    # a group bigger than the whole budget still runs when nothing else does
+    big = n_visibilities(scaled(4, "antennas"))
+    adm.release("b")
+    assert adm.check("d", big) is None
+    adm.admit("d", big)
+    assert adm.check("e", 1000) is not None
+    # no budget: slots only
+    off = Admission(0, 20.0)
+    off.admit("a", big)
+    assert off.check("b", big) is None
+
+
+def test_auto_limit_is_the_workers_memory():
+    from contimg.admission import Admission
+
+    class FakeClient:
+        def scheduler_info(self):
+            return {"workers": {"w1": {"memory_limit": 3 * 2 ** 30},
+                                "w2": {"memory_limit": 2 ** 30}}}
+
+    assert Admission.from_settings("auto", 20.0, FakeClient()).limit == 4 * 2 ** 30
+    assert Admission.from_settings("5GiB", 20.0, FakeClient()).limit == 5 * 2 ** 30
+    assert Admission.from_settings("auto", 20.0, None).limit == 0
+
+
+def test_memory_limit_setting_and_cli_option():
+    from contimg.cli import build_parser
+    from contimg.config import from_args
+
+    args = build_parser().parse_args(["stream", "--memory-limit", "6GiB"])
+    assert from_args(args).stream.memory_limit == "6GiB"
+    from contimg.config import StreamSettings
+
+    with pytest.raises(ValueError, match="memory limit"):
+        StreamSettings(memory_limit="plenty")
+
+
+def test_stream_admits_by_memory_budget(tmp_path, caplog):
+    """Two slots, but a budget for one group: the groups run one after the other and
+    the log says why the second waits."""
+    import datetime as dt
+    import shutil
+
+    from distributed import Client, LocalCluster
+
+    from contimg.state import StateDB
+    from contimg.stream import Stream, StreamConfig
+
+    cfg_sim = SimConfig(n_ant=6, n_subbands=2, n_chan=4, n_times=6, rfi=None, threads=1)
+    nvis = n_visibilities(cfg_sim)
+    inc = tmp_path / "in"
+    for i in range(2):
+        g = simulate_group(tmp_path / f"g{i}", dt.datetime(2026, 1, 15, 8, 0, 0)
+                           + dt.timedelta(seconds=i * 6 * 12.884901888), cfg=cfg_sim)
+        inc.mkdir(exist_ok=True)
+        for f in g.files:
+            shutil.copy(f, inc / f.name)
+    per_vis = 20.0
+    cfg = StreamConfig(incoming=inc, output=tmp_path / "out", db_path=tmp_path / "db.sqlite3",
+                       n_subbands=2, min_subbands=2, settle_s=0.2, poll_s=0.2, in_flight=2,
+                       skip=frozenset({"calibrate", "apply", "image"}),
+                       memory_limit=str(int(1.5 * per_vis * nvis)),
+                       memory_per_visibility=per_vis)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        with caplog.at_level("INFO", logger="contimg.admission"):
+            stream = Stream(cfg, client, db=StateDB(cfg.db_path))
+            stream.run(until_idle=True, timeout=300)
+    assert len(stream.completed) == 2, stream.failed
+    db = StateDB(cfg.db_path)
+    (a, b) = sorted((db.group(gid) for gid in stream.completed), key=lambda g: g["started_at"])
+    assert b["started_at"] >= a["finished_at"]            # never both in flight
+    assert any("waits: memory budget" in r.message for r in caplog.records)
