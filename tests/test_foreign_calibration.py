@@ -271,9 +271,21 @@ def test_casa_agrees_on_foreign_ms(which, request, tmp_path):
               f"{ph:.4f} deg; SNR ours/CASA median {np.median(snr):.4f} "
               f"[{snr.min():.4f}, {snr.max():.4f}]")
         assert amp < 0.01 and ph < 1.0
-        # CASA's SNR definition (kernels.jones.casa_errors): the same to a few per cent
-        assert np.median(snr) == pytest.approx(1.0, abs=0.03)
-        assert 0.85 < snr.min() and snr.max() < 1.15
+        # SNR (kernels.jones.casa_errors): like CASA, one noise estimate per solution
+        # cell for both parallel hands, so ours/CASA is one number per cell (bandpass:
+        # per channel; gains: per integration) for every antenna and feed ...
+        r = ours["snr"] / np.where(theirs["snr"] > 0, theirs["snr"], np.nan)
+        cells = r.transpose(2, 0, 1, 3).reshape(r.shape[2], -1) if kind == "B" else \
+            r.reshape(r.shape[0], -1)
+        spread = np.nanmax(cells, axis=1) / np.nanmin(cells, axis=1) - 1
+        print(f"  per-cell spread of ours/CASA across antennas and feeds: max "
+              f"{100 * spread.max():.2f} %")
+        assert spread.max() < 0.01
+        # ... and CASA estimates the noise from the data averaged over the cell (66
+        # baselines x 2 feeds: ~200 degrees of freedom, a +-10 % estimate), we from the
+        # unaveraged samples: the same on average, within a few sigma of CASA's scatter
+        assert np.median(snr) == pytest.approx(1.0, abs=0.05)
+        assert 0.75 < snr.min() and snr.max() < 1.3
     # applycal with our tables == contimg apply, every field and correlation
     ms_casa = fms.copy(tmp_path / "c")
     ms_ours = fms.copy(tmp_path / "o")
