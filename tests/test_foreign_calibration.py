@@ -301,3 +301,76 @@ def test_casa_agrees_on_foreign_ms(which, request, tmp_path):
     rel = np.abs(ca - cb)[good] / np.abs(ca[good])
     print(f"{which}: applycal vs contimg apply: max relative difference {rel.max():.2e}")
     assert rel.max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------
+
+def test_apply_feed_jones_brute_force_and_parallel_hands_as_apply_jones():
+    from kernels.jones import apply_feed_jones
+    from kernels.solvers import apply_jones
+
+    rng = np.random.default_rng(3)
+    nrow, nchan, nant, ntime = 40, 5, 6, 3
+    a1 = rng.integers(0, nant, nrow)
+    a2 = rng.integers(0, nant, nrow)
+    tidx = rng.integers(0, ntime, nrow)
+
+    def c(*shape):
+        return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex128)
+
+    gt, bf = c(ntime, nant, 2), c(nant, nchan, 2)
+    gtf = np.zeros(gt.shape, bool)
+    bff = np.zeros(bf.shape, bool)
+    gtf[1, 2, 0] = True
+    bff[4, 3, 1] = True
+    vis = c(nrow, nchan, 4).astype(np.complex64)
+    flag = rng.random(vis.shape) < 0.1
+    fp, fq = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    out, of = np.empty_like(vis), np.empty(vis.shape, bool)
+    apply_feed_jones(vis, flag, a1, a2, tidx, fp, fq, gt, gtf, bf, bff, out, of)
+    for r in range(nrow):
+        for k in range(4):
+            p, q = fp[k], fq[k]
+            j = gt[tidx[r], a1[r], p] * bf[a1[r], :, p] * np.conj(
+                gt[tidx[r], a2[r], q] * bf[a2[r], :, q])
+            bad = (gtf[tidx[r], a1[r], p] | gtf[tidx[r], a2[r], q] | bff[a1[r], :, p]
+                   | bff[a2[r], :, q])
+            np.testing.assert_allclose(out[r, :, k], np.where(bad, 0, vis[r, :, k] / j),
+                                       rtol=1e-5)
+            np.testing.assert_array_equal(of[r, :, k], bad | flag[r, :, k])
+    # two parallel hands: the same numbers as kernels.solvers.apply_jones
+    v2, f2 = np.ascontiguousarray(vis[..., [0, 3]]), np.ascontiguousarray(flag[..., [0, 3]])
+    o1, g1 = np.empty_like(v2), np.empty(v2.shape, bool)
+    o2, g2 = np.empty_like(v2), np.empty(v2.shape, bool)
+    apply_feed_jones(v2, f2, a1, a2, tidx, np.array([0, 1]), np.array([0, 1]), gt, gtf, bf,
+                     bff, o1, g1)
+    apply_jones(v2, f2, a1, a2, tidx, gt, gtf, bf, bff, o2, g2)
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_casa_errors_pool_the_noise_over_the_parallel_hands():
+    """err = sqrt(s2 / F) per polarisation -> sqrt(s2_pooled / F), s2_pooled =
+    sum chi2 / sum (n - nact) over the polarisations of a cell (CASA's k2)."""
+    from kernels.jones import casa_errors
+
+    rng = np.random.default_rng(5)
+    ncell, nant = 4, 7
+    fisher = rng.uniform(1, 3, (ncell, nant, 2))
+    chi2 = rng.uniform(50, 150, (ncell, 2))
+    n = np.full((ncell, 2), 100)
+    fisher[0, 3, 1] = 0                           # an antenna without data in one hand
+    nact = (fisher > 0).sum(axis=1)
+    s2 = chi2 / (n - nact)
+    with np.errstate(divide="ignore"):
+        err = np.sqrt(s2[:, None, :] / fisher)
+    pooled = chi2.sum(axis=1) / (n - nact).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        want = np.sqrt(pooled[:, None, None] / fisher)
+    np.testing.assert_allclose(casa_errors(err, chi2, n), want, rtol=1e-12)
+    # a noise-free cell keeps its errors
+    chi2[2] = 0
+    got = casa_errors(err, chi2, n)
+    np.testing.assert_array_equal(got[2], err[2])
