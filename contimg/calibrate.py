@@ -447,11 +447,17 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
                 tables={}, params=_jsonable(params), quality={}, status="rejected",
                 reason=f"{exc.reason}: {exc}")
         raise
+    # tables describe the MS's DATA as it is (CASA's view): when the reader did not
+    # conjugate it (an MS in pyuvdata 2.x's convention) neither may the tables
+    as_is = ds.attrs.get("ms_conjugation") == "pyuvdata"
     del ds
     # FIELD_ID of each gain solution: the field of its first integration
     gi = int(params["gain_interval"])
     field_ids = fields[::gi][: sol.sizes["gain_time"]]
-    tables = caltables.write_solutions(sol, ms_path, prefix, field_ids=field_ids)
+    out = sol
+    if as_is:
+        out = sol.assign(BANDPASS=np.conj(sol.BANDPASS), GAIN=np.conj(sol.GAIN))
+    tables = caltables.write_solutions(out, ms_path, prefix, field_ids=field_ids)
     cal = transits[0]
     res = CalResult(name=name, ms_path=ms_path, calibrator=cal.name,
                     refant=int(sol.REFANT.values), tables=tables, t_transit=cal.t_transit,
