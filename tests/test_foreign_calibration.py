@@ -143,6 +143,21 @@ def test_cli_calibrate_field_recovers_the_truth(which, request, tmp_path):
     assert amp.max() < 0.01 and ph.max() < 1.0
 
 
+def test_without_field_the_calibrators_scan_is_used(pyuvdata_ms, tmp_path):
+    """No --field on a multi-field MS: the solve uses the integrations of the field in
+    which the calibrator is (not the target's): the same tables as --field 3C147."""
+    fms = pyuvdata_ms
+    a = cc.calibrate_ms(fms.copy(tmp_path / "a"), catalog=fms.catalog)
+    b = cc.calibrate_ms(fms.copy(tmp_path / "b"), catalog=fms.catalog, field="3C147")
+    assert a.calibrator == b.calibrator == "3C147" and a.refant == b.refant
+    assert a.transits[0].field_name == "3C147" and len(a.transits[0].index) == 6
+    for k in ("B", "G"):
+        x, y = (caltables.read_caltable(r.tables[k]) for r in (a, b))
+        np.testing.assert_array_equal(x["cparam"], y["cparam"])
+        np.testing.assert_array_equal(x["field_id"], y["field_id"])
+    assert set(caltables.read_caltable(a.tables["G"])["field_id"].tolist()) == {0}
+
+
 def test_apply_corrects_cross_hands_and_only_the_field(casa_sim_ms_4pol, tmp_path):
     """RR/RL/LR/LL: every correlation divided by its two feeds' B x G (brute force from
     the tables); ``--field TGT1`` leaves the other fields' CORRECTED_DATA alone."""
