@@ -284,8 +284,15 @@ def build_casa_sim_ms(workdir, *, stokes="RR LL", seed=SEED, nchan=8, ntime=6):
 ATA = dict(lat=40.817431, lon=-121.472814, alt=1019.222)
 
 
-def build_pyuvdata_ms(workdir, *, seed=SEED + 7, nchan=8, ntime=6, nant=12):
+def build_pyuvdata_ms(workdir, **kw):
     """Simulate with pyuvdata (see the module docstring); returns a :class:`ForeignMS`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        return _build_pyuvdata_ms(workdir, **kw)
+
+
+def _build_pyuvdata_ms(workdir, *, seed=SEED + 7, nchan=8, ntime=6, nant=12):
     import warnings
 
     from astropy import units as u
@@ -307,6 +314,7 @@ def build_pyuvdata_ms(workdir, *, seed=SEED + 7, nchan=8, ntime=6, nant=12):
                     [np.cos(lon), -np.sin(lat) * np.sin(lon), np.cos(lat) * np.sin(lon)],
                     [0.0, np.cos(lat), np.sin(lat)]])
     pos = enu @ rot.T
+    warnings.simplefilter("ignore")      # pyuvdata's notes on known telescopes and uvw
     tel = Telescope.new(name="ATA", location=loc, antenna_positions=pos,
                         antenna_names=[f"1{c}{i}" for i, c in zip(range(nant), "abcdefghijkl")],
                         antenna_numbers=list(range(nant)), antenna_diameters=[6.1] * nant,
