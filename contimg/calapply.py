@@ -126,7 +126,9 @@ def _begin_apply(tb, path, rows_per_chunk):
     ddid = np.unique(tb.getcol("DATA_DESC_ID"))
     if ddid.size != 1:
         raise ValueError(f"{path}: {ddid.size} DATA_DESC_IDs; one supported")
-    times, tidx = np.unique(tb.getcol("TIME") - MJD_UNIX_OFFSET_S, return_inverse=True)
+    from contimg.msfields import utc_time
+
+    times, tidx = np.unique(utc_time(tb, path) - MJD_UNIX_OFFSET_S, return_inverse=True)
     field = tb.getcol("FIELD_ID").astype(np.int64)
     npol = tb.getcell("DATA", 0).shape[1]
     has_corrected = "CORRECTED_DATA" in tb.colnames()

@@ -36,6 +36,7 @@ from contimg import telescope as tel
 log = logging.getLogger(__name__)
 
 __all__ = ["Scan", "FieldTransit", "Geometry", "scans", "ms_geometry", "dataset_geometry",
+           "utc_time",
            "beam_radius_deg", "find_field_calibrators", "no_calibrator_message"]
 
 #: Airy half-power radius in units of lambda / D
@@ -164,6 +165,17 @@ def dataset_geometry(ds, *, field_id=None, field_names=None, source="the data"):
                     source=ds.attrs.get("ms_path", source))
 
 
+def utc_time(tb, path):
+    """MAIN's TIME (MJD seconds) in UTC, converted from its measure reference (TAI, ...)
+    as :func:`contimg.io.ms.open_ms` does when the reader knows how."""
+    time = tb.getcol("TIME")
+    try:
+        from contimg.io.ms.measures import time_to_utc
+    except ImportError:                  # a reader that takes TIME as UTC
+        return time
+    return time_to_utc(time, tb.getcolkeywords("TIME").get("MEASINFO", {}), path)
+
+
 def ms_geometry(ms_path, field_ids=None):
     """:class:`Geometry` of an MS from TIME, FIELD_ID, FIELD, ANTENNA and
     SPECTRAL_WINDOW (no data read); ``field_ids`` restricts it to those fields."""
@@ -176,7 +188,7 @@ def ms_geometry(ms_path, field_ids=None):
     if not os.path.isfile(os.path.join(ms_path, "table.dat")):
         raise FileNotFoundError(f"{ms_path}: not a Measurement Set (no table.dat)")
     with ct.table(ms_path, ack=False) as tb:
-        time = tb.getcol("TIME")
+        time = utc_time(tb, ms_path)
         fid = tb.getcol("FIELD_ID")
     if field_ids is not None:
         keep = np.isin(fid, np.asarray(list(field_ids), int))

@@ -158,6 +158,33 @@ def test_without_field_the_calibrators_scan_is_used(pyuvdata_ms, tmp_path):
     assert set(caltables.read_caltable(a.tables["G"])["field_id"].tolist()) == {0}
 
 
+def test_tai_time_calibrates_and_applies_as_utc(casa_sim_ms, tmp_path):
+    """The same MS with TIME in TAI (37 s later, MEASINFO Ref TAI, as importuvfits
+    writes): the same solutions and CORRECTED_DATA (gains interpolated on one clock)."""
+    from casacore import tables as ct
+
+    fms = casa_sim_ms
+    utc, tai = fms.copy(tmp_path / "utc"), fms.copy(tmp_path / "tai")
+    with ct.table(tai, readonly=False, ack=False) as tb:
+        for col in ("TIME", "TIME_CENTROID"):
+            tb.putcol(col, tb.getcol(col) + 37.0)
+            kw = tb.getcolkeywords(col)
+            kw["MEASINFO"]["Ref"] = "TAI"
+            tb.putcolkeywords(col, kw)
+    out = {}
+    for ms in (utc, tai):
+        r = cc.calibrate_ms(ms, catalog=fms.catalog, field="3C286", gain_interval=2)
+        cc.apply_ms(ms, r.tables)
+        with ct.table(ms, ack=False) as tb:
+            out[ms] = (r, tb.getcol("CORRECTED_DATA"))
+    (a, ca), (b, cb) = out[utc], out[tai]
+    for k in ("B", "G"):
+        np.testing.assert_allclose(caltables.read_caltable(b.tables[k])["cparam"],
+                                   caltables.read_caltable(a.tables[k])["cparam"],
+                                   rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(cb, ca, rtol=1e-5, atol=1e-6)
+
+
 def test_apply_corrects_cross_hands_and_only_the_field(casa_sim_ms_4pol, tmp_path):
     """RR/RL/LR/LL: every correlation divided by its two feeds' B x G (brute force from
     the tables); ``--field TGT1`` leaves the other fields' CORRECTED_DATA alone."""
