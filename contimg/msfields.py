@@ -286,9 +286,9 @@ def no_calibrator_message(geom: Geometry, catalog=None, *, radius_deg=None):
         if sc.kind == "drift":
             r = _sky.match_radius_deg() if radius_deg is None else float(radius_deg)
             ra = np.degrees(geom.ra[sc.index])
-            parts.append(f"drift scan at dec {math.degrees(float(np.median(geom.dec[sc.index]))):.3f}"
-                         f" deg during RA {ra[0]:.3f}..{ra[-1]:.3f} deg (transits within "
-                         f"{r:g} deg in declination)")
+            dec = math.degrees(float(np.median(geom.dec[sc.index])))
+            parts.append(f"drift scan at dec {dec:.3f} deg during RA {ra[0]:.3f}.."
+                         f"{ra[-1]:.3f} deg (transits within {r:g} deg in declination)")
         else:
             r = (beam_radius_deg(geom.dish_diameter_m, geom.freq_hz) if radius_deg is None
                  else float(radius_deg))
