@@ -428,7 +428,9 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
                 geom, catalog, radius_deg=solver_opts.get("radius_deg")))
         ds, transits, fields = _calibrator_data(ds, geom, transits)
         try:
-            sol, transits, q = solve_dataset(ds, catalog=catalog, transits=transits,
+            # the model of a pointed scan's calibrators: through the data's own beam
+            sol, transits, q = solve_dataset(ds, catalog=catalog,
+                                             transits=msfields.through_own_beam(transits, geom),
                                              refant=refant, **solver_opts)
         except CalibrationError as exc:
             cal = transits[0]

@@ -36,7 +36,7 @@ from contimg import telescope as tel
 log = logging.getLogger(__name__)
 
 __all__ = ["Scan", "FieldTransit", "Geometry", "scans", "ms_geometry", "dataset_geometry",
-           "utc_time",
+           "utc_time", "DishBeamSource", "through_own_beam",
            "beam_radius_deg", "find_field_calibrators", "no_calibrator_message"]
 
 #: Airy half-power radius in units of lambda / D
@@ -275,6 +275,41 @@ def find_field_calibrators(geom: Geometry, catalog=None, *, radius_deg=None, top
                  tr.name, f"field {tr.field_id} {tr.field_name!r}" if tr.field_id is not None
                  else "the drift", tr.kind, tr.apparent_flux_jy, freq_hz / 1e9)
     return res
+
+
+@dataclass(frozen=True)
+class DishBeamSource(_sky.Source):
+    """A catalogue source seen through a pointed scan's own primary beam: ``flux`` is
+    the spectrum times ``airy(sep, D) / airy(sep, D_DSA-110)``, so that the model's
+    apparent flux (:func:`contimg.sky.apparent_flux`: spectrum times the DSA-110
+    beam) is the spectrum times the data's beam (dish ``dish_m``, separation ``sep``
+    from the scan's phase centre, rad)."""
+
+    sep: float = 0.0
+    dish_m: float = tel.DISH_DIAMETER_M
+
+    def flux(self, freq_hz):
+        f = np.asarray(freq_hz, float)
+        ours = tel.airy_beam(self.sep, f, self.dish_m)
+        dsa = np.maximum(tel.airy_beam(self.sep, f), 1e-12)
+        return _sky.Source.flux(self, f) * ours / dsa
+
+
+def through_own_beam(transits, geom: Geometry):
+    """``transits`` with the sources of pointed scans as :class:`DishBeamSource` (the
+    data's dish), for the model of a solve; drift transits unchanged."""
+    import dataclasses
+
+    out = []
+    for tr in transits:
+        if tr.kind == "pointed" and geom.dish_diameter_m != tel.DISH_DIAMETER_M:
+            src = DishBeamSource(**{f.name: getattr(tr.source, f.name)
+                                    for f in dataclasses.fields(_sky.Source)},
+                                 sep=math.radians(tr.separation_deg),
+                                 dish_m=geom.dish_diameter_m)
+            tr = dataclasses.replace(tr, source=src)
+        out.append(tr)
+    return out
 
 
 def no_calibrator_message(geom: Geometry, catalog=None, *, radius_deg=None):

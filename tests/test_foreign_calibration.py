@@ -112,6 +112,16 @@ def test_pointed_radius_is_the_primary_beam(casa_sim_ms, tmp_path):
     found = cc.find_calibrator(fms.path, str(cat))
     assert [(t.name, t.field_name) for t in found] == [("IN", "TGT2")]
     assert 0.2 < found[0].peak_response < 0.7
+    # the solve's model sees it through the 25 m beam, not DSA-110's 4.65 m one
+    from contimg import sky, telescope
+    from contimg.msfields import ms_geometry, through_own_beam
+
+    (tr,) = through_own_beam(found, ms_geometry(fms.path))
+    flux = sky.apparent_flux([tr.source], [ra], [dec], fms.freqs)[0, 0]
+    sep = np.radians(0.2)
+    np.testing.assert_allclose(flux, 10 * (fms.freqs / 1.4e9) ** -0.7
+                               * telescope.airy_beam(sep, fms.freqs, 25.0), rtol=1e-3)
+    assert flux.mean() == pytest.approx(10 * found[0].peak_response, rel=0.02)
 
 
 # ---------------------------------------------------------------------------------
