@@ -495,3 +495,51 @@ def test_dsa110_group_via_pyuvdata_write_ms_calibrates_as_our_ms(tmp_path):
     ok = np.abs(ca) > 0
     assert ok.mean() > 0.9
     np.testing.assert_allclose(cb[ok], ca[ok], rtol=1e-4, atol=1e-5)
+
+
+CASA_SOLVE_B = """
+import sys
+from casatasks import gaincal, bandpass
+vis, pre, refant, field, minsnr = sys.argv[1:6]
+kw = dict(vis=vis, refant=refant, field=field)
+# ours flags only the final B and G: the first two steps unflagged here too
+bandpass(caltable=pre + ".B0", solint="inf", bandtype="B", solnorm=False, minsnr=0.0, **kw)
+gaincal(caltable=pre + ".Gp", solint="int", calmode="p", gaintype="G", minsnr=0.0,
+        gaintable=[pre + ".B0"], **kw)
+bandpass(caltable=pre + ".B", solint="inf", bandtype="B", solnorm=False,
+         minsnr=float(minsnr), gaintable=[pre + ".Gp"], **kw)
+"""
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(not _have("casatasks"), reason="casatasks is not installed")
+def test_min_snr_flags_what_casa_flags(casa_sim_ms, tmp_path):
+    """Low-SNR bandpass (extra noise: median SNR ~12) with min_snr at about its median:
+    our flags and CASA's ``bandpass(minsnr=)`` agree except where CASA's own SNR is
+    within its noise-estimate scatter (20 %) of the threshold."""
+    from casacore import tables as ct
+
+    fms = casa_sim_ms
+    ms = fms.copy(tmp_path)
+    _write_model(fms, ms)
+    rng = np.random.default_rng(11)
+    with ct.table(ms, readonly=False, ack=False) as tb:
+        d = tb.getcol("DATA")
+        d += (6.0 * (rng.standard_normal(d.shape) + 1j * rng.standard_normal(d.shape))
+              ).astype(d.dtype)
+        tb.putcol("DATA", d)
+    t = 12.0
+    res = cc.calibrate_ms(ms, catalog=fms.catalog, field="3C286", min_snr=t,
+                          gain_interval=6, max_solutions_flagged=1.0)
+    _casa(tmp_path, CASA_SOLVE_B, ms, tmp_path / "casa", res.refant, 0, t)
+    ours = caltables.read_caltable(res.tables["B"])
+    theirs = caltables.read_caltable(tmp_path / "casa.B")
+    fo, fc = ours["flag"], theirs["flag"]
+    differ = fo != fc
+    near = np.abs(theirs["snr"] / t - 1) < 0.2
+    print(f"min_snr {t}: flagged ours {fo.mean():.1%}, CASA {fc.mean():.1%}; flags differ "
+          f"on {differ.sum()} of {differ.size} solutions, all with CASA's SNR within 20 % "
+          f"of min_snr: {bool(near[differ].all())}")
+    assert 0.1 < fc.mean() < 0.9                   # the threshold does cut
+    assert near[differ].all()
+    assert differ.mean() < 0.15
