@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from contimg import caltables
+from contimg import msfields
 from contimg import sky as _sky
-from contimg.io.files import finalise, writable_dir
+from contimg.calapply import apply_ms  # re-exported: applying lives in contimg.calapply
+from contimg.io.files import writable_dir
 from graphs import scheduling
 
 log = logging.getLogger(__name__)
@@ -118,33 +120,71 @@ def _meta_from_ms(ms_path):
     return ut - MJD_UNIX_OFFSET_S, pdir[f, 0], pdir[f, 1], f
 
 
-def find_calibrator(ds_or_ms, catalog=None, *, radius_deg=None, topn=None):
-    """Calibrators transiting inside the beam during a group (cheap; no data read).
+def find_calibrator(ds_or_ms, catalog=None, *, radius_deg=None, topn=None, field=None):
+    """Calibrators the data observe (cheap; no data read).
+
+    A drift scan (DSA-110) observes a calibrator that transits inside the beam during
+    the data; a pointed (tracked) scan one within its field's primary beam, for the
+    whole scan (see :mod:`contimg.msfields`).
 
     Parameters
     ----------
     ds_or_ms : xarray.Dataset or str
         A contract Dataset (uses ``time``, ``PHASE_CENTER_RA/DEC``) or an MS path
-        (reads TIME, FIELD_ID and the FIELD table only).
+        (reads TIME, FIELD_ID and the FIELD, ANTENNA and SPECTRAL_WINDOW tables only).
     catalog : Catalog, path or list of Source, optional
         Default ``$VLA_CATALOG`` if set, else the built-in Perley-Butler list.
     radius_deg, topn : optional
-        Overrides of ``$CAL_MATCH_RADIUS_DEG`` (1.5) and ``$CAL_MATCH_TOPN`` (3).
+        Overrides of ``$CAL_MATCH_RADIUS_DEG`` (1.5; for pointed scans the default is
+        the primary beam's half-power radius) and ``$CAL_MATCH_TOPN`` (3).
+    field : int or str, optional
+        Only this field of an MS (a FIELD id or name).
 
     Returns
     -------
-    list of :class:`contimg.sky.Transit`
-        Brightest apparent flux first; empty when none transits in the data.
+    list of :class:`contimg.msfields.FieldTransit` (:class:`contimg.sky.Transit`)
+        Brightest apparent flux first; empty when the data observe none.
     """
+    return msfields.find_field_calibrators(_geometry(ds_or_ms, field), catalog,
+                                           radius_deg=radius_deg, topn=topn)
+
+
+def _geometry(ds_or_ms, field=None):
     if isinstance(ds_or_ms, (str, os.PathLike)):
-        times, ra0, dec0, _ = _meta_from_ms(ds_or_ms)
-    else:
-        ds = ds_or_ms
-        times = np.asarray(ds.time.values, float)
-        ra0 = np.asarray(ds.PHASE_CENTER_RA.values, float)
-        dec0 = np.asarray(ds.PHASE_CENTER_DEC.values, float)
-    return _sky.find_transits(catalog, times_unix=times, ra0=ra0, dec0=dec0,
-                              radius_deg=radius_deg, topn=topn)
+        ms = os.fspath(ds_or_ms)
+        ids = None
+        if field is not None:
+            from contimg.io.ms.fields import read_fields, resolve_field
+
+            ids = resolve_field(ms, field, read_fields(ms))
+        return msfields.ms_geometry(ms, field_ids=ids)
+    ds = ds_or_ms
+    ms = ds.attrs.get("ms_path")
+    if ms and os.path.isfile(os.path.join(ms, "table.dat")):
+        # the FIELD ids and names of the Dataset's integrations
+        g = msfields.ms_geometry(ms, field_ids=ds.attrs.get("ms_field_id"))
+        if g.times.size == ds.sizes["time"]:
+            return msfields.dataset_geometry(ds, field_id=g.field_id,
+                                             field_names=g.field_names, source=ms)
+    return msfields.dataset_geometry(ds)
+
+
+def _calibrator_data(ds, geom, transits):
+    """The integrations and correlations to solve on: those in which the brightest
+    observed calibrator is in the beam (a drift: all), their parallel hands; the
+    calibrators in the beam there (the model) and the FIELD id of each integration."""
+    from contimg.calapply import parallel_hands
+
+    cal = transits[0]
+    idx = np.arange(ds.sizes["time"]) if cal.index is None else np.asarray(cal.index)
+    same = [t for t in transits if t.index is None or np.intersect1d(t.index, idx).size]
+    if idx.size < ds.sizes["time"]:
+        log.info("solving on the %d integrations of field %s %r in which %s is in the beam",
+                 idx.size, cal.field_id, cal.field_name, cal.name)
+        ds = ds.isel(time=idx)
+    fields = (geom.field_id[idx] if geom.field_id is not None
+              else np.zeros(idx.size, np.int64))
+    return parallel_hands(ds), same, fields
 
 
 # ---------------------------------------------------------------------------------
@@ -329,7 +369,7 @@ def configured_solver_options(**given) -> dict:
 
 
 def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, name=None,
-                 validity_hours=None, **solver_opts):
+                 validity_hours=None, field=None, **solver_opts):
     """Calibrate a calibrator group's MS: solve, write CASA tables, register.
 
     Parameters
@@ -350,6 +390,11 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     validity_hours : float, optional
         Half-width of the validity window around the transit (default: the configured
         ``[calibrate] validity_hours``, 12 h).
+    field : int or str, optional
+        Use only this field (a FIELD id or name; default every field). In a multi-field
+        MS of pointed scans the solve uses the integrations of the scans in which the
+        brightest observed calibrator is in the beam (:func:`find_calibrator`); with
+        four correlations it uses the parallel hands (the tables are per feed).
     **solver_opts
         ``gain_interval``, ``gain_mode``, ``min_snr`` (default: the configured
         ``[calibrate]`` values), ``max_iter``, ``tol``, ``max_data_flagged``,
@@ -381,15 +426,32 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
     prefix = os.path.join(out_dir, name)
     db = _open_db(db)
     params = dict(solver="stefcal", refant_requested=refant, **solver_opts)
-    ds = open_ms(ms_path)
+    if field is not None:
+        params["field"] = field
+    ds = open_ms(ms_path, field=field)
     times = np.asarray(ds.time.values, float)
     t_mid = float(times.mean())
     transits = []
     try:
-        transits = find_calibrator(ds, catalog, radius_deg=solver_opts.get("radius_deg"),
-                                   topn=solver_opts.get("topn"))
-        sol, transits, q = solve_dataset(ds, catalog=catalog, transits=transits,
-                                         refant=refant, **solver_opts)
+        geom = _geometry(ds)
+        transits = msfields.find_field_calibrators(
+            geom, catalog, radius_deg=solver_opts.get("radius_deg"),
+            topn=solver_opts.get("topn"))
+        if not transits:
+            raise NoCalibratorError(msfields.no_calibrator_message(
+                geom, catalog, radius_deg=solver_opts.get("radius_deg")))
+        ds, transits, fields = _calibrator_data(ds, geom, transits)
+        try:
+            # the model of a pointed scan's calibrators: through the data's own beam
+            sol, transits, q = solve_dataset(ds, catalog=catalog,
+                                             transits=msfields.through_own_beam(transits, geom),
+                                             refant=refant, **solver_opts)
+        except CalibrationError as exc:
+            cal = transits[0]
+            if cal.kind == "pointed":      # say which field and calibrator
+                exc.args = (f"{cal.name} in field {cal.field_id} {cal.field_name!r}: "
+                            f"{exc}",)
+            raise
     except CalibrationError as exc:
         log.error("%s: calibration rejected: %s", ms_path, exc)
         if db is not None:
@@ -401,12 +463,17 @@ def calibrate_ms(ms_path, *, out_dir=None, catalog=None, refant=None, db=None, n
                 tables={}, params=_jsonable(params), quality={}, status="rejected",
                 reason=f"{exc.reason}: {exc}")
         raise
+    # tables describe the MS's DATA as it is (CASA's view): when the reader did not
+    # conjugate it (an MS in pyuvdata 2.x's convention) neither may the tables
+    as_is = ds.attrs.get("ms_conjugation") == "pyuvdata"
     del ds
     # FIELD_ID of each gain solution: the field of its first integration
-    _, _, _, fields = _meta_from_ms(ms_path)
     gi = int(params["gain_interval"])
     field_ids = fields[::gi][: sol.sizes["gain_time"]]
-    tables = caltables.write_solutions(sol, ms_path, prefix, field_ids=field_ids)
+    out = sol
+    if as_is:
+        out = sol.assign(BANDPASS=np.conj(sol.BANDPASS), GAIN=np.conj(sol.GAIN))
+    tables = caltables.write_solutions(out, ms_path, prefix, field_ids=field_ids)
     cal = transits[0]
     res = CalResult(name=name, ms_path=ms_path, calibrator=cal.name,
                     refant=int(sol.REFANT.values), tables=tables, t_transit=cal.t_transit,
@@ -430,161 +497,6 @@ def _jsonable(d):
 
 
 # ---------------------------------------------------------------------------------
-# applying to an MS
-# ---------------------------------------------------------------------------------
-
-def _apply_step(tb, nchan, npol, target=64 << 20):
-    """Rows per read/write of :func:`apply_ms`: ~``target`` bytes of visibilities, in
-    whole tiles of DATA when it is tiled (the MS has no tile cache: a chunk that ends
-    inside a tile makes the next one read and write that tile again)."""
-    step = max(1, target // max(1, nchan * npol * 8))
-    try:
-        spec = tb.getdminfo("DATA").get("SPEC", {})
-        cubes = list(spec.get("HYPERCUBES", {}).values())
-        rows = int(cubes[0]["TileShape"][-1]) if cubes else 0
-    except (RuntimeError, KeyError, IndexError, TypeError):
-        rows = 0
-    if rows > 0:
-        step = max(1, round(step / rows)) * rows
-    return step
-
-
-_TMPCOL = "CORRECTED_DATA_CONTIMG_TMP"
-
-
-def _begin_apply(tb, path, rows_per_chunk):
-    """In the MS's table thread, under a write lock held until :func:`_end_apply`: the
-    MS's rows, channels and antennas, checked; an empty copy of DATA's column added as
-    the temporary column."""
-    from casacore import tables as ct
-
-    from kernels.constants import MJD_UNIX_OFFSET_S
-
-    tb.lock(write=True)
-    with ct.table(os.path.join(path, "SPECTRAL_WINDOW"), ack=False) as t:
-        if t.nrows() != 1:
-            raise ValueError(f"{path}: {t.nrows()} spectral windows; one supported")
-        freqs = t.getcell("CHAN_FREQ", 0)
-        width = float(np.abs(t.getcell("CHAN_WIDTH", 0)).max())
-    with ct.table(os.path.join(path, "ANTENNA"), ack=False) as t:
-        nant = t.nrows()
-    a1 = tb.getcol("ANTENNA1").astype(np.int64)
-    a2 = tb.getcol("ANTENNA2").astype(np.int64)
-    if max(a1.max(), a2.max()) >= nant:
-        raise ValueError(f"{path}: ANTENNA1/2 beyond the ANTENNA table")
-    ddid = np.unique(tb.getcol("DATA_DESC_ID"))
-    if ddid.size != 1:
-        raise ValueError(f"{path}: {ddid.size} DATA_DESC_IDs; one supported")
-    times, tidx = np.unique(tb.getcol("TIME") - MJD_UNIX_OFFSET_S, return_inverse=True)
-    npol = tb.getcell("DATA", 0).shape[1]
-    if _TMPCOL in tb.colnames():
-        tb.removecols([_TMPCOL])
-    desc = tb.getcoldesc("DATA")
-    desc.pop("comment", None)
-    dm = tb.getdminfo("DATA")
-    # a data manager name not in use (an earlier run's renamed column keeps its own)
-    dm = {"TYPE": dm["TYPE"], "NAME": f"CorrectedData_{os.getpid()}_{_time.time_ns()}",
-          "SPEC": dm.get("SPEC", {})}
-    tb.addcols(ct.maketabdesc(ct.makecoldesc(_TMPCOL, desc)), dm)
-    return dict(nrow=a1.size, a1=a1, a2=a2, tidx=tidx.astype(np.int64), times=times,
-                freqs=freqs, width=width, nant=nant, npol=npol,
-                step=rows_per_chunk or _apply_step(tb, freqs.size, npol))
-
-
-def _end_apply(tb, ok):
-    """In the table thread: the temporary column becomes CORRECTED_DATA (``ok``) or is
-    removed; the write lock of :func:`_begin_apply` is released."""
-    try:
-        if ok:
-            if "CORRECTED_DATA" in tb.colnames():
-                tb.removecols(["CORRECTED_DATA"])
-            tb.renamecol(_TMPCOL, "CORRECTED_DATA")
-            tb.flush()
-        elif _TMPCOL in tb.colnames():
-            tb.removecols([_TMPCOL])
-    finally:
-        tb.unlock()
-
-
-def apply_ms(ms_path, tables, *, interp="linear", flag=True, rows_per_chunk=None):
-    """Write CORRECTED_DATA = DATA corrected by bandpass and gain tables.
-
-    One lazy computation, computed here on local threads: the MS's rows in contiguous,
-    tile-aligned runs (read in the MS's table thread) through
-    :func:`graphs.calibrate.apply_rows` (the correction of ``graphs.calibrate.apply``)
-    and written back run by run.
-
-    Parameters
-    ----------
-    ms_path : str
-        The MS (one spectral window; XX/YY or any two parallel hands).
-    tables : str, list of str or dict
-        At most one B and one G table (ours or CASA's), e.g. ``CalResult.tables`` or
-        the ``tables`` of a registry row.
-    interp : {"linear", "nearest"}
-        Gain interpolation in time (amplitude and phase separately).
-    flag : bool
-        Also flag (in FLAG) the samples whose solutions are flagged, as CASA's
-        ``applycal`` does (``applymode='calflag'``). Weights are not rescaled
-        (CASA's ``calwt=False``).
-    rows_per_chunk : int, optional
-        Rows corrected per task (default ~64 MiB of visibilities, whole tiles).
-
-    The corrected data go to a temporary column that replaces CORRECTED_DATA only when
-    complete, so an interrupted run leaves the previous CORRECTED_DATA (if any).
-    """
-    import dask
-    import dask.array as da
-
-    from contimg.io.mscolumns import RowTarget, ms_proxy, read_rows, run_in_table
-    from graphs.calibrate import _solution_arrays, apply_rows, prepare_solutions
-
-    ms_path = os.path.abspath(os.fspath(ms_path))
-    if not os.path.isfile(os.path.join(ms_path, "table.dat")):
-        raise FileNotFoundError(f"{ms_path}: not a Measurement Set (no table.dat)")
-    if isinstance(tables, str) and tables.lstrip().startswith("{"):
-        tables = json.loads(tables)       # the registry's JSON column, undecoded
-    if isinstance(tables, dict):
-        tables = list(tables.values())
-    sol = caltables.read_solutions(tables)
-    tic = _time.perf_counter()
-    proxy = ms_proxy(ms_path)
-    ok = False
-    try:
-        m = run_in_table(proxy, _begin_apply, ms_path, rows_per_chunk, write=False)
-        try:
-            # solutions -> the MS's DATA convention (conjugated)
-            prepared = prepare_solutions(
-                *_solution_arrays(sol), freqs=m["freqs"], times=m["times"],
-                nstations=m["nant"], npol=m["npol"], channel_width=m["width"],
-                interp=interp, conjugate=True)
-        except ValueError as exc:
-            raise ValueError(f"{ms_path} with {', '.join(map(str, tables))}: {exc}") \
-                from None
-        cell = (m["freqs"].size, m["npol"])
-        data = read_rows(proxy, "DATA", m["nrow"], m["step"], cell, np.complex64,
-                         "apply-read-data")
-        flg = read_rows(proxy, "FLAG", m["nrow"], m["step"], cell, bool, "apply-read-flag")
-        vis, new_flag = apply_rows(data, flg, m["a1"], m["a2"], m["tidx"],
-                                   dask.delayed(prepared, traverse=False))
-        stores = [da.store(vis, RowTarget(proxy, _TMPCOL), lock=False, compute=False)]
-        if flag:
-            stores.append(da.store(new_flag, RowTarget(proxy, "FLAG"), lock=False,
-                                   compute=False))
-        scheduling.compute(*stores, threads=scheduling.threads() or os.cpu_count())
-        ok = True
-    finally:
-        try:
-            run_in_table(proxy, _end_apply, ok, write=False)
-        except Exception:  # noqa: BLE001 - the first error is the one raised
-            if ok:
-                raise
-    finalise(ms_path)   # the column's new files: the product mode, whatever the umask
-    log.info("%s: CORRECTED_DATA written from %s in %.2f s", ms_path, ", ".join(
-        map(str, tables)), _time.perf_counter() - tic)
-
-
-# ---------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------
 
@@ -603,14 +515,14 @@ def add_subcommands(sub):
                         "--db)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_options(p, "calibrate.catalog", "calibrate.refant", "calibrate.gain_interval",
-                "calibrate.gain_mode", "calibrate.min_snr", "paths.db")
+                "calibrate.gain_mode", "calibrate.min_snr", "paths.db", "calibrate.field")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("apply", help="write CORRECTED_DATA of an MS from B/G tables")
     p.add_argument("ms", help="Measurement Set")
     p.add_argument("tables", nargs="*", help="bandpass and/or gain tables (ours or CASA's); "
                    "none: the set the state database finds for the MS's mid-time")
-    add_options(p, "paths.db", "calibrate.interp", "calibrate.apply_flag")
+    add_options(p, "paths.db", "calibrate.interp", "calibrate.apply_flag", "calibrate.field")
     p.set_defaults(func=cmd_apply)
 
 
@@ -622,6 +534,7 @@ def _cfg(args):
 
 def cmd_calibrate(args):
     """``contimg calibrate MS``: prints the tables and quality; exit 2 when rejected."""
+    from contimg.io.ms import UnknownFieldError
     from contimg.state import StateDB
 
     cfg = _cfg(args)
@@ -632,9 +545,12 @@ def cmd_calibrate(args):
         res = calibrate_ms(args.ms, out_dir=args.out_dir, catalog=c.catalog,
                            refant=c.refant, db=db, name=args.name,
                            validity_hours=c.validity_hours, gain_interval=c.gain_interval,
-                           gain_mode=c.gain_mode, min_snr=c.min_snr)
+                           gain_mode=c.gain_mode, min_snr=c.min_snr, field=c.field)
     except CalibrationError as exc:
         print(f"calibration rejected ({exc.reason}): {exc}")
+        return 2
+    except UnknownFieldError as exc:
+        print(f"calibration not started: {exc}")
         return 2
     if args.json:
         print(json.dumps(_jsonable(res.as_dict()), indent=1))
@@ -654,6 +570,8 @@ def cmd_calibrate(args):
 
 def cmd_apply(args):
     """``contimg apply MS [TABLES...]``."""
+    from contimg.io.ms import UnknownFieldError
+
     cfg = _cfg(args)
     tables = list(args.tables)
     if not tables:
@@ -674,6 +592,12 @@ def cmd_apply(args):
         if not row.get("in_window", True):
             log.warning("nearest calibration set %s is outside its validity window",
                         row.get("name"))
-    apply_ms(args.ms, tables, interp=cfg.calibrate.interp, flag=cfg.calibrate.apply_flag)
-    print(f"CORRECTED_DATA written to {args.ms} from {', '.join(tables)}")
+    try:
+        apply_ms(args.ms, tables, interp=cfg.calibrate.interp, flag=cfg.calibrate.apply_flag,
+                 field=cfg.calibrate.field)
+    except UnknownFieldError as exc:
+        print(f"nothing applied: {exc}")
+        return 2
+    where = "" if cfg.calibrate.field is None else f" (field {cfg.calibrate.field})"
+    print(f"CORRECTED_DATA written to {args.ms}{where} from {', '.join(tables)}")
     return 0

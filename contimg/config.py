@@ -279,6 +279,9 @@ class CalibrateConfig(_Section):
                           flags=("--interp",), choices=("linear", "nearest"))
     apply_flag: bool = setting(True, "apply: flag samples whose solutions are flagged",
                                flags=("--no-flag",))
+    field: str | None = setting(None, "calibrate/apply: only this field of the MS (a FIELD "
+                                "id or name; default every field)", flags=("--field",),
+                                metavar="FIELD")
 
     def _check(self):
         if self.match_topn < 1:

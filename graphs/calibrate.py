@@ -39,6 +39,7 @@ import xarray as xr
 from graphs import scheduling
 from kernels import solvers
 from kernels.dft import predict_points
+from kernels.jones import casa_errors
 from kernels.predict import predict_dft
 
 log = logging.getLogger(__name__)
@@ -301,12 +302,17 @@ def _finish(bp_list, g_res, stations, nstations, refant, opts):
     # bandpass (nant, nchan, npol)
     bg = np.concatenate([b["g"] for b in bp_list], axis=1)
     berr = np.concatenate([b["err"] for b in bp_list], axis=1)
+    # CASA's errors: the noise estimate pooled over the polarisations (kernels.jones)
+    berr = casa_errors(berr.transpose(1, 0, 2), np.concatenate(
+        [b["chi2"] for b in bp_list], axis=0), np.concatenate(
+        [b["nsamp"] for b in bp_list], axis=0)).transpose(1, 0, 2)
     bsnr = _snr(bg, berr)
-    bflag = (bsnr < min_snr) | (np.abs(bg) == 0)
+    bflag = (bsnr <= min_snr) | (np.abs(bg) == 0)      # CASA keeps SNR > minsnr
     bg = _reference(bg.transpose(1, 0, 2), ref_c, bflag.transpose(1, 0, 2)).transpose(1, 0, 2)
-    gg, gerr = g_res["g"], g_res["err"]     # (nct, nant, npol)
+    gg = g_res["g"]                         # (nct, nant, npol)
+    gerr = casa_errors(g_res["err"], g_res["chi2"], g_res["nsamp"])
     gsnr = _snr(gg, gerr)
-    gflag = (gsnr < min_snr) | (np.abs(gg) == 0)
+    gflag = (gsnr <= min_snr) | (np.abs(gg) == 0)
     gg = _reference(gg, ref_c, gflag)
 
     def full(arr, fill, axis):
