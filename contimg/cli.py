@@ -584,6 +584,9 @@ def build_parser():
                    help="toml (loads back as a configuration file) or an aligned table")
     v.set_defaults(func=cmd_config)
 
+    from contimg.cluster import add_subcommands as _cluster_subcommands
+
+    _cluster_subcommands(sub)  # contimg cluster up|down|status|scheduler|worker (issue 16)
     from contimg.app.cli import add_subcommands as _app_subcommands
 
     _app_subcommands(sub)  # contimg app / users, demo --app (issue 14; after "demo")
