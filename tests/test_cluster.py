@@ -26,8 +26,6 @@ import pytest
 from contimg.simulate import SimConfig, simulate_group
 from contimg.state import StateDB
 
-pytestmark = pytest.mark.slow
-
 SIM = SimConfig(n_ant=10, n_subbands=4, n_chan=8, n_times=6, rfi=None)
 GROUP_S = 6 * 12.884901888
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +159,7 @@ def _worker_pids(cfg_path):
     return {str(info[a]["name"]): pid for a, pid in pids.items()}
 
 
+@pytest.mark.slow
 def test_every_subband_is_read_on_its_holder(cluster):
     root, cfg = cluster
     st = contimg("--config", cfg, "cluster", "status")
@@ -188,6 +187,7 @@ def test_every_subband_is_read_on_its_holder(cluster):
     assert len(list((root / "local" / "out" / "ms").glob("*.ms"))) == 2
 
 
+@pytest.mark.slow
 def test_kill9_worker_mid_stream_completes_every_group_once(cluster):
     root, cfg = cluster
     inc, names = place_groups(root, "kill", 3, dt.datetime(2026, 1, 15, 9, 0, 0))
@@ -217,6 +217,7 @@ def test_kill9_worker_mid_stream_completes_every_group_once(cluster):
         assert r["worker"] == HOLDER[_sb(r["file"])] and r["on_holder"], r
 
 
+@pytest.mark.slow
 def test_a_node_gone_for_good_fails_its_groups_naming_the_subbands(cluster):
     """The only holder of sb02/sb03 is gone (nanny and worker killed): the group fails
     after no_workers_timeout with a reason naming those files (max_retries 1: twice)."""
@@ -232,3 +233,46 @@ def test_a_node_gone_for_good_fails_its_groups_naming_the_subbands(cluster):
     on_n1 = [n for n in names if HOLDER[_sb(n)] == "n1"]
     assert all(n in g["error"] for n in on_n1), g["error"]
     assert "n1" in g["error"] and "_sb00" not in g["error"]
+
+
+def test_the_deploy_files_agree_with_the_code():
+    """deploy/: the configuration loads (16 nodes, placement by node, TLS scheduler), each
+    unit's contimg command line parses, every variable of contimg.env is documented and
+    the operators' variables in it are the ones config.py knows."""
+    import shlex
+
+    from contimg import config as C
+    from contimg.cli import build_parser
+    from contimg.cluster import node_placement, worker_command
+
+    cfg = C.load_config(ROOT / "deploy" / "contimg.toml", env={})
+    assert len(cfg.dask.nodes) == 16 and cfg.stream.placement == "nodes"
+    assert cfg.dask.scheduler.startswith("tls://")
+    assert len(node_placement(cfg.dask.nodes)) == 16
+    assert "--name" in worker_command(cfg, "corr16")
+    parser = build_parser()
+    units = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+    assert {u.name for u in units} >= {"dask-scheduler.service", "dask-worker@.service",
+                                      "contimg-stream.service", "contimg-app.service",
+                                      "contimg-housekeeping.service"}
+    for unit in units:
+        text = unit.read_text().replace("\\\n", " ")
+        assert "EnvironmentFile=/etc/contimg/contimg.env" in text, unit.name
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("ExecStart=")]
+        argv = shlex.split(line.removeprefix("ExecStart="))
+        assert argv[0].endswith("/contimg"), unit.name
+        parser.parse_args([a.replace("%i", "corr01") for a in argv[1:]])
+    lines = (ROOT / "deploy" / "contimg.env").read_text().splitlines()
+    names = set()
+    for i, ln in enumerate(lines):
+        if ln and not ln.startswith("#"):
+            name = ln.split("=", 1)[0]
+            names.add(name)
+            above = lines[i - 1]
+            assert above.startswith("#") or lines[i - 1].split("=")[0] in names, name
+    known = set(C.ENVIRONMENT) | {"CONTIMG_CONFIG", "DASK_CONFIG", "HDF5_USE_FILE_LOCKING",
+                                  "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+    assert names <= known, names - known
+    C.load_config(ROOT / "deploy" / "contimg.toml",
+                  env={k: v for k, v in (ln.split("=", 1) for ln in lines
+                                         if ln and not ln.startswith("#"))})
