@@ -340,7 +340,13 @@ def _fmt_s(x):
 
 
 def cmd_status(args):
-    return _print_status(args.cfg.paths.db, args.limit, args.json)
+    rc = _print_status(args.cfg.paths.db, args.limit, args.json)
+    if not args.json:   # per-stage timings (and the workers' CPU records, issue 16)
+        from contimg.cluster import stage_table
+        from contimg.state import StateDB
+
+        print("\n".join(stage_table(StateDB(args.cfg.paths.db), args.cfg.dask.task_log)))
+    return rc
 
 
 def _print_status(path, limit, as_json):

@@ -468,3 +468,31 @@ def add_subcommands(sub):
     add_options(v, "dask.scheduler", "dask.worker_threads", "dask.worker_port",
                 "dask.task_log", "dask.run_dir")
     s.set_defaults(func=cmd_cluster)
+
+
+# ---------------------------------------------------------------------------- status
+def stage_table(db, task_log=None) -> list[str]:
+    """Lines for ``contimg status``: per stage, over the completed groups' last attempts,
+    the median and total wall seconds from the database, and the CPU seconds per group
+    from the workers' task records when ``[dask] task_log`` is set."""
+    import statistics
+
+    done = [g for g in db.groups() if g["state"] == "completed"]
+    if not done:
+        return []
+    per: dict[str, list[float]] = {}
+    for g in done:
+        for t in db.timings(g["group_id"]):
+            if t["attempt"] == g["attempts"] and t["status"] == "ok" and t["stage"] != "total":
+                per.setdefault(t["stage"], []).append(float(t["seconds"] or 0.0))
+    cpu = {}
+    if task_log is not None and Path(task_log).is_dir():
+        gids = {g["group_id"] for g in done}
+        cpu = stage_cpu(task_records(log_dir=task_log), groups=gids)
+    lines = [f"\nper stage over {len(done)} completed group(s):",
+             f"  {'stage':<12} {'median s':>9} {'total s':>9} {'CPU s/group':>12}"]
+    for stage, secs in per.items():
+        c = cpu.get(stage)
+        cs = f"{c['cpu_s'] / len(done):12.2f}" if c else f"{'-':>12}"
+        lines.append(f"  {stage:<12} {statistics.median(secs):9.2f} {sum(secs):9.1f} {cs}")
+    return lines

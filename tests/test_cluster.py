@@ -182,8 +182,12 @@ def test_every_subband_is_read_on_its_holder(cluster):
     gids = [g["group_id"] for g in groups]
     stages = {r["stage"] for r in records(root) if r["group"] in gids}
     assert {"convert", "flag"} <= stages
-    out = contimg("status", "--db", root / "local" / "db.sqlite3").stdout
+    out = contimg("--config", cfg, "status", "--db", root / "local" / "db.sqlite3").stdout
     assert "convert=" in out and "flag=" in out
+    # contimg status: per-stage timings, with the workers' CPU seconds per group
+    table = out.split("per stage over 2 completed group(s):")[1].splitlines()
+    rows = {ln.split()[0]: ln.split()[1:] for ln in table[2:] if ln.strip()}
+    assert {"convert", "flag"} <= set(rows) and float(rows["flag"][2]) > 0, out
     assert len(list((root / "local" / "out" / "ms").glob("*.ms"))) == 2
 
 
