@@ -418,13 +418,17 @@ class Stream(Intake):
 
     def _await_scheduler(self, timeout=120.0):
         """Wait until the client is connected to a scheduler again (it reconnects by
-        itself after a scheduler restart)."""
+        itself after a scheduler restart) and, with placement by node, every node's
+        worker is back (their nannies restart them)."""
         deadline = time.monotonic() + timeout
+        nodes = set(self.cfg.placement) if isinstance(self.cfg.placement, dict) else set()
         while time.monotonic() < deadline and not self._stop.is_set():
             if getattr(self.client, "status", "running") == "running":
                 try:
-                    self.client.scheduler_info()
-                    return
+                    info = self.client.scheduler_info()
+                    names = {str(w.get("name")) for w in info["workers"].values()}
+                    if info["workers"] and nodes <= names:
+                        return
                 except Exception:  # noqa: BLE001 - not yet
                     pass
             self._stop.wait(1.0)

@@ -222,6 +222,39 @@ def test_kill9_worker_mid_stream_completes_every_group_once(cluster):
 
 
 @pytest.mark.slow
+def test_scheduler_restart_mid_stream_loses_and_duplicates_nothing(cluster):
+    """kill -9 of the scheduler inside a group, a new one on the same address: the
+    stream's client reconnects, the group in flight is re-queued without spending a
+    retry, the workers come back (their nannies), and every group completes once."""
+    root, cfg = cluster
+    inc, names = place_groups(root, "sched", 2, dt.datetime(2026, 1, 15, 11, 0, 0))
+    pids_file = root / "run" / "pids.json"
+    pids = json.loads(pids_file.read_text())
+    p = stream(root, cfg, "sched", inc, wait=False)
+    deadline = time.monotonic() + 120
+    while not reads(root, names) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.kill(pids["scheduler"], signal.SIGKILL)
+    new = subprocess.Popen([sys.executable, "-m", "contimg.cli", "--config", str(cfg), "cluster",
+                            "scheduler"], env=_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids["scheduler"] = new.pid          # `cluster down` stops the new one
+    pids_file.write_text(json.dumps(pids))
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    db = StateDB(root / "sched" / "db.sqlite3")
+    groups = db.groups()
+    assert sorted(g["state"] for g in groups) == ["completed"] * 2, log
+    assert all(g["retries"] == 0 for g in groups), groups        # no retry spent
+    lost = [e for g in groups for e in db.events(g["group_id"])
+            if "scheduler connection lost" in (e["reason"] or "")]
+    assert lost, log                                               # it was hit mid-group
+    for g in groups:
+        assert len([e for e in db.events(g["group_id"]) if e["to_state"] == "completed"]) == 1
+    assert len(list((root / "sched" / "out" / "ms").glob("*.ms"))) == 2
+
+
+@pytest.mark.slow
 def test_a_node_gone_for_good_fails_its_groups_naming_the_subbands(cluster):
     """The only holder of sb02/sb03 is gone (nanny and worker killed): the group fails
     after no_workers_timeout with a reason naming those files (max_retries 1: twice)."""

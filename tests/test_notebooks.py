@@ -67,7 +67,7 @@ def _check_quick_start(cells):
     assert n == 3 and peak > 50 * noise > 0                             # the calibrator shows
     assert _images(cells["cell-4"]) == 1
     m = re.search(r"source (\d+): (\d+) epochs, normalised flux ([0-9.]+) Jy", _text(cells["cell-5"]))
-    assert int(m.group(2)) == 3 and float(m.group(3)) > 0               # one epoch per group
+    assert int(m.group(2)) >= 2 and float(m.group(3)) > 0               # seen in several groups
     assert _images(cells["cell-5"]) == 1
 
 
