@@ -271,18 +271,28 @@ def worker_command(cfg, node: str, index: int = 0) -> list[str]:
     return cmd
 
 
+#: what systemd's Restart=always does for the units: run the command again when it exits
+#: (a worker's nanny restarts a dead worker process, but ends itself when the scheduler
+#: goes away; the scheduler has no nanny)
+_SUPERVISE = ('while :; do "$@"; echo "contimg cluster: $1 $2 exited ($?); restarting" >&2; '
+              'sleep 1; done')
+
+
 def _spawn(cmd, env, logfile: Path) -> subprocess.Popen:
+    """Start ``cmd`` detached (its own session: ``down`` stops the whole group), run again
+    whenever it exits."""
     fh = open(logfile, "ab")
     try:
-        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen(["sh", "-c", _SUPERVISE, "sh", *cmd], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         fh.close()
 
 
 def up(cfg, config_file=None, *, timeout: float = 120.0) -> dict:
-    """Start the scheduler and one worker per node as detached processes; wait until
-    every worker is connected. Returns ``{process name: pid}`` (also in run_dir/pids.json)."""
+    """Start the scheduler and one worker per node as detached processes, each run again
+    when it exits (as the systemd units are); wait until every worker is connected. Returns ``{process name: pid}`` (also in run_dir/pids.json)."""
     from distributed import Client
 
     if not cfg.dask.scheduler:

@@ -223,9 +223,10 @@ def test_kill9_worker_mid_stream_completes_every_group_once(cluster):
 
 @pytest.mark.slow
 def test_scheduler_restart_mid_stream_loses_and_duplicates_nothing(cluster):
-    """kill -9 of the scheduler inside a group, a new one on the same address: the
-    stream's client reconnects, the group in flight is re-queued without spending a
-    retry, the workers come back (their nannies), and every group completes once."""
+    """kill -9 of the scheduler inside a group, started again on the same address (by
+    `cluster up`'s supervisor, as systemd would): the stream's client reconnects, the
+    group in flight is re-queued without spending a retry, the workers come back, and
+    every group completes once."""
     root, cfg = cluster
     inc, names = place_groups(root, "sched", 2, dt.datetime(2026, 1, 15, 11, 0, 0))
     pids_file = root / "run" / "pids.json"
@@ -234,12 +235,10 @@ def test_scheduler_restart_mid_stream_loses_and_duplicates_nothing(cluster):
     deadline = time.monotonic() + 120
     while not reads(root, names) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.05)
-    os.kill(pids["scheduler"], signal.SIGKILL)
-    new = subprocess.Popen([sys.executable, "-m", "contimg.cli", "--config", str(cfg), "cluster",
-                            "scheduler"], env=_env(), start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pids["scheduler"] = new.pid          # `cluster down` stops the new one
-    pids_file.write_text(json.dumps(pids))
+    # the dask scheduler process under `cluster up`'s supervisor, which starts it again
+    sup = pids["scheduler"]
+    (sched,) = map(int, Path(f"/proc/{sup}/task/{sup}/children").read_text().split())
+    os.kill(sched, signal.SIGKILL)
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
     db = StateDB(root / "sched" / "db.sqlite3")
