@@ -312,3 +312,26 @@ def test_the_deploy_files_agree_with_the_code():
     C.load_config(ROOT / "deploy" / "contimg.toml",
                   env={k: v for k, v in (ln.split("=", 1) for ln in lines
                                          if ln and not ln.startswith("#"))})
+
+
+def test_the_node_list_is_checked_and_places_files_by_directory(tmp_path):
+    from contimg import config as C
+    from contimg.cluster import holders, node_placement, parse_nodes
+
+    with pytest.raises(ValueError, match="'corr01' is not 'name=incoming directory'"):
+        parse_nodes(["corr01"])
+    with pytest.raises(ValueError, match="node 'a' listed twice"):
+        parse_nodes(["a=/x", "a=/y"])
+    with pytest.raises(C.ConfigError, match="nodes: 'x=' is not"):
+        C.load_config(env={}, overrides={"dask.nodes": ["x="]})
+    with pytest.raises(ValueError, match=r"needs the node list: \[dask\] nodes"):
+        node_placement(())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "ab").mkdir()
+    f = tmp_path / "a" / "2026-01-15T08:00:00_sb00.hdf5"
+    g = tmp_path / "ab" / "2026-01-15T08:00:00_sb01.hdf5"
+    link = tmp_path / "in.hdf5"
+    link.symlink_to(g)
+    place = node_placement([f"a={tmp_path / 'a'}", f"ab={tmp_path / 'ab'}"])
+    # by the real path, and a directory is not the prefix of its sibling's name
+    assert holders(place, [str(f), str(link)]) == {str(f): ["a"], str(link): ["ab"]}
