@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 _DISK_FULL_WAIT_S = 5.0          # a group that failed on a full disk waits this long
 _DISK_LOW_BYTES = 64 << 20       # ... "full": less than this free under the output
 #: an attempt failed because the scheduler went away, not because of the group
-_SCHEDULER_LOST = ("scheduler-connection-lost", "CommClosedError", "StreamClosedError",
-                   "FutureCancelledError", "CancelledError")
+#: (a future cancelled for another reason is the group's failure: no endless re-queue)
+_SCHEDULER_LOST = ("scheduler-connection-lost", "CommClosedError", "StreamClosedError")
 
 
 @dataclass(frozen=True, kw_only=True)
