@@ -262,7 +262,7 @@ def worker_command(cfg, node: str, index: int = 0) -> list[str]:
         raise ValueError(f"node {node!r} is not in [dask] nodes ({', '.join(nodes) or 'empty'})")
     cmd = [*_dask_cli(), "worker", cfg.dask.scheduler, "--name", node, "--nworkers", "1",
            "--nthreads", str(cfg.dask.worker_threads), "--preload", "contimg.cluster",
-           "--memory-limit", "0"]
+           "--memory-limit", "auto"]
     if cfg.dask.worker_port:
         cmd += ["--worker-port", str(cfg.dask.worker_port + index)]
     host, _, _ = _host_port(cfg.dask.scheduler)
