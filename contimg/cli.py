@@ -327,7 +327,13 @@ def _fmt_s(x):
 
 
 def cmd_status(args):
-    return _print_status(args.cfg.paths.db, args.limit, args.json)
+    rc = _print_status(args.cfg.paths.db, args.limit, args.json)
+    if not args.json:   # per-stage timings (and the workers' CPU records, issue 16)
+        from contimg.cluster import stage_table
+        from contimg.state import StateDB
+
+        print("\n".join(stage_table(StateDB(args.cfg.paths.db), args.cfg.dask.task_log)))
+    return rc
 
 
 def _print_status(path, limit, as_json):
@@ -573,6 +579,9 @@ def build_parser():
                    help="toml (loads back as a configuration file) or an aligned table")
     v.set_defaults(func=cmd_config)
 
+    from contimg.cluster import add_subcommands as _cluster_subcommands
+
+    _cluster_subcommands(sub)  # contimg cluster up|down|status|scheduler|worker (issue 16)
     from contimg.app.cli import add_subcommands as _app_subcommands
 
     _app_subcommands(sub)  # contimg app / users, demo --app (issue 14; after "demo")

@@ -139,10 +139,31 @@ class DaskConfig(_Section):
     dashboard_address: str = setting(
         "127.0.0.1:0", "LocalCluster dashboard address (default: this host only, any port; "
         "':0' listens on every interface, unauthenticated)")
+    # a real cluster (contimg cluster, contimg.cluster): the telescope's node list
+    nodes: tuple[str, ...] = setting((), "the nodes: 'name=incoming directory' per Dask "
+                                     "worker (placement 'nodes' reads a file on its node)")
+    worker_threads: int = setting(2, "threads of each worker `contimg cluster` starts",
+                                  flags=("--worker-threads",))
+    worker_port: int = setting(0, "port of the first worker `contimg cluster up` starts (the "
+                               "next ones count up; fixed ports keep a worker's address "
+                               "when its nanny restarts it); 0: any",
+                               flags=("--worker-port",))
+    no_workers_timeout: float = setting(60.0, "seconds a read waits for the only worker "
+                                        "holding its file before the group fails",
+                                        flags=("--no-workers-timeout",))
+    task_log: Path | None = setting(None, "directory where each worker appends its task "
+                                    "records (stage, group, seconds, CPU seconds)",
+                                    flags=("--task-log",), metavar="DIR")
+    run_dir: Path = setting(Path("state/cluster"), "where `contimg cluster up` keeps its "
+                            "process ids and logs", flags=("--run-dir",), metavar="DIR")
 
     def _check(self):
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        for entry in self.nodes:
+            name, sep, where = entry.partition("=")
+            if not sep or not name.strip() or not where.strip():
+                raise ValueError(f"nodes: {entry!r} is not 'name=incoming directory'")
 
 
 @dataclass(frozen=True)
@@ -183,7 +204,8 @@ class StreamSettings(_Section):
                                    "command line)", flags=("--skip",),
                                    choices=STAGES, metavar="STAGE,...")
     placement: str = setting("any", "which worker reads which file: 'any' (shared disk), "
-                             "'discover' (ask the workers) or a JSON file {worker: [dirs]}",
+                             "'discover' (ask the workers), 'nodes' ([dask] nodes) or a "
+                             "JSON file {worker: [dirs]}",
                              flags=("--placement",))
     flag_in_convert: bool = setting(True, "flag while converting (placement 'any')")
     calibration_wait_s: float = setting(900.0, "apply waits this long at most for a "
@@ -705,6 +727,12 @@ def ensure_environment() -> None:
     may still hold them; HDF5 reads it when a file is opened). Called by
     :func:`contimg.runtime.configure`."""
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+
+
+def child_environment(extra: Mapping[str, str]) -> dict:
+    """The environment of a process contimg starts (``contimg cluster``): this one's,
+    with ``extra`` (the configuration file, Dask settings) set or replaced."""
+    return {**os.environ, **extra}
 
 
 def load_flag_strategy(obj=None):

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 _DISK_FULL_WAIT_S = 5.0          # a group that failed on a full disk waits this long
 _DISK_LOW_BYTES = 64 << 20       # ... "full": less than this free under the output
+#: an attempt failed because the scheduler went away, not because of the group
+#: (a future cancelled for another reason is the group's failure: no endless re-queue)
+_SCHEDULER_LOST = ("scheduler-connection-lost", "CommClosedError", "StreamClosedError")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +89,7 @@ class StreamConfig(StreamSettings):
     refant: int | None = None
     image: ImageConfig = field(default_factory=ImageConfig)
     mosaic_hour_utc: int | None = None           # the nightly mosaic ([science])
+    holder_timeout_s: float = 60.0               # [dask] no_workers_timeout (placement)
 
     def __post_init__(self):
         self._check_fields(StreamSettings, skip=("placement",))
@@ -103,14 +107,17 @@ class StreamConfig(StreamSettings):
     def from_config(cls, cfg: Config, **over) -> "StreamConfig":
         """The stream's configuration from a :class:`contimg.config.Config`; ``over``:
         fields to replace."""
+        from contimg.cluster import node_placement
         from contimg.convert import parse_placement
 
         kw = {f.name: getattr(cfg.stream, f.name) for f in fields(StreamSettings)}
         kw.update(incoming=cfg.paths.incoming, output=cfg.paths.output, db_path=cfg.paths.db,
-                  placement=parse_placement(cfg.stream.placement),
+                  placement=(node_placement(cfg.dask.nodes) if cfg.stream.placement == "nodes"
+                             else parse_placement(cfg.stream.placement)),
                   flag_strategy=cfg.flag.strategy, catalog=cfg.calibrate.catalog,
                   refant=cfg.calibrate.refant, image=cfg.image,
-                  mosaic_hour_utc=cfg.science.mosaic_hour_utc)
+                  mosaic_hour_utc=cfg.science.mosaic_hour_utc,
+                  holder_timeout_s=cfg.dask.no_workers_timeout)
         kw.update(over)
         if kw["incoming"] is None or kw["output"] is None:
             raise ValueError("the stream needs an incoming and an output directory: "
@@ -397,6 +404,15 @@ class Stream(Intake):
             self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
                          reason=f"interrupted by stop: {why}", owner=None)
             return
+        if any(s in why for s in _SCHEDULER_LOST):
+            # the scheduler went away (restart): not the group's fault; re-queued without
+            # counting a retry once the client has reconnected
+            log.error("group %s: scheduler connection lost (%s); re-queued, not counted as "
+                      "a retry", gid, why)
+            self._await_scheduler()
+            self._record(gid, self.db.transition, gid, "pending", expect="in_progress",
+                         reason=f"scheduler connection lost: {why}", owner=None)
+            return
         full = self._disk_full(why)
         if full:
             # not the group's fault: wait (still ours, heartbeating), then re-queue it
@@ -418,6 +434,23 @@ class Stream(Intake):
                          retries=retries, reason=why, owner=None)
             log.warning("group %s: attempt failed (%s); retry %d/%d", gid, why, retries,
                         self.cfg.max_retries)
+
+    def _await_scheduler(self, timeout=120.0):
+        """Wait until the client is connected to a scheduler again (it reconnects by
+        itself after a scheduler restart) and, with placement by node, every node's
+        worker is back (their nannies restart them)."""
+        deadline = time.monotonic() + timeout
+        nodes = set(self.cfg.placement) if isinstance(self.cfg.placement, dict) else set()
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if getattr(self.client, "status", "running") == "running":
+                try:
+                    info = self.client.scheduler_info()
+                    names = {str(w.get("name")) for w in info["workers"].values()}
+                    if info["workers"] and nodes <= names:
+                        return
+                except Exception:  # noqa: BLE001 - not yet
+                    pass
+            self._stop.wait(1.0)
 
     def _disk_full(self, why) -> str | None:
         """Whether an attempt failed for want of disk space (the error says so, or the
@@ -637,6 +670,12 @@ class Stream(Intake):
                      and self.cfg.placement == "any")
         t0 = time.time()
         try:
+            if isinstance(self.cfg.placement, dict):
+                # every subband's holder connected (a node gone: fail naming its files)
+                from contimg.cluster import wait_for_holders
+
+                wait_for_holders(self.client, self.cfg.placement, ds.attrs["source_files"],
+                                 self.cfg.holder_timeout_s)
             fut = convert_group(self.client, ds, ms, placement=self.cfg.placement,
                                 overwrite=True, key=f"convert-{gid}-a{attempt}",
                                 flag=(self.cfg.flag_strategy or True) if flag_here else None)

@@ -338,6 +338,9 @@ INVOCATION = {
     "users revoke": {"name", "id"},
     "users role": {"name", "role"},
     "users list": set(),
+    # a real cluster (issue 16)
+    "cluster": set(), "cluster up": set(), "cluster down": set(), "cluster status": set(),
+    "cluster scheduler": set(), "cluster worker": {"node"},
 }
 
 
@@ -385,7 +388,7 @@ POSITIONAL = {"info": ["d"], "convert": ["d", "--out", "o"], "flag": ["x.ms"], "
               "mosaic build": ["n"], "simulate-campaign": ["--out", "o"],
               "users add": ["n", "--role", "viewer"], "users remove": ["n"],
               "users passwd": ["n"], "users token": ["n"], "users revoke": ["n"],
-              "users role": ["n", "viewer"]}
+              "users role": ["n", "viewer"], "cluster worker": ["n"]}
 
 
 def _sample(spec, tmp_path):
