@@ -138,6 +138,7 @@ class ImageProducts:
     timings: dict = field(default_factory=dict)
     plan: str = ""
     slant: tuple = (0.0, 0.0)  # FITS SIN (PV2_1, PV2_2): a w-snapshot's projection
+    qa: dict = field(default_factory=dict)  # input checks (stored vs recomputed UVW, ...)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class ImageResult:
     n_major: int
     timings: dict
     products: ImageProducts | None = None
+    qa: dict = field(default_factory=dict)  # ImageProducts.qa (also in the FITS headers)
 
 
 # ---------------------------------------------------------------------------------
@@ -293,6 +295,17 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     return prod
 
 
+def qa_header(h, qa: dict):
+    """``h`` (a FITS header) with the image's input checks: ``UVWDIFF`` (largest
+    difference of stored and recomputed UVW, m), ``UVWOK`` (within tolerance) and
+    ``UVWSRC`` (the UVW the image used)."""
+    if "uvw_max_diff_m" in qa:
+        h["UVWDIFF"] = (float(qa["uvw_max_diff_m"]), "max |stored - recomputed UVW|, m")
+        h["UVWOK"] = (bool(qa["uvw_ok"]), f"stored UVW within {qa['uvw_tolerance_m']:g} m")
+        h["UVWSRC"] = (str(qa["uvw_source"]), "UVW used: recompute or stored")
+    return h
+
+
 def _open_source(src, data_column=None, chunks=None):
     """An MS path, a directory/list of UVH5 files of one group, or a Dataset -> Dataset."""
     import xarray as xr
@@ -356,7 +369,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
                              ("psf", prod.psf, "JY/BEAM"),
                              ("image-pb", prod.image_pb, "JY/BEAM")):
         p = prefix.with_name(f"{prefix.name}-{name}.fits")
-        write_fits(p, data, image_header(prod, name, unit))
+        write_fits(p, data, qa_header(image_header(prod, name, unit), prod.qa))
         paths[name] = p
     timings = dict(prod.timings)
     timings["write"] = time.perf_counter() - t1
@@ -370,7 +383,8 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
                        noise=prod.noise, peak=prod.peak,
                        peak_radec=(float(ra_pk), float(dec_pk)),
                        n_components=prod.n_components, n_major=prod.n_major,
-                       timings=timings, products=prod if keep_products else None)
+                       timings=timings, products=prod if keep_products else None,
+                       qa=dict(prod.qa))
 
 
 # ---------------------------------------------------------------------------------
