@@ -9,6 +9,8 @@ Modules: :mod:`~contimg.io.ms.read` (:func:`open_ms`, in named steps),
 :mod:`~contimg.io.ms.plan` (what a write needs, computed once; block preparation),
 :mod:`~contimg.io.ms.main_table` (MAIN's description and its filling, block by block),
 :mod:`~contimg.io.ms.subtables` (one function per subtable),
+:mod:`~contimg.io.ms.fields` (:func:`ms_fields`, field selection by id or name),
+:mod:`~contimg.io.ms.measures` (measure references -> the contract's frames),
 :mod:`~contimg.io.ms.common` (names both directions share).
 
 Conventions, settled here and checked by ``tests/test_ms.py``
@@ -87,7 +89,9 @@ from contimg.io.ms.common import (
     MS_TELESCOPE_NAMES,
     VISIBILITY_CONVENTION,
     MSFormatError,
+    UnknownFieldError,
 )
+from contimg.io.ms.fields import ms_fields
 from contimg.io.ms.plan import prepare_ms_block, single_block
 from contimg.io.ms.read import open_ms
 from contimg.io.ms.write import write_ms
@@ -100,6 +104,8 @@ __all__ = [
     "compute_uvw",
     "MJD_UNIX_OFFSET_S",
     "MSFormatError",
+    "UnknownFieldError",
+    "ms_fields",
     "prepare_ms_block",
     "single_block",
     "CORR_TYPE",

@@ -26,7 +26,9 @@ from contimg.io.ms.common import (
     MJD_UNIX_OFFSET_S,
     VISIBILITY_CONVENTION,
     MSFormatError,
+    read_subtable,
 )
+from contimg.io.ms.fields import read_fields, resolve_field
 from contimg.uvw import compute_uvw
 from graphs import contract
 
@@ -38,54 +40,6 @@ log = logging.getLogger(__name__)
 _MAIN_COLUMNS = ("FLAG", "UVW", "WEIGHT_SPECTRUM", "WEIGHT", "FLAG_ROW")
 
 
-def _read_subtable(path, name, columns, optional=()):
-    """Small subtable -> (dict of numpy arrays, column keywords), via dask-ms.
-
-    Only named columns are read (dask-ms logs a warning, with the exception and so a
-    live table handle attached, for every column it cannot read; asking only for
-    what we need keeps that from happening). ``optional`` columns are read when they
-    exist and hold data.
-    """
-    from daskms import xds_from_table
-
-    try:
-        dsets, ckw, proxy = xds_from_table(f"{path}::{name}", columns=list(columns),
-                                           column_keywords=True, table_proxy=True)
-        out = {}
-        if dsets:
-            out = {k: np.asarray(v.values) for k, v in dsets[0].compute().data_vars.items()}
-        present = set(proxy.colnames().result())
-        for col in optional:
-            if col in present and proxy.nrows().result() > 0:
-                try:
-                    out[col] = np.asarray(proxy.getcol(col).result())
-                except RuntimeError:  # column without data
-                    pass
-    except MSFormatError:
-        raise
-    except Exception as exc:
-        raise MSFormatError(f"{path}: cannot read the {name} subtable ({exc})") from exc
-    missing = [c for c in columns if c not in out]
-    if missing and dsets:
-        raise MSFormatError(f"{path}: {name} subtable lacks column(s) {missing}")
-    return out, ckw
-
-
-def _direction_to_icrs(ra, dec, ref, path, column):
-    """Convert directions in a casacore reference frame to ICRS (J2000/ICRS only)."""
-    ref = (ref or "J2000").upper()
-    if ref == "ICRS":
-        return ra, dec
-    if ref == "J2000":
-        from astropy import units as u
-        from astropy.coordinates import FK5, SkyCoord
-
-        c = SkyCoord(ra * u.rad, dec * u.rad, frame=FK5(equinox="J2000")).icrs
-        return c.ra.rad, c.dec.rad
-    raise MSFormatError(f"{path}: {column} uses the {ref} frame; only J2000/ICRS "
-                        "directions can be represented in the contract")
-
-
 @dataclass
 class _MainIndex:
     """The small columns of MAIN, one value per row, and what the table holds."""
@@ -95,7 +49,7 @@ class _MainIndex:
     ant2: np.ndarray
     field: np.ndarray
     ddid: int
-    interval: float        # seconds (of the first row)
+    intervals: np.ndarray  # INTERVAL, seconds
     keywords: dict         # table keywords
     columns: set           # columns that hold data
 
@@ -143,7 +97,7 @@ def _read_main_index(path, data_column):
         ant2=np.asarray(idx["ANTENNA2"].values).astype(np.int64),
         field=np.asarray(idx["FIELD_ID"].values),
         ddid=int(ddid[0]),
-        interval=float(np.asarray(idx["INTERVAL"].values)[0]),
+        intervals=np.asarray(idx["INTERVAL"].values, dtype=np.float64),
         keywords=table_kw,
         columns=main_cols)
 
@@ -168,14 +122,14 @@ class _Spectral:
 
 def _spectral_setup(path, ddid):
     """Frequencies (sorted ascending), channel width and polarizations of ``ddid``."""
-    dd, _ = _read_subtable(path, "DATA_DESCRIPTION",
+    dd, _ = read_subtable(path, "DATA_DESCRIPTION",
                            ["SPECTRAL_WINDOW_ID", "POLARIZATION_ID"])
     if ddid >= dd["SPECTRAL_WINDOW_ID"].size:
         raise MSFormatError(f"{path}: DATA_DESC_ID {ddid} has no DATA_DESCRIPTION row")
     spw_id = int(dd["SPECTRAL_WINDOW_ID"][ddid])
     pol_id = int(dd["POLARIZATION_ID"][ddid])
-    spw, _ = _read_subtable(path, "SPECTRAL_WINDOW", ["CHAN_FREQ", "CHAN_WIDTH", "NUM_CHAN"])
-    pol, _ = _read_subtable(path, "POLARIZATION", ["CORR_TYPE", "NUM_CORR"])
+    spw, _ = read_subtable(path, "SPECTRAL_WINDOW", ["CHAN_FREQ", "CHAN_WIDTH", "NUM_CHAN"])
+    pol, _ = read_subtable(path, "POLARIZATION", ["CORR_TYPE", "NUM_CORR"])
     freq_ms = np.asarray(spw["CHAN_FREQ"][spw_id], dtype=np.float64)
     chan_width = float(np.abs(np.asarray(spw["CHAN_WIDTH"][spw_id], dtype=np.float64))[0])
     corr_types = [int(c) for c in np.asarray(pol["CORR_TYPE"][pol_id]).ravel()]
@@ -194,7 +148,7 @@ def _spectral_setup(path, ddid):
 
 def _antenna_table(path, index):
     """ANTENNA: positions, names, dish diameters and the source file's numbers."""
-    ant, _ = _read_subtable(path, "ANTENNA", ["NAME", "POSITION", "DISH_DIAMETER"],
+    ant, _ = read_subtable(path, "ANTENNA", ["NAME", "POSITION", "DISH_DIAMETER"],
                             optional=["ANTENNA_NUMBER"])
     pos = np.asarray(ant["POSITION"], dtype=np.float64)
     nant = pos.shape[0]
@@ -210,21 +164,31 @@ def _antenna_table(path, index):
                         if "ANTENNA_NUMBER" in ant else np.arange(nant, dtype=np.int32)))
 
 
-def _field_directions(path):
-    """ICRS (ra, dec) radians of each FIELD's phase centre (constant term)."""
-    field, fkw = _read_subtable(path, "FIELD", ["PHASE_DIR", "NAME"])
-    phase_dir = np.asarray(field["PHASE_DIR"], dtype=np.float64)
-    if phase_dir.ndim == 3 and phase_dir.shape[1] > 1:
-        log.warning("%s: FIELD.PHASE_DIR has polynomial terms; using the constant term", path)
-    phase_dir = phase_dir.reshape(phase_dir.shape[0], -1, 2)[:, 0, :]
-    ref = fkw.get("PHASE_DIR", {}).get("MEASINFO", {}).get("Ref", "J2000")
-    return _direction_to_icrs(phase_dir[:, 0], phase_dir[:, 1], ref, path,
-                              "FIELD.PHASE_DIR")
+def _select_rows(path, index, field):
+    """(MAIN rows to read or None for all, selected FIELD ids, FieldTable).
+
+    Without ``field`` every row is read (as before) and a multi-field MS says which
+    fields it holds."""
+    fields = read_fields(path)
+    used = np.unique(index.field)
+    if (used < 0).any() or (used >= fields.nfield).any():
+        raise MSFormatError(f"{path}: FIELD_ID outside the FIELD table "
+                            f"(0..{fields.nfield - 1})")
+    if field is None:
+        if used.size > 1:
+            log.info("%s: rows use %d fields (%s); reading them all (select one with "
+                     "field=)", path, used.size, fields.describe())
+        return None, used, fields
+    ids = resolve_field(path, field, fields, used_ids=used)
+    rows = np.flatnonzero(np.isin(index.field, ids))
+    log.info("%s: field %r -> FIELD id(s) %s, %d of %d rows", path, field, ids.tolist(),
+             rows.size, index.nrow)
+    return rows, ids, fields
 
 
 def _telescope(path, ant_pos):
     """(contract telescope name, ITRF location): OBSERVATION's, else the antennas' mean."""
-    obs, _ = _read_subtable(path, "OBSERVATION", ["TELESCOPE_NAME"],
+    obs, _ = read_subtable(path, "OBSERVATION", ["TELESCOPE_NAME"],
                             optional=["TELESCOPE_LOCATION"])
     tel_ms = str(obs["TELESCOPE_NAME"][0]) if "TELESCOPE_NAME" in obs and len(
         obs["TELESCOPE_NAME"]) else ""
@@ -240,7 +204,8 @@ class _RowGrid:
     """Where each (time, baseline) cell of the Dataset is in MAIN."""
 
     times_mjd: np.ndarray   # distinct TIME values, ascending
-    t_index: np.ndarray     # per row: its time
+    t_index: np.ndarray     # per selected row: its time
+    rows: np.ndarray        # the selected MAIN rows
     bl_a1: np.ndarray       # per baseline (order of first appearance), a1 <= a2
     bl_a2: np.ndarray
     pos: np.ndarray         # (ntime * nbl,) row of each cell, -1 when missing
@@ -260,14 +225,18 @@ class _RowGrid:
         return self.pos < 0
 
 
-def _row_grid(path, index, nant):
+def _row_grid(path, index, nant, rows=None):
     """Rows -> (time, baseline) cells: distinct times, baselines in order of first
-    appearance (the writer's Dataset order)."""
-    nrow = index.nrow
-    times_mjd, t_index = np.unique(index.time, return_inverse=True)
+    appearance (the writer's Dataset order). ``rows``: the MAIN rows to use (all when
+    None); cells point at MAIN row numbers."""
+    if rows is None:
+        rows = np.arange(index.nrow)
+    nrow = rows.size
+    times_mjd, t_index = np.unique(index.time[rows], return_inverse=True)
     t_index = t_index.ravel()
-    lo = np.minimum(index.ant1, index.ant2)
-    hi = np.maximum(index.ant1, index.ant2)
+    a1, a2 = index.ant1[rows], index.ant2[rows]
+    lo = np.minimum(a1, a2)
+    hi = np.maximum(a1, a2)
     key = lo * (nant + 1) + hi
     bl_keys, bl_first, b_index = np.unique(key, return_index=True, return_inverse=True)
     order = np.argsort(bl_first, kind="stable")
@@ -278,14 +247,14 @@ def _row_grid(path, index, nant):
     nbl = bl_keys.size
     pos = np.full(times_mjd.size * nbl, -1, dtype=np.int64)
     flat = t_index * nbl + b_index
-    pos[flat] = np.arange(nrow)
+    pos[flat] = rows
     if np.unique(flat).size != nrow:
         raise MSFormatError(f"{path}: some (TIME, ANTENNA1, ANTENNA2) appear in more "
                             "than one row")
     swapped = index.ant1 > index.ant2
-    fast = (not (pos < 0).any()) and (not swapped.any()) and np.array_equal(
-        pos, np.arange(nrow))
-    return _RowGrid(times_mjd=times_mjd, t_index=t_index,
+    fast = (not (pos < 0).any()) and (not swapped[rows].any()) and np.array_equal(
+        pos, np.arange(index.nrow))
+    return _RowGrid(times_mjd=times_mjd, t_index=t_index, rows=rows,
                     bl_a1=(bl_keys // (nant + 1)).astype(np.int32),
                     bl_a2=(bl_keys % (nant + 1)).astype(np.int32),
                     pos=pos, swapped=swapped, fast=fast)
@@ -294,7 +263,7 @@ def _row_grid(path, index, nant):
 def _phase_centres(grid, index, f_ra, f_dec):
     """ICRS (ra, dec) per integration: the field of its first row."""
     first_row = np.full(grid.ntime, index.nrow, dtype=np.int64)
-    np.minimum.at(first_row, grid.t_index, np.arange(index.nrow))
+    np.minimum.at(first_row, grid.t_index, grid.rows)
     fid = index.field[first_row]
     return f_ra[fid], f_dec[fid]
 
@@ -390,6 +359,16 @@ def _gather(path, grid, rows, pols, fill_uvw):
     return vis, flag, weight, uvw
 
 
+def _contiguous(grid):
+    """(first, end) when the cells are MAIN rows first..end-1 in order, unswapped."""
+    pos = grid.pos
+    if (pos < 0).any() or grid.swapped[grid.rows].any():
+        return None
+    if not np.array_equal(pos, np.arange(pos[0], pos[0] + pos.size)):
+        return None
+    return int(pos[0]), int(pos[0] + pos.size)
+
+
 def _attrs(path, keywords, pc_dec):
     """Dataset attributes: those stored by :func:`write_ms` (if any), the pointing
     declination when every integration shares it, the source, the convention."""
@@ -407,7 +386,7 @@ def _attrs(path, keywords, pc_dec):
     return attrs
 
 
-def open_ms(path, *, chunks=None, data_column="DATA"):
+def open_ms(path, *, chunks=None, data_column="DATA", field=None):
     """Open a Measurement Set lazily as a contract Dataset (through dask-ms).
 
     Parameters
@@ -420,6 +399,12 @@ def open_ms(path, *, chunks=None, data_column="DATA"):
         per chunk and as many integrations as fit in ~128 MiB of visibilities.
     data_column : str
         The column read into ``VISIBILITY`` (``DATA``, ``CORRECTED_DATA``, ...).
+    field : int or str, optional
+        Read only the rows of this field: a FIELD id, or a name (all FIELD rows of
+        that name); a string of digits is the id when no field has that name. An
+        unknown field (or one without rows) raises :class:`UnknownFieldError` (a
+        ``ValueError``) listing the MS's fields. Default: every row (a multi-field
+        MS logs its fields); :func:`ms_fields` lists them.
 
     Notes
     -----
@@ -443,15 +428,18 @@ def open_ms(path, *, chunks=None, data_column="DATA"):
     index = _read_main_index(path, data_column)
     spec = _spectral_setup(path, index.ddid)
     ants = _antenna_table(path, index)
-    f_ra, f_dec = _field_directions(path)
+    sel_rows, field_ids, fields = _select_rows(path, index, field)
     telescope_name, telescope_location = _telescope(path, ants["antenna_position"])
-    grid = _row_grid(path, index, ants["antenna_position"].shape[0])
-    pc_ra, pc_dec = _phase_centres(grid, index, f_ra, f_dec)
+    grid = _row_grid(path, index, ants["antenna_position"].shape[0], sel_rows)
+    pc_ra, pc_dec = _phase_centres(grid, index, fields.ra, fields.dec)
     times_unix = grid.times_mjd - MJD_UNIX_OFFSET_S
     tchunk, fchunk, row_chunk = _chunking(chunks, grid, spec, index.nrow)
+    span = None if grid.fast else _contiguous(grid)
 
     rows = _read_columns(path, index, data_column, spec, row_chunk, fchunk)
-    if not grid.fast:
+    if span is not None:  # one field's rows in one run: a slice, not a gather
+        rows = tuple(a[span[0]:span[1]] for a in rows)
+    elif not grid.fast:
         rows = _gather(path, grid, rows, spec.pols, lambda: compute_uvw(
             ants["antenna_position"], grid.bl_a1, grid.bl_a2, times_unix, pc_ra, pc_dec,
             telescope_location=telescope_location))
@@ -460,11 +448,19 @@ def open_ms(path, *, chunks=None, data_column="DATA"):
                          for a in rows[:3])
     uvw = rows[3].reshape(grid.ntime, grid.nbl, 3).rechunk((tchunk, grid.nbl, 3))
 
+    attrs = _attrs(path, index.keywords, pc_dec)
+    if field is not None:
+        attrs["ms_field_id"] = [int(i) for i in field_ids]
+        attrs["ms_field_name"] = fields.name[int(field_ids[0])]
+    else:
+        attrs.pop("ms_field_id", None)
+        attrs.pop("ms_field_name", None)
+    interval = float(index.intervals[grid.rows[0]])
     return contract.visibility_dataset(
         vis=vis, flag=flag, weight=weight, uvw=uvw,
-        time=times_unix, integration_time=index.interval,
+        time=times_unix, integration_time=interval,
         antenna1=grid.bl_a1, antenna2=grid.bl_a2,
         frequency=spec.freq, channel_width=spec.chan_width, polarizations=spec.pols,
         phase_center_ra=pc_ra, phase_center_dec=pc_dec, **ants,
         telescope_name=telescope_name, telescope_location=telescope_location,
-        attrs=_attrs(path, index.keywords, pc_dec), name=path)
+        attrs=attrs, name=path)
