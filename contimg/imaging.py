@@ -306,11 +306,14 @@ def qa_header(h, qa: dict):
     return h
 
 
-def _open_source(src, data_column=None, chunks=None):
-    """An MS path, a directory/list of UVH5 files of one group, or a Dataset -> Dataset."""
+def _open_source(src, data_column=None, chunks=None, field=None):
+    """An MS path (``field``: one field of it, by name or id), a directory/list of UVH5
+    files of one group, or a Dataset -> Dataset."""
     import xarray as xr
 
     if isinstance(src, xr.Dataset):
+        if field is not None:
+            raise ValueError("field= selects a field of an MS; a Dataset is imaged as given")
         return src, "dataset"
     if isinstance(src, (list, tuple)):
         from contimg.io.uvh5 import open_group
@@ -330,8 +333,11 @@ def _open_source(src, data_column=None, chunks=None):
             with ct.table(str(p), ack=False) as tb:
                 cols = tb.colnames()
             data_column = "CORRECTED_DATA" if "CORRECTED_DATA" in cols else "DATA"
-        log.info("imaging %s (%s)", p, data_column)
-        return open_ms(p, chunks=chunks, data_column=data_column), "ms"
+        log.info("imaging %s (%s%s)", p, data_column,
+                 "" if field is None else f", field {field}")
+        return open_ms(p, chunks=chunks, data_column=data_column, field=field), "ms"
+    if field is not None:
+        raise ValueError(f"{p}: field= selects a field of a Measurement Set; this is not one")
     if p.is_dir():
         from contimg.io.uvh5 import open_group
 
@@ -346,7 +352,8 @@ def _open_source(src, data_column=None, chunks=None):
 def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_products=False,
              mask=None, mask_sources=None, phase_center=None, **options) -> ImageResult:
     """Image an MS (``CORRECTED_DATA`` when present, else ``DATA``, or the configured
-    ``data_column``), a group's UVH5 files or a Dataset and write ``<prefix>-image.fits``,
+    ``data_column``; ``field=``: one field of a multi-field MS, by name or id), a
+    group's UVH5 files or a Dataset and write ``<prefix>-image.fits``,
     ``-residual.fits``, ``-model.fits``, ``-psf.fits``, ``-image-pb.fits`` (each via a
     temporary name and a rename).
 
@@ -356,7 +363,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
     """
     t0 = time.perf_counter()
     c = image_config(config, options)
-    ds, kind = _open_source(src, c.data_column)
+    ds, kind = _open_source(src, c.data_column, field=c.field)
     prod = image_dataset(ds, c, mask=mask, mask_sources=mask_sources,
                          phase_center=phase_center)
     t1 = time.perf_counter()

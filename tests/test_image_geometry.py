@@ -191,3 +191,55 @@ def test_image_of_circular_feeds_equals_linear(geo_ds, geo_ref):
     ds = _four_pol(geo_ds, ["RR", "RL", "LR", "LL"], ("RR", "LL"), ("RL", "LR"))
     prod = image_dataset(ds, **DIRTY)
     np.testing.assert_array_equal(prod.dirty, geo_ref.dirty)
+
+
+# ---------------------------------------------------------------------------------
+# contimg image --field
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_field_ms(tmp_path_factory, geo_ds):
+    """The group as an MS whose FIELD rows (one per integration) are named "A" (first
+    half) and "B" (second half)."""
+    from casacore import tables as ct
+
+    from contimg.io.ms import write_ms
+
+    path = tmp_path_factory.mktemp("fields") / "two.ms"
+    write_ms(geo_ds, path)
+    nt = geo_ds.sizes["time"]
+    with ct.table(f"{path}::FIELD", readonly=False, ack=False) as tb:
+        assert tb.nrows() == nt
+        tb.putcol("NAME", ["A"] * (nt // 2) + ["B"] * (nt - nt // 2))
+    return path
+
+
+def test_cli_image_field_images_that_field_only(two_field_ms, geo_ds, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from astropy.io import fits
+
+    from contimg.imaging import image_dataset, image_ms
+
+    nt = geo_ds.sizes["time"]
+    opts = dict(npix=128, cell_arcsec=20.0, niter=0)
+    res = subprocess.run([sys.executable, "-m", "contimg.cli", "image", str(two_field_ms),
+                          "--out", str(tmp_path / "b"), "--field", "B", "--size", "128",
+                          "--cell", "20", "--niter", "0"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = fits.getdata(tmp_path / "b-image.fits")[0, 0].T
+    ref = image_dataset(geo_ds.isel(time=slice(nt // 2, None)), **opts).image
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    whole = image_dataset(geo_ds, **opts).image
+    assert np.abs(got - whole).max() > 1e-2 * np.abs(ref).max()
+    # by id (FIELD row 0 is in "A": one integration), and a clear error for a bad name
+    r0 = image_ms(two_field_ms, tmp_path / "a0", field="0", **opts)
+    one = image_dataset(geo_ds.isel(time=slice(0, 1)), **opts).image
+    assert np.abs(fits.getdata(r0.paths["image"])[0, 0].T - one).max() < 1e-4 * np.abs(
+        one).max()
+    with pytest.raises(ValueError, match="C"):
+        image_ms(two_field_ms, tmp_path / "c", field="C", **opts)
