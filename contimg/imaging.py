@@ -53,7 +53,7 @@ from contimg.config import ImageConfig, parse_threshold
 from contimg.imaging_steps import (cell_rad, choose_w_mode, clean, clean_mask,
                                    dirty_and_psf, image_products, imaging_weights,
                                    plan_imaging, prepare_visibilities, recorded_options,
-                                   source_mask, unslant)
+                                   residual_image, source_mask, unslant)
 from contimg.io.fits import image_header, image_wcs, write_fits
 from kernels.constants import ARCSEC
 
@@ -244,9 +244,6 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     :func:`plan_imaging`, :func:`imaging_weights`, :func:`dirty_and_psf`, :func:`clean`,
     :func:`image_products`.
     """
-    import dask
-
-    from graphs import image as gi
     from kernels import clean as kc
 
     c = image_config(config, options)   # checked: types, choices, npix, cell
@@ -256,36 +253,39 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
 
     t0 = time.perf_counter()
     vis = prepare_visibilities(ds, c, opts, phase_center)
-    snapshot, slant = choose_w_mode(vis, c, opts)
-    plan, psf_plan = plan_imaging(vis, c, snapshot)
-    mask = clean_mask(vis, c, slant, mask, mask_sources)
-    log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", c.npix,
-             c.npix, c.cell_arcsec, math.degrees(vis.centre[0]), math.degrees(vis.centre[1]),
-             plan.describe())
-    timings["prepare"] = time.perf_counter() - t0
+    try:
+        snapshot, slant = choose_w_mode(vis, c, opts)
+        plan, psf_plan = plan_imaging(vis, c, snapshot)
+        mask = clean_mask(vis, c, slant, mask, mask_sources)
+        log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", c.npix,
+                 c.npix, c.cell_arcsec, math.degrees(vis.centre[0]),
+                 math.degrees(vis.centre[1]), plan.describe())
+        timings["prepare"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    wspec = imaging_weights(vis, c)
-    timings["weights"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        wspec = imaging_weights(vis, c)
+        timings["weights"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    d = dirty_and_psf(vis, c, plan, psf_plan, wspec)
-    timings["dirty+psf"] = time.perf_counter() - t0
-    log.info("dirty image and PSF in %.1f s (peak %.4g Jy/beam)", timings["dirty+psf"],
-             float(np.abs(d.dirty).max()))
-    beam = kc.fit_beam(d.psf, cell_rad(c))
-    log.info("restoring beam %.2f\" x %.2f\" PA %.1f deg", beam[0] / ARCSEC,
-             beam[1] / ARCSEC, beam[2])
+        t0 = time.perf_counter()
+        d = dirty_and_psf(vis, c, plan, psf_plan, wspec)
+        timings["dirty+psf"] = time.perf_counter() - t0
+        log.info("dirty image and PSF in %.1f s (peak %.4g Jy/beam)", timings["dirty+psf"],
+                 float(np.abs(d.dirty).max()))
+        beam = kc.fit_beam(d.psf, cell_rad(c))
+        log.info("restoring beam %.2f\" x %.2f\" PA %.1f deg", beam[0] / ARCSEC,
+                 beam[1] / ARCSEC, beam[2])
 
-    def residual_of(model):
-        res_l = gi.dirty_image(vis.dsi, plan, wspec, model=model.astype(plan.image_dtype),
-                               gridder=c.gridder, nthreads=c.nthreads, index=d.index)
-        (res,) = dask.compute(res_l)
-        return res.astype(np.float64) / d.norm
+        def residual_of(model):
+            return residual_image(vis, c, plan, wspec, d, model)
 
-    t0 = time.perf_counter()
-    cr = clean(d.dirty, d.psf, c, mask, residual_of)
-    timings["clean"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cr = clean(d.dirty, d.psf, c, mask, residual_of)
+        timings["clean"] = time.perf_counter() - t0
+    finally:
+        if vis.store is not None:
+            opts.update(spill_mb=round(vis.store.nbytes() / 2 ** 20, 1),
+                        spill_parts=len(vis.store.parts))
+            vis.store.close()
 
     prod = image_products(ds, vis, c, d, cr, beam, slant, opts, timings, plan)
     timings["total"] = time.perf_counter() - t_all

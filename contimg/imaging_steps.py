@@ -161,6 +161,7 @@ class Visibilities:
     nvis: int | None           # visibilities gridded (None: every one of the Dataset)
     averaged: bool
     qa: dict = None            # checks of the input (uvw_geometry's stored-UVW check)
+    store: object = None       # the ImagingStore the rows stream from (spill), or None
 
 
 def _image_centre(ds, phase_center):
@@ -251,6 +252,7 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
     uv range, chunked into the gridding tasks (noted in ``opts``)."""
     from graphs import image as gi
 
+    store = None
     ra0, dec0 = _image_centre(ds, phase_center)
     uvw_rows, uvw_t, qa = uvw_geometry(ds, ra0, dec0, c.uvw_source, c.uvw_tolerance_m)
     freqs = np.asarray(ds.frequency.values, dtype=np.float64)
@@ -273,8 +275,15 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         tf, ff = ka.bda_factors(uvw_t, freqs, chw, theta, float(c.smear_loss), nfchunk)
         dsi = gi.average_dataset(ds, uvw_t, tf, ff, uv_range=uv_range, uvw_rows=uvw_rows)
         nrow = dsi.sizes["row"]
-        per = int(math.ceil(nrow / max(1, ntask)))
-        dsi = dsi.chunk({"row": per})
+        if c.spill:
+            # the rows go to a store on disk; every pass streams them (imaging_store)
+            from contimg.imaging_store import ImagingStore
+
+            store = ImagingStore().write(dsi)
+            dsi = store.dataset()
+        else:
+            per = int(math.ceil(nrow / max(1, ntask)))
+            dsi = dsi.chunk({"row": per})
         log.info("baseline-dependent averaging (loss <= %.3g at %.2f deg): %d -> %d "
                  "visibilities (%.1fx); bins up to %d integrations x %d channels",
                  c.smear_loss, math.degrees(theta), nvis_in, nrow, nvis_in / max(nrow, 1),
@@ -282,7 +291,7 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         nvis = nrow
         opts.update(n_vis_in=nvis_in, n_vis_gridded=int(nrow),
                     smear_radius_deg=math.degrees(theta))
-        if c.persist:
+        if c.persist and store is None:
             dsi = dsi.persist()
     else:
         dsi = gi.stokes_i_dataset(ds, uvw_t, uv_range=uv_range, uvw_rows=uvw_rows)
@@ -299,7 +308,7 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
              len(dsi.VIS_I.data.chunks[2]))
     return Visibilities(dsi=dsi, uvw=uvw_t, freqs=freqs, centre=(ra0, dec0),
                         smear_radius=theta, ntask=ntask, nvis=nvis, averaged=bool(c.average),
-                        qa=qa)
+                        qa=qa, store=store)
 
 
 W_CORNER_LOSS = 0.05   # a snapshot's loss in the image corners (beyond the PB's 0.15)
@@ -407,6 +416,8 @@ def dirty_and_psf(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> D
 
     from graphs import image as gi
 
+    if vis.store is not None:
+        return _dirty_and_psf_store(vis, c, plan, psf_plan, wspec)
     index = None
     if c.gridder == "contimg" and c.persist and (c.niter > 0 or psf_plan is plan):
         # sort the visibilities into uv tiles and w-planes once, for every major cycle
@@ -422,6 +433,46 @@ def dirty_and_psf(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> D
         raise ValueError("nothing to image: every visibility is flagged or has zero weight")
     return Dirty(dirty=(dirty / norm).astype(np.float32), psf=(psf / norm).astype(np.float32),
                  weight_sums=wsum, norm=norm, index=index)
+
+
+def _dirty_and_psf_store(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> Dirty:
+    """Step 5 from the store: the dirty image first (each part's weights and index are
+    made and kept), then the PSF (reusing them when the plans are one)."""
+    import dask
+
+    from graphs import image as gi
+    from graphs.image_store import store_image
+
+    groups = vis.store.groups(vis.ntask)
+    wsum_l = gi.weight_sums(vis.dsi, wspec)
+    dirty_l = store_image(groups, plan, wspec, nthreads=c.nthreads)
+    wsum, dirty = dask.compute(wsum_l, dirty_l)
+    (psf,) = dask.compute(store_image(groups, psf_plan, wspec, psf=True, nthreads=c.nthreads))
+    norm = float(wsum.sum())
+    if not norm > 0:
+        raise ValueError("nothing to image: every visibility is flagged or has zero weight")
+    return Dirty(dirty=(dirty / norm).astype(np.float32), psf=(psf / norm).astype(np.float32),
+                 weight_sums=wsum, norm=norm, index=None)
+
+
+def residual_image(vis: Visibilities, c: ImageConfig, plan, wspec, d: Dirty, model):
+    """The residual image (Jy/beam, float64) of ``model`` (Jy/pixel): one major cycle,
+    from the store (``vis.store``) or the in-memory rows with ``d.index``."""
+    import dask
+
+    from graphs import image as gi
+
+    m = model.astype(plan.image_dtype)
+    if vis.store is not None:
+        from graphs.image_store import store_image
+
+        res_l = store_image(vis.store.groups(vis.ntask), plan, wspec, model=m,
+                            nthreads=c.nthreads)
+    else:
+        res_l = gi.dirty_image(vis.dsi, plan, wspec, model=m, gridder=c.gridder,
+                               nthreads=c.nthreads, index=d.index)
+    (res,) = dask.compute(res_l)
+    return res.astype(np.float64) / d.norm
 
 
 @dataclass
