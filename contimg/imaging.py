@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,9 +322,13 @@ def _open_source(src, data_column=None, chunks=None, field=None):
         paths = [Path(p) for p in src]
         if len(paths) == 1 and (paths[0] / "table.dat").is_file():
             src = paths[0]
-        else:
+        elif len(paths) > 1 and all(_DSA_SUBBAND.fullmatch(q.name) for q in paths):
             return open_group(paths, n_subbands=len(paths), chunks=chunks), "uvh5"
+        else:
+            return _open_any(paths), "uvh5"
     p = Path(src)
+    if p.is_file():
+        return _open_any([p]), "uvh5"
     if (p / "table.dat").is_file():
         from casacore import tables as ct
 
@@ -347,6 +352,21 @@ def _open_source(src, data_column=None, chunks=None, field=None):
                                     "UVH5 subband files")
         return open_group(files, n_subbands=len(files), chunks=chunks), "uvh5"
     raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat) or a group directory")
+
+
+_DSA_SUBBAND = re.compile(r".*_sb\d\d\.hdf5")
+
+
+def _open_any(paths):
+    """Any UVH5 (single files of any telescope, phase centre and telescope from the
+    file): :func:`contimg.io.uvh5.open_any`."""
+    try:
+        from contimg.io.uvh5 import open_any
+    except ImportError as exc:
+        raise FileNotFoundError(f"{', '.join(map(str, paths))}: not a Measurement Set or a "
+                                "DSA-110 subband group (files named *_sbNN.hdf5), and this "
+                                "contimg cannot open other UVH5 files") from exc
+    return open_any(paths)
 
 
 def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_products=False,
@@ -409,7 +429,8 @@ def add_image_parser(sub):
                        "the UVH5 files of one group. Options not given come from the "
                        "configuration ([image]: file, IMG_IMSIZE, IMG_ROBUST, IMG_NITER, "
                        "IMG_THRESHOLD, defaults).")
-    s.add_argument("input", nargs="+", help="an MS, a group directory or its UVH5 files")
+    s.add_argument("input", nargs="+", help="an MS, a group directory or its UVH5 files, "
+                   "or UVH5 files of any telescope")
     s.add_argument("--out", required=True, help="output prefix (<out>-image.fits, ...)")
     add_options(s, "image.*")
     s.set_defaults(func=cmd_image)

@@ -243,3 +243,32 @@ def test_cli_image_field_images_that_field_only(two_field_ms, geo_ds, tmp_path):
         one).max()
     with pytest.raises(ValueError, match="C"):
         image_ms(two_field_ms, tmp_path / "c", field="C", **opts)
+
+
+# ---------------------------------------------------------------------------------
+# contimg image on any UVH5: single files go through contimg.io.uvh5.open_any
+# ---------------------------------------------------------------------------------
+
+
+def test_single_uvh5_files_go_through_open_any(geo_ds, geo_group, tmp_path, monkeypatch):
+    import contimg.io.uvh5 as uv
+    from contimg.imaging import _open_source
+
+    seen = []
+
+    def fake_open_any(paths):
+        seen.append([p.name for p in paths])
+        return geo_ds
+
+    monkeypatch.setattr(uv, "open_any", fake_open_any, raising=False)
+    other = tmp_path / "vla_obs.uvh5"
+    other.write_bytes(b"")
+    assert _open_source(other)[0] is geo_ds
+    assert _open_source([str(other), str(tmp_path / "b.uvh5")])[0] is geo_ds
+    one = geo_group.files[0]
+    assert _open_source(one)[0] is geo_ds     # a single subband of a group: any UVH5
+    assert seen == [["vla_obs.uvh5"], ["vla_obs.uvh5", "b.uvh5"], [one.name]]
+    # a DSA-110 group (its subband files) still opens as a group
+    ds, kind = _open_source([str(f) for f in geo_group.files])
+    assert kind == "uvh5" and ds.sizes["frequency"] == geo_ds.sizes["frequency"]
+    assert len(seen) == 3
