@@ -9,6 +9,8 @@ import pytest
 
 from contimg.runtime import configure
 from contimg.simulate import SimConfig, simulate_group
+# the shared foreign-MS fixtures (casa_sim_ms, casa_sim_ms_4pol, pyuvdata_ms)
+from foreign import casa_sim_ms, casa_sim_ms_4pol, pyuvdata_ms  # noqa: E402,F401
 
 # the process settings the CLI, the stream and the workers apply (HDF5 file locking
 # off, astropy offline, dask's worker malloc setting)
