@@ -127,8 +127,9 @@ def _corrupt(model, a1, a2, corr_feeds, g, b, sigma, rng):
 def _catalog_csv(path, cal, decoy):
     rows = ["name,ra_deg,dec_deg,flux_jy,alpha,ref_freq_hz"]
     for s in (cal, decoy):
-        rows.append(f"{s['name']},{np.degrees(s['ra'])!r},{np.degrees(s['dec'])!r},"
-                    f"{s['flux_jy']!r},{s['alpha']!r},{s['ref_freq_hz']!r}")
+        rows.append(f"{s['name']},{float(np.degrees(s['ra']))!r},"
+                    f"{float(np.degrees(s['dec']))!r},{float(s['flux_jy'])!r},"
+                    f"{float(s['alpha'])!r},{float(s['ref_freq_hz'])!r}")
     path.write_text("\n".join(rows) + "\n")
     return str(path)
 
