@@ -31,7 +31,10 @@ Baseline conjugation
     Hermitian forms apart, calibration can: this is the form pyuvdata's authors found
     CASA's calibration tasks to assume. pyuvdata reads our MS back into its own
     convention, bit for bit (the files carry no ``pyuvdata_flip_conj`` keyword, so
-    it assumes the MS convention; interop test). :func:`open_ms` undoes the flip.
+    it assumes the MS convention; interop test). :func:`open_ms` undoes the flip;
+    an MS pyuvdata 2.x wrote (its own convention: a pyuvdata HISTORY row and no
+    ``pyuvdata_flip_conj`` keyword, or that keyword False) is read as stored
+    (``conjugation="auto"|"ms"|"pyuvdata"``; the Dataset attr ``ms_conjugation``).
 
 FIELD
     One FIELD row per *distinct* phase centre, in order of first use. DSA-110 data are
@@ -56,6 +59,9 @@ Times and weights
     UTC, integration centre; :mod:`kernels.constants`); ``INTERVAL`` = ``EXPOSURE`` =
     ``time.attrs["integration_time"]``.
     Round trip of ``time`` is exact to the float64 rounding of that sum (< 1 us).
+    On reading, TIME in another reference (TAI, TT, ...: its MEASINFO) is converted
+    to UTC, and FIELD directions in other fixed frames to ICRS
+    (:mod:`~contimg.io.ms.measures`).
     ``WEIGHT_SPECTRUM`` is the contract's ``WEIGHT``; the row ``WEIGHT`` is its mean
     over channels and ``SIGMA = 1/sqrt(WEIGHT)`` (0 where the weight is 0, as CASA
     does); ``FLAG_ROW`` is set where every channel and correlation is flagged.

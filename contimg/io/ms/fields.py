@@ -48,14 +48,22 @@ class FieldTable:
 
 def read_fields(path):
     """The FIELD subtable of ``path`` as a :class:`FieldTable` (ICRS radians)."""
-    field, fkw = read_subtable(path, "FIELD", ["PHASE_DIR", "NAME"])
+    field, fkw = read_subtable(path, "FIELD", ["PHASE_DIR", "NAME"],
+                               optional=["PhaseDir_Ref"])
     phase_dir = np.asarray(field["PHASE_DIR"], dtype=np.float64)
     if phase_dir.ndim == 3 and phase_dir.shape[1] > 1:
         log.warning("%s: FIELD.PHASE_DIR has polynomial terms; using the constant term", path)
     phase_dir = phase_dir.reshape(phase_dir.shape[0], -1, 2)[:, 0, :]
     measinfo = fkw.get("PHASE_DIR", {}).get("MEASINFO", {})
+    var_col = measinfo.get("VarRefCol")
+    codes = None
+    if var_col:
+        if var_col != "PhaseDir_Ref":
+            codes = read_subtable(path, "FIELD", [var_col])[0][var_col]
+        else:
+            codes = field.get(var_col)
     ra, dec = direction_to_icrs(phase_dir[:, 0], phase_dir[:, 1], measinfo, path,
-                                "FIELD.PHASE_DIR")
+                                "FIELD.PHASE_DIR", ref_codes=codes)
     return FieldTable(name=[str(n) for n in field["NAME"]], ra=np.asarray(ra, dtype=float),
                       dec=np.asarray(dec, dtype=float))
 

@@ -29,6 +29,7 @@ from contimg.io.ms.common import (
     read_subtable,
 )
 from contimg.io.ms.fields import read_fields, resolve_field
+from contimg.io.ms.measures import ms_conjugation, time_to_utc
 from contimg.uvw import compute_uvw
 from graphs import contract
 
@@ -51,6 +52,7 @@ class _MainIndex:
     ddid: int
     intervals: np.ndarray  # INTERVAL, seconds
     keywords: dict         # table keywords
+    time_measinfo: dict    # TIME's MEASINFO (its reference)
     columns: set           # columns that hold data
 
     @property
@@ -70,6 +72,7 @@ def _read_main_index(path, data_column):
             group_cols=[], index_cols=[], chunks={"row": 1 << 22},
             table_keywords=True, table_proxy=True)
         main_cols = set()
+        time_measinfo = proxy.getcolkeywords("TIME").result().get("MEASINFO", {})
         present = set(proxy.colnames().result())
         for col in ({data_column, *_MAIN_COLUMNS} & present):
             try:
@@ -99,6 +102,7 @@ def _read_main_index(path, data_column):
         ddid=int(ddid[0]),
         intervals=np.asarray(idx["INTERVAL"].values, dtype=np.float64),
         keywords=table_kw,
+        time_measinfo=time_measinfo,
         columns=main_cols)
 
 
@@ -281,9 +285,10 @@ def _chunking(chunks, grid, spec, nrow):
     return tchunk, fchunk, row_chunk
 
 
-def _read_columns(path, index, data_column, spec, row_chunk, fchunk):
+def _read_columns(path, index, data_column, spec, row_chunk, fchunk, conjugation="ms"):
     """The big columns per MAIN row, lazily, in the contract's conventions: visibilities
-    conjugated, UVW negated (see :mod:`contimg.io.ms`), FLAG_ROW folded into FLAG,
+    conjugated, UVW negated (see :mod:`contimg.io.ms`) when the MS uses the "ms"
+    convention (as they are for "pyuvdata"), FLAG_ROW folded into FLAG,
     WEIGHT broadcast when there is no WEIGHT_SPECTRUM, channels ascending."""
     import dask.array as da
     from daskms import xds_from_ms
@@ -314,8 +319,12 @@ def _read_columns(path, index, data_column, spec, row_chunk, fchunk):
         raise MSFormatError(f"{path}: {data_column} cells have shape {data.shape[1:]}, "
                             f"expected (nchan={nchan}, ncorr={npol}) from the subtables")
 
-    vis = da.conj(data).astype(np.complex64)
-    uvw = -main["UVW"].data.astype(np.float64)
+    if conjugation == "ms":
+        vis = da.conj(data).astype(np.complex64)
+        uvw = -main["UVW"].data.astype(np.float64)
+    else:
+        vis = data.astype(np.complex64)
+        uvw = main["UVW"].data.astype(np.float64)
     flag = flag.astype(bool) | flag_row.astype(bool)[:, None, None]
     weight = weight.astype(np.float32)
     order = spec.chan_order
@@ -386,7 +395,7 @@ def _attrs(path, keywords, pc_dec):
     return attrs
 
 
-def open_ms(path, *, chunks=None, data_column="DATA", field=None):
+def open_ms(path, *, chunks=None, data_column="DATA", field=None, conjugation="auto"):
     """Open a Measurement Set lazily as a contract Dataset (through dask-ms).
 
     Parameters
@@ -405,6 +414,13 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None):
         unknown field (or one without rows) raises :class:`UnknownFieldError` (a
         ``ValueError``) listing the MS's fields. Default: every row (a multi-field
         MS logs its fields); :func:`ms_fields` lists them.
+    conjugation : {"auto", "ms", "pyuvdata"}
+        The writer's baseline conjugation: "ms" (CASA's; pyuvdata >= 3 and
+        :func:`write_ms` write it), "pyuvdata" (data stored as pyuvdata holds them, as
+        pyuvdata 2.x wrote MSs), or "auto": detected as pyuvdata does (its
+        ``pyuvdata_flip_conj`` keyword, else a pyuvdata HISTORY row means "pyuvdata",
+        else "ms"; :func:`contimg.io.ms.measures.ms_conjugation`). The decision is
+        the Dataset attribute ``ms_conjugation``.
 
     Notes
     -----
@@ -415,6 +431,8 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None):
     (time, baseline) rows become zero visibilities, flagged, with zero weight and
     the UVW from :func:`compute_uvw`. The MS conjugation convention is undone (see the
     module docstring of :mod:`contimg.io.ms`). Channels are sorted ascending.
+    TIME is converted to UTC from its column's measure reference (TAI, TT, ...) and
+    phase centres to ICRS from FIELD's (:mod:`contimg.io.ms.measures`).
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(os.path.join(path, "table.dat")):
@@ -432,11 +450,13 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None):
     telescope_name, telescope_location = _telescope(path, ants["antenna_position"])
     grid = _row_grid(path, index, ants["antenna_position"].shape[0], sel_rows)
     pc_ra, pc_dec = _phase_centres(grid, index, fields.ra, fields.dec)
-    times_unix = grid.times_mjd - MJD_UNIX_OFFSET_S
+    times_unix = time_to_utc(grid.times_mjd, index.time_measinfo, path) - MJD_UNIX_OFFSET_S
+    conj, why = ms_conjugation(path, index.keywords, conjugation)
+    log.debug("%s: %s conjugation (%s)", path, conj, why)
     tchunk, fchunk, row_chunk = _chunking(chunks, grid, spec, index.nrow)
     span = None if grid.fast else _contiguous(grid)
 
-    rows = _read_columns(path, index, data_column, spec, row_chunk, fchunk)
+    rows = _read_columns(path, index, data_column, spec, row_chunk, fchunk, conj)
     if span is not None:  # one field's rows in one run: a slice, not a gather
         rows = tuple(a[span[0]:span[1]] for a in rows)
     elif not grid.fast:
@@ -449,6 +469,7 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None):
     uvw = rows[3].reshape(grid.ntime, grid.nbl, 3).rechunk((tchunk, grid.nbl, 3))
 
     attrs = _attrs(path, index.keywords, pc_dec)
+    attrs["ms_conjugation"] = conj
     if field is not None:
         attrs["ms_field_id"] = [int(i) for i in field_ids]
         attrs["ms_field_name"] = fields.name[int(field_ids[0])]
