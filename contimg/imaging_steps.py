@@ -275,7 +275,7 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         tf, ff = ka.bda_factors(uvw_t, freqs, chw, theta, float(c.smear_loss), nfchunk)
         dsi = gi.average_dataset(ds, uvw_t, tf, ff, uv_range=uv_range, uvw_rows=uvw_rows)
         nrow = dsi.sizes["row"]
-        if c.spill:
+        if c.spill and c.gridder == "contimg":
             # the rows go to a store on disk; every pass streams them (imaging_store)
             from contimg.imaging_store import ImagingStore
 
