@@ -47,7 +47,7 @@ print("RESULT " + json.dumps(dict(wall=wall, peak=r.peak, noise=r.noise,
 def run(files, prefix, args, spill):
     a = dict(files=[str(f) for f in files], prefix=str(prefix), npix=args.size,
              cell_arcsec=args.cell, niter=args.niter, workers=args.threads, spill=spill,
-             nthreads=1)
+             nthreads=1, w_mode=args.w_mode)
     r = subprocess.run([sys.executable, "-c", _RUN, json.dumps(a)], capture_output=True,
                        text=True)
     if r.returncode:
@@ -66,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--cell", type=float, default=6.0, help="arcsec")
     ap.add_argument("--niter", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--w-mode", default="auto", choices=("auto", "snapshot", "wstack"))
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     from contimg.runtime import configure
@@ -83,7 +84,8 @@ def main(argv=None):
                                calibrator=True).files
     from astropy.io import fits
 
-    out = {"size": args.size, "niter": args.niter, "loadavg": os.getloadavg()}
+    out = {"size": args.size, "niter": args.niter, "w_mode": args.w_mode,
+           "loadavg": os.getloadavg()}
     for spill in (False, True):
         name = "spill" if spill else "memory"
         res, _log = run(files, workdir / name, args, spill)

@@ -12,7 +12,8 @@ are read once); :func:`open_rows` is a lazy row Dataset over them (one chunk per
 part), which the ordinary builders of :mod:`graphs.image` (density, weight sums,
 plans, the coplanar fit) take as they are. :func:`store_image` grids: one task per
 group of parts, which streams its parts through one accumulating uv grid (a 2-D plan:
-one FFT per task and pass) or, with w-stacking, sums per-part images. The imaging
+one FFT per task and pass; with w-stacking, the w-planes in batches, each FFT'd once
+per task and pass). The imaging
 weights and the gridding index of a part are made on its first pass and kept next to
 it (``wi.npy``, ``index-<plan>.pkl``): later passes load them (the index per part, not
 per group).
@@ -130,14 +131,19 @@ def _part_index(d, uvw, plan, wspec, grid, key, nthreads):
     return idx, wi
 
 
+#: bytes of w-planes a w-stacking task holds at once (its planes go in batches)
+STACK_BYTES = 256 * 2 ** 20
+
+
 def _store_block(dirs, grid, model, *, plan, wspec, psf, key, nthreads):
     """One task: stream parts ``dirs`` through the (de)gridder; returns the image."""
+    if plan.nplanes > 1:
+        return _store_block_wstack(dirs, grid, model, plan=plan, wspec=wspec, psf=psf,
+                                   key=key, nthreads=nthreads)
     img_dtype = plan.image_dtype
     cdt = plan.grid_dtype
-    two_d = plan.nplanes == 1
     acc = None
     mstack = None
-    image = None
     for d in dirs:
         uvw = _load(d, "uvw")
         idx, wi = _part_index(d, uvw, plan, wspec, grid, key, nthreads)
@@ -148,34 +154,69 @@ def _store_block(dirs, grid, model, *, plan, wspec, psf, key, nthreads):
             v = (wi > 0).astype(cdt)
         else:
             v = _load(d, "vis")[:, None].astype(cdt, copy=False)
-        wts = wi.astype(img_dtype, copy=False)
-        if two_d:
-            if model is not None:
-                if mstack is None:
-                    mstack = kg.image_to_grid(np.asarray(model, img_dtype), plan,
-                                              nthreads=nthreads)
-                pred = kg.degrid_chunk(mstack, uvw, _FREQ, plan, flags=flags,
-                                       nthreads=nthreads, index=idx)
-                v = np.subtract(v, pred, out=pred)
-            acc = kg.grid_chunk(uvw, _FREQ, v, plan, weights=wts, flags=flags,
-                                nthreads=nthreads, out=acc, index=idx)
-        else:
-            common = dict(pixsize_x=plan.pixsize_x, pixsize_y=plan.pixsize_y,
-                          epsilon=plan.epsilon, do_wstacking=plan.do_wstacking,
-                          nthreads=nthreads, plan=plan, index=idx)
-            if model is not None:
-                pred = kg.dirty2vis(uvw, _FREQ, np.asarray(model, img_dtype), flags=flags,
-                                    **common)
-                v = np.subtract(v, pred, out=pred)
-            part = kg.vis2dirty(uvw, _FREQ, v, weights=wts, flags=flags,
-                                npix_x=plan.npix_x, npix_y=plan.npix_y, **common)
-            image = part if image is None else image + part
+        if model is not None:
+            if mstack is None:
+                mstack = kg.image_to_grid(np.asarray(model, img_dtype), plan,
+                                          nthreads=nthreads)
+            pred = kg.degrid_chunk(mstack, uvw, _FREQ, plan, flags=flags,
+                                   nthreads=nthreads, index=idx)
+            v = np.subtract(v, pred, out=pred)
+        acc = kg.grid_chunk(uvw, _FREQ, v, plan, weights=wi.astype(img_dtype, copy=False),
+                            flags=flags, nthreads=nthreads, out=acc, index=idx)
         del v
-    if two_d and acc is not None:
-        image = kg.grid_to_image(acc, plan, nthreads=nthreads, overwrite=True)
-    if image is None:
-        image = np.zeros((plan.npix_x, plan.npix_y), dtype=img_dtype)
+    if acc is None:
+        return np.zeros((plan.npix_x, plan.npix_y), dtype=img_dtype)
+    image = kg.grid_to_image(acc, plan, nthreads=nthreads, overwrite=True)
     return np.asarray(image, dtype=img_dtype)
+
+
+def _store_block_wstack(dirs, grid, model, *, plan, wspec, psf, key, nthreads):
+    """:func:`_store_block` for a w-stacking plan: the w-planes in batches of at most
+    :data:`STACK_BYTES`; for each batch the parts stream through the batch's stack
+    (model -> predicted visibilities, added up over the batches and held for the pass,
+    8 bytes a row; then the residuals gridded), so each plane is FFT'd once per task."""
+    img_dtype = plan.image_dtype
+    cdt = plan.grid_dtype
+    per = max(1, int(STACK_BYTES // (plan.nu * plan.nv * np.dtype(cdt).itemsize)))
+    batches = [(p0, min(plan.nplanes, p0 + per)) for p0 in range(0, plan.nplanes, per)]
+
+    def parts():
+        for d in dirs:
+            uvw = _load(d, "uvw")
+            idx, wi = _part_index(d, uvw, plan, wspec, grid, key, nthreads)
+            if np.any(wi):
+                yield d, uvw, idx, wi
+
+    preds = {}
+    if model is not None:
+        m = np.asarray(model, img_dtype)
+        for batch in batches:
+            mstack = kg.image_to_grid(m, plan, planes=batch, nthreads=nthreads)
+            for d, uvw, idx, wi in parts():
+                p = kg.degrid_chunk(mstack, uvw, _FREQ, plan, flags=wi == 0, planes=batch,
+                                    nthreads=nthreads, index=idx)
+                if d in preds:
+                    preds[d] += p
+                else:
+                    preds[d] = p
+            del mstack
+    image = np.zeros((plan.npix_x, plan.npix_y), dtype=img_dtype)
+    for batch in batches:
+        acc = None
+        for d, uvw, idx, wi in parts():
+            if psf:
+                v = (wi > 0).astype(cdt)
+            else:
+                v = _load(d, "vis")[:, None].astype(cdt, copy=False)
+                if d in preds:
+                    v = v - preds[d]
+            acc = kg.grid_chunk(uvw, _FREQ, v, plan, weights=wi.astype(img_dtype, copy=False),
+                                flags=wi == 0, planes=batch, nthreads=nthreads, out=acc,
+                                index=idx)
+        if acc is not None:
+            image += kg.grid_to_image(acc, plan, planes=batch, nthreads=nthreads,
+                                      overwrite=True)
+    return image
 
 
 def store_image(groups, plan, wspec: WeightSpec = WeightSpec(), *, model=None, psf=False,
