@@ -13,10 +13,17 @@ Image phase centre: a DSA-110 group is phased to the meridian at every integrati
 its phase centres move along the equator of date by 15"/s x cos(dec) during the group.
 The image is centred on the phase centre of the *middle* integration (index
 ``ntime // 2``) and every visibility is re-phased there with the exact w term
-(:func:`kernels.weighting.rephase`) and new UVW from :func:`contimg.uvw.compute_uvw`.
+(:func:`kernels.weighting.rephase`). Both ends of the re-phasing come from one
+geometry (:func:`contimg.imaging_steps.uvw_geometry`): UVW recomputed from the antenna
+positions and times (:func:`contimg.uvw.compute_uvw`, default) or the stored UVW
+rotated (``uvw_source="stored"``); stored and recomputed UVW are compared, and a
+difference beyond ``uvw_tolerance_m`` is logged and recorded (``ImageProducts.qa``,
+FITS ``UVWDIFF``/``UVWOK``/``UVWSRC``).
 
-Stokes I is ``(XX + YY) / 2``; a visibility with either feed flagged is left out.
-Autocorrelations are never imaged.
+Stokes I is the mean of the parallel hands (XX and YY, or RR and LL; 2 or 4
+correlations in any order); a visibility with either hand flagged is left out.
+Autocorrelations are never imaged. With ``spill`` (default) the averaged rows live in
+a store on disk (:mod:`contimg.imaging_store`) that every pass streams.
 
 Options: :class:`contimg.config.ImageConfig` (the ``[image]`` table of the configuration)
 holds every option and its default; the operators' environment variables set four of
@@ -234,6 +241,11 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
         over-represent the outriggers (27.6 wavelengths rms at dec +54.6): it errs high
     w_loss : the snapshot's loss budget for ``w_mode="auto"``, default 3e-3 (0.3 %,
         a third of the default smearing budget)
+    uvw_source : ``"recompute"`` (default) or ``"stored"``: where both ends of the
+        re-phasing take their UVW (see the module docstring); ``uvw_tolerance_m``:
+        the stored-vs-recomputed difference (m) beyond which the image says so
+    spill : keep the averaged rows between major cycles in a store on disk (default;
+        memory grows with a part of the rows, not the group) instead of in memory
     uv_min_lambda, uv_max_lambda : image only baselines with projected length
         (wavelengths) in this range (WSClean's -minuv-l / -maxuv-l). DSA-110's
         5 m spacings see scales of degrees: in images smaller than that, a natural-
