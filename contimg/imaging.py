@@ -257,6 +257,9 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     :func:`plan_imaging`, :func:`imaging_weights`, :func:`dirty_and_psf`, :func:`clean`,
     :func:`image_products`.
     """
+    import dask
+
+    from graphs import image as gi
     from kernels import clean as kc
 
     c = image_config(config, options)   # checked: types, choices, npix, cell
@@ -266,39 +269,42 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
 
     t0 = time.perf_counter()
     vis = prepare_visibilities(ds, c, opts, phase_center)
-    try:
-        snapshot, slant = choose_w_mode(vis, c, opts)
-        plan, psf_plan = plan_imaging(vis, c, snapshot)
-        mask = clean_mask(vis, c, slant, mask, mask_sources)
-        log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", c.npix,
-                 c.npix, c.cell_arcsec, math.degrees(vis.centre[0]),
-                 math.degrees(vis.centre[1]), plan.describe())
-        timings["prepare"] = time.perf_counter() - t0
+    snapshot, slant = choose_w_mode(vis, c, opts)
+    plan, psf_plan = plan_imaging(vis, c, snapshot)
+    mask = clean_mask(vis, c, slant, mask, mask_sources)
+    log.info("imaging %d x %d at %.3g arcsec, centre RA %.5f Dec %.5f deg; %s", c.npix,
+             c.npix, c.cell_arcsec, math.degrees(vis.centre[0]), math.degrees(vis.centre[1]),
+             plan.describe())
+    timings["prepare"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        wspec = imaging_weights(vis, c)
-        timings["weights"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    wspec = imaging_weights(vis, c)
+    timings["weights"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        d = dirty_and_psf(vis, c, plan, psf_plan, wspec)
-        timings["dirty+psf"] = time.perf_counter() - t0
-        log.info("dirty image and PSF in %.1f s (peak %.4g Jy/beam)", timings["dirty+psf"],
-                 float(np.abs(d.dirty).max()))
-        beam = kc.fit_beam(d.psf, cell_rad(c))
-        log.info("restoring beam %.2f\" x %.2f\" PA %.1f deg", beam[0] / ARCSEC,
-                 beam[1] / ARCSEC, beam[2])
+    t0 = time.perf_counter()
+    d = dirty_and_psf(vis, c, plan, psf_plan, wspec)
+    timings["dirty+psf"] = time.perf_counter() - t0
+    log.info("dirty image and PSF in %.1f s (peak %.4g Jy/beam)", timings["dirty+psf"],
+             float(np.abs(d.dirty).max()))
+    beam = kc.fit_beam(d.psf, cell_rad(c))
+    log.info("restoring beam %.2f\" x %.2f\" PA %.1f deg", beam[0] / ARCSEC,
+             beam[1] / ARCSEC, beam[2])
 
-        def residual_of(model):
+    def residual_of(model):
+        if vis.store is not None:   # [image] spill: streamed from the store on disk
             return residual_image(vis, c, plan, wspec, d, model)
+        res_l = gi.dirty_image(vis.dsi, plan, wspec, model=model.astype(plan.image_dtype),
+                               gridder=c.gridder, nthreads=c.nthreads, index=d.index)
+        (res,) = dask.compute(res_l)
+        return res.astype(np.float64) / d.norm
 
-        t0 = time.perf_counter()
-        cr = clean(d.dirty, d.psf, c, mask, residual_of)
-        timings["clean"] = time.perf_counter() - t0
-    finally:
-        if vis.store is not None:
-            opts.update(spill_mb=round(vis.store.nbytes() / 2 ** 20, 1),
-                        spill_parts=len(vis.store.parts))
-            vis.store.close()
+    t0 = time.perf_counter()
+    cr = clean(d.dirty, d.psf, c, mask, residual_of)
+    timings["clean"] = time.perf_counter() - t0
+    if vis.store is not None:
+        opts.update(spill_mb=round(vis.store.nbytes() / 2 ** 20, 1),
+                    spill_parts=len(vis.store.parts))
+        vis.store.close()
 
     prod = image_products(ds, vis, c, d, cr, beam, slant, opts, timings, plan)
     timings["total"] = time.perf_counter() - t_all

@@ -10,7 +10,8 @@ parts are re-read from the page cache (or the disk) at each pass.
 
 The store lives in a temporary directory (``dir``: its parent, default the system's
 temporary directory; on a multi-node cluster it must be visible to every worker) and
-is removed when the image is done (:meth:`ImagingStore.close`, or ``with``).
+is removed when the image is done (:meth:`ImagingStore.close`, ``with``, or when the
+store object is dropped, e.g. after an error).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class ImagingStore:
 
     def __init__(self, dir=None, rows_per_part: int | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="contimg-store-", dir=dir))
+        # removed at close(), or when the store is dropped (an image that failed)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.root), True)
         self.rows_per_part = int(rows_per_part or ROWS_PER_PART)
         self.parts: list = []
         self.attrs: dict = {}
@@ -76,7 +80,7 @@ class ImagingStore:
         return part_groups(self.parts, ntask)
 
     def close(self):
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._cleanup()
 
     def __enter__(self):
         return self
