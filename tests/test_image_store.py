@@ -67,3 +67,19 @@ def test_part_groups_balance_rows():
     assert [sum(dict(parts)[d] for d in grp) for grp in g] == [40, 60]
     assert sorted(d for grp in g for d in grp) == sorted(d for d, _ in parts)
     assert part_groups(parts[:1], 4) == [["p0"]]
+
+
+def test_store_is_removed_when_closed_or_dropped(tmp_path):
+    import gc
+
+    from contimg.imaging_store import ImagingStore
+
+    with ImagingStore(dir=tmp_path) as st:
+        (st.root / "x").write_text("1")
+        assert st.root.is_dir()
+    assert not st.root.exists()
+    st = ImagingStore(dir=tmp_path)
+    root = st.root
+    del st
+    gc.collect()
+    assert not root.exists() and not list(tmp_path.iterdir())
