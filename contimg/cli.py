@@ -168,33 +168,10 @@ def cmd_info(args):
 
 
 def _groups_from_inputs(inputs, tolerance):
-    from contimg.io.uvh5 import find_groups
+    """DSA-110 groups and, each on its own, other UVH5 files (any telescope)."""
+    from contimg.io.uvh5 import find_inputs
 
-    groups = []
-    loose = []
-    for item in inputs:
-        if os.path.isdir(item):
-            groups.extend(find_groups(item, tolerance_s=tolerance))
-        elif os.path.exists(item):
-            loose.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or directory")
-    if loose:
-        # group loose files by their names, as find_groups does for a directory
-        from contimg import telescope as tel
-
-        named = sorted(loose, key=lambda p: tel.parse_subband_filename(p).timestamp)
-        cur = []
-        for p in named:
-            ts = tel.parse_subband_filename(p).timestamp
-            if cur and (ts - tel.parse_subband_filename(cur[0]).timestamp).total_seconds() \
-                    > tolerance:
-                groups.append(cur)
-                cur = []
-            cur.append(p)
-        if cur:
-            groups.append(cur)
-    return groups
+    return find_inputs(inputs, tolerance_s=tolerance)
 
 
 def cmd_convert(args):
@@ -203,7 +180,7 @@ def cmd_convert(args):
     st = args.cfg.stream
     groups = _groups_from_inputs(args.inputs, st.tolerance_s)
     if not groups:
-        print("contimg convert: no subband files found", file=sys.stderr)
+        print("contimg convert: no UVH5 files found", file=sys.stderr)
         return 2
     placement = parse_placement(st.placement)
     t0 = time.perf_counter()
@@ -506,8 +483,9 @@ def build_parser():
     add_options(s, "stream.n_subbands", "dask.scheduler")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("convert", help="convert groups of UVH5 subband files to Measurement Sets")
-    s.add_argument("inputs", nargs="+", help="directories and/or subband files")
+    s = sub.add_parser("convert", help="convert UVH5 (DSA-110 subband groups, or single files of "
+                       "any telescope: <stem>.ms) to Measurement Sets")
+    s.add_argument("inputs", nargs="+", help="directories and/or UVH5 files")
     s.add_argument("--out", required=True, help="directory for the Measurement Sets")
     s.add_argument("--allow-missing", action="store_true",
                    help="convert incomplete groups, missing subbands flagged")

@@ -318,21 +318,22 @@ def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=Fal
                   prefetch=2, key=None, flag=None, **open_kw):
     """Submit the conversion of one group; return a distributed Future of its summary.
 
-    ``files_or_ds``: the group's subband files (or a Dataset from ``open_group``).
+    ``files_or_ds``: the group's subband files, or one UVH5 file of any telescope (opened
+    by :func:`contimg.io.uvh5.open_any`), or a Dataset.
     ``flag``: RFI-flag while converting (True: the default strategy; or a
     :class:`graphs.flag.FlagStrategy`, mapping or TOML path): the flagging graph runs
     on the cluster alongside the writer and the MS is written with the final flags;
     the summary then has ``flagged`` (fraction) and ``flag_seconds``. Its reads are not
     pinned: use it with ``placement="any"`` (shared or local disks).
-    ``open_kw`` go to :func:`contimg.io.uvh5.open_group` (``n_subbands``,
-    ``allow_missing``...). The Future's result is ``{"ms", "seconds", "nbytes"}``;
+    ``open_kw`` go to :func:`contimg.io.uvh5.open_any` (``n_subbands``,
+    ``allow_missing``...: for groups). The Future's result is ``{"ms", "seconds", "nbytes"}``;
     bad input raises :class:`contimg.io.uvh5.UVH5Error` here (headers are read now)
     or from the Future (data read later), and never leaves anything at ``ms_path``.
     """
-    from contimg.io.uvh5 import open_group
+    from contimg.io.uvh5 import open_any
 
-    ds = files_or_ds if hasattr(files_or_ds, "data_vars") else open_group(files_or_ds,
-                                                                          **open_kw)
+    ds = files_or_ds if hasattr(files_or_ds, "data_vars") else open_any(files_or_ds,
+                                                                        **open_kw)
     ds = flag_nonfinite(ds)
     if flag not in (None, False) and placement != "any":
         raise ValueError("flagging during conversion reads files from any worker: use "
@@ -368,10 +369,12 @@ class ConvertReport:
 
 def convert_many(client, groups, out_dir, *, placement=None, overwrite=False,
                  in_flight=2, progress=None, **open_kw) -> ConvertReport:
-    """Convert several groups (lists of files), ``in_flight`` at a time."""
+    """Convert several groups (lists of files; a single UVH5 file of any telescope is a
+    group of one), ``in_flight`` at a time. A DSA-110 group becomes
+    ``<earliest timestamp>.ms``, another file ``<its stem>.ms``."""
     from distributed import as_completed
 
-    from contimg import telescope as tel
+    from contimg.io.uvh5 import product_stem
 
     os.makedirs(out_dir, exist_ok=True)
     report = ConvertReport()
@@ -382,8 +385,8 @@ def convert_many(client, groups, out_dir, *, placement=None, overwrite=False,
     def start_next():
         while todo and len(running) < in_flight:
             files = todo.pop(0)
-            try:   # a group is named by its earliest file-name timestamp
-                stamp = min(tel.parse_subband_filename(f).stamp for f in files)
+            try:   # a group: its earliest file-name timestamp; one file: its stem
+                stamp = product_stem(files)
             except ValueError as exc:
                 report.failed.append((os.path.basename(str(files[0])), str(exc)))
                 if progress:

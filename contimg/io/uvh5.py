@@ -1,6 +1,8 @@
 """UVH5 → lazy, dask-backed visibility Dataset (the contract in :mod:`graphs.contract`).
 
 * :func:`read_header` reads and checks one file's header (small arrays only).
+* :func:`open_any` opens either (a group or one file of any telescope);
+  :func:`find_inputs` lists what ``contimg convert`` converts.
 * :func:`open_uvh5` opens one file; :func:`open_group` opens the subband files of one
   DSA-110 group and validates them as a group (16 distinct subbands, same antennas,
   same times, contiguous frequencies); a missing subband is an error or, with
@@ -88,6 +90,8 @@ class Header:
     phase_center_ra: np.ndarray | None  # (ntime,) ICRS radians (None: not read)
     phase_center_dec: np.ndarray | None
     extra_keywords: dict = field(default_factory=dict)
+    integration_times: np.ndarray | None = None  # (ntime, nbl) when rows differ
+    phase_center_name: list | None = None  # (ntime,) catalogue names, None: unnamed
     spw_axis: bool = False       # old UVH5 layout (Nblts, 1, Nfreqs, Npols)
     vis_kind: str = "complex"    # "complex" or "compound"
 
@@ -277,19 +281,25 @@ def _read_header(f, path, phase_centres=True) -> Header:
                 val.item() if isinstance(val, np.generic) else val)
 
     if phase_centres:
-        ra0, dec0 = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
+        ra0, dec0, pc_name = _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt)
     else:
-        ra0 = dec0 = None
+        ra0 = dec0 = pc_name = None
+    integ = float(np.median(it))
+    it_grid = None
+    if it.size == nblts and not np.allclose(it, integ, rtol=1e-9, atol=0):
+        # baseline-dependent averaging: keep every row's integration time
+        it_grid = np.where(row_index >= 0, it[np.maximum(row_index, 0)], integ)
     return Header(
         path=path, nblts=nblts, nfreqs=nfreqs, npols=npols, freqs=freqs,
         channel_width=channel_width, pols=pols,
-        times_unix=(ut - UNIX_JD0) * SECONDS_PER_DAY, integration_time=float(np.median(it)),
+        times_unix=(ut - UNIX_JD0) * SECONDS_PER_DAY, integration_time=integ,
         antenna_numbers=ant_numbers, antenna_names=ant_names,
         antenna_positions=ant_pos + loc, antenna_diameters=diam,
         telescope_name=tname, telescope_location=loc,
         bl_ant1=(ukey // nant).astype(np.int32), bl_ant2=(ukey % nant).astype(np.int32),
         row_index=row_index, conj=conj, uvw=uvw_c,
         phase_center_ra=ra0, phase_center_dec=dec0, extra_keywords=extra,
+        integration_times=it_grid, phase_center_name=pc_name,
         spw_axis=spw_axis, vis_kind=vis_kind,
     )
 
@@ -344,7 +354,7 @@ def _itrf_cached(lat_deg, lon_deg, alt_m):
 
 
 def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
-    """Per-integration ICRS phase centre (radians)."""
+    """Per-integration ICRS phase centre (radians) and name (None when unnamed)."""
     first_row = np.zeros(ntime, np.int64)
     first_row[t_idx[::-1]] = np.arange(t_idx.size)[::-1]
     if "phase_center_catalog" in h and "phase_center_id_array" in h:
@@ -356,14 +366,17 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
             if int(key) in wanted:   # only the fields we use (big catalogs are slow to read)
                 grp = pcc[key]
                 cat[int(key)] = {k: grp[k][()] for k in
-                                 ("cat_type", "cat_frame", "cat_lon", "cat_lat") if k in grp}
+                                 ("cat_type", "cat_frame", "cat_lon", "cat_lat", "cat_name")
+                                 if k in grp}
         ra = np.zeros(ntime)
         dec = np.zeros(ntime)
         todo = np.zeros(ntime, bool)
+        names = []
         for i, cid in enumerate(ids):
             entry = cat.get(int(cid))
             if entry is None:
                 raise UVH5Error(f"{path}: phase_center_id {cid} not in phase_center_catalog")
+            names.append(_str(entry["cat_name"]) if "cat_name" in entry else "")
             ctype = _str(entry.get("cat_type", b"sidereal"))
             frame = _str(entry.get("cat_frame", b"icrs")).lower()
             if ctype == "sidereal" and frame == "icrs":
@@ -378,13 +391,14 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
             r, d = _app_to_icrs(time_jd[first_row][todo], app_ra[todo], app_dec[todo],
                                 lat, lon, alt)
             ra[todo], dec[todo] = r, d
-        return ra, dec
+        return ra, dec, (names if any(names) else None)
     # UVH5 < 1.0: phase_type "drift" (zenith) or "phased" (one phase centre)
     ptype = _str(h["phase_type"][()]) if "phase_type" in h else "drift"
     if ptype == "phased":
         ra = np.full(ntime, float(h["phase_center_ra"][()]))
         dec = np.full(ntime, float(h["phase_center_dec"][()]))
-        return ra, dec
+        name = _str(h["object_name"][()]) if "object_name" in h else ""
+        return ra, dec, ([name] * ntime if name else None)
     from astropy import units as u
     from astropy.coordinates import AltAz, EarthLocation, SkyCoord
     from astropy.time import Time
@@ -393,7 +407,7 @@ def _phase_centres(h, path, time_jd, t_idx, ntime, lat, lon, alt):
     t = Time(time_jd[first_row], format="jd", scale="utc")
     zen = SkyCoord(alt=np.full(ntime, 90.0) * u.deg, az=np.zeros(ntime) * u.deg,
                    frame=AltAz(obstime=t, location=loc)).icrs
-    return zen.ra.rad, zen.dec.rad
+    return zen.ra.rad, zen.dec.rad, None
 
 
 def _app_to_icrs(time_jd, app_ra, app_dec, lat, lon, alt):
@@ -423,10 +437,13 @@ def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
     attrs = dict(source_files=[str(f) for f in files], **extra_attrs)
     if "phase_center_dec" in ref.extra_keywords:
         attrs["phase_center_dec"] = float(ref.extra_keywords["phase_center_dec"])
-    return contract.visibility_dataset(
-        vis=vis,
-        flag=da.concatenate([p["FLAG"] for p in parts], axis=2),
-        weight=da.concatenate([p["WEIGHT"] for p in parts], axis=2),
+    flag = da.concatenate([p["FLAG"] for p in parts], axis=2)
+    weight = da.concatenate([p["WEIGHT"] for p in parts], axis=2)
+    # negative nsamples (a writer's fault): flagged, weight 0 (the read warns)
+    neg = weight < 0
+    flag, weight = flag | neg, da.where(neg, np.float32(0), weight)
+    ds = contract.visibility_dataset(
+        vis=vis, flag=flag, weight=weight,
         uvw=da.from_array(ref.uvw, chunks=(vis.chunks[0][0], ref.nbl, 3)),
         time=ref.times_unix, integration_time=ref.integration_time,
         antenna1=ref.bl_ant1, antenna2=ref.bl_ant2,
@@ -438,15 +455,117 @@ def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
         attrs=attrs,
         name=", ".join(os.path.basename(str(f)) for f in files[:2])
         + (" ..." if len(files) > 2 else ""))
+    if ref.phase_center_name is not None:
+        ds = ds.assign_coords(phase_center_name=("time", list(ref.phase_center_name)))
+    if ref.integration_times is not None:
+        ds["INTEGRATION_TIME"] = (("time", "baseline_id"), da.from_array(
+            ref.integration_times, chunks=(vis.chunks[0], ref.nbl)))
+    return ds
 
 
 def open_uvh5(path, *, chunks=None) -> xr.Dataset:
-    """Open one UVH5 file as a lazy contract Dataset (frequency ascending)."""
+    """Open one UVH5 file (any telescope) as a lazy contract Dataset (frequency
+    ascending; telescope, antennas and phase centres from the file).
+    ``chunks={"time": n, "frequency": m}``; default: the whole file per chunk."""
     h = read_header(path)
     tc = _time_chunks(h.ntime, chunks)
-    part = _subband_arrays(h, tc, Path(path).stem, _token([h]))
+    fc = (chunks or {}).get("frequency") if isinstance(chunks, dict) else None
+    fc = h.nfreqs if fc in (None, -1) else max(1, min(int(fc), h.nfreqs))
+    part = _subband_arrays(h, tc, Path(path).stem, _token([h]), fc)
     freqs = np.sort(h.freqs)
-    return _build_dataset(h, [part], freqs, [path], {"chunk_files": [str(path)]})
+    nfc = -(-h.nfreqs // fc)
+    return _build_dataset(h, [part], freqs, [path], {"chunk_files": [str(path)] * nfc})
+
+
+def is_subband_file(path) -> bool:
+    """Whether ``path``'s name is a DSA-110 subband file name."""
+    try:
+        tel.parse_subband_filename(path)
+    except ValueError:
+        return False
+    return True
+
+
+#: file name endings :func:`open_any` and :func:`find_inputs` take as UVH5
+UVH5_SUFFIXES = (".uvh5", ".hdf5", ".h5")
+
+
+def open_any(path_or_paths, *, chunks=None, n_subbands: int = tel.N_SUBBANDS,
+             allow_missing: bool = False, **group_kw) -> xr.Dataset:
+    """Open UVH5 data of any telescope: a DSA-110 group (a directory holding one, or
+    several subband files) through :func:`open_group`, one file (of any name, any
+    telescope; also a single DSA-110 subband) through :func:`open_uvh5`.
+
+    A directory without subband files must hold exactly one UVH5 file
+    (``*.uvh5``, ``*.hdf5``, ``*.h5``). Several files that are not the subbands of one
+    group raise :class:`UVH5Error` (open them one at a time). ``n_subbands``,
+    ``allow_missing`` and ``group_kw`` apply to groups only."""
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        p = Path(path_or_paths)
+        if p.is_dir():
+            if any(is_subband_file(x) for x in p.glob("*_sb??.hdf5")):
+                return open_group(p, n_subbands=n_subbands, allow_missing=allow_missing,
+                                  chunks=chunks, **group_kw)
+            found = sorted(x for x in p.iterdir() if x.suffix.lower() in UVH5_SUFFIXES)
+            if len(found) != 1:
+                raise UVH5Error(f"{p}: neither a DSA-110 subband group nor a directory "
+                                f"with one UVH5 file ({len(found)} UVH5 files)")
+            return open_uvh5(found[0], chunks=chunks)
+        files = [str(p)]
+    else:
+        files = [str(x) for x in path_or_paths]
+    if not files:
+        raise UVH5Error("open_any: no files given")
+    if len(files) == 1:
+        if not os.path.exists(files[0]):
+            raise UVH5Error(f"{files[0]}: no such file", culprits=files)
+        return open_uvh5(files[0], chunks=chunks)
+    odd = [f for f in files if not is_subband_file(f)]
+    if odd:
+        raise UVH5Error(f"{odd[0]}: several files that are not the DSA-110 subbands of one "
+                        "group (YYYY-MM-DDTHH:MM:SS_sbNN.hdf5); open them one at a time",
+                        culprits=odd)
+    return open_group(files, n_subbands=n_subbands, allow_missing=allow_missing,
+                      chunks=chunks, **group_kw)
+
+
+def find_inputs(inputs, tolerance_s: float = tel.GROUP_TOLERANCE_S) -> list[list[str]]:
+    """Directories and files -> units to convert: DSA-110 groups (subband files grouped
+    by file-name timestamp, as :func:`find_groups` does) and, each on its own, every
+    other UVH5 file (any telescope; in a directory: ``*.uvh5``, ``*.hdf5``, ``*.h5``)."""
+    subbands, singles = [], []
+    for item in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs):
+        p = Path(item)
+        if p.is_dir():
+            for x in sorted(p.iterdir()):
+                if x.is_file() and x.suffix.lower() in UVH5_SUFFIXES:
+                    (subbands if is_subband_file(x) else singles).append(str(x))
+        elif p.exists():
+            (subbands if is_subband_file(p) else singles).append(str(p))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+    subbands.sort(key=lambda f: tel.parse_subband_filename(f).timestamp)
+    groups: list[list[str]] = []
+    start = None
+    for f in subbands:
+        ts = tel.parse_subband_filename(f).timestamp
+        if groups and (ts - start).total_seconds() <= tolerance_s:
+            groups[-1].append(f)
+        else:
+            groups.append([f])
+            start = ts
+    return groups + [[f] for f in singles]
+
+
+def product_stem(files) -> str:
+    """The name of what a unit of :func:`find_inputs` becomes: a group's earliest
+    file-name timestamp, a single non-DSA-110 file's stem."""
+    files = [str(f) for f in files]
+    if all(is_subband_file(f) for f in files):
+        return min(tel.parse_subband_filename(f).stamp for f in files)
+    if len(files) == 1:
+        return Path(files[0]).stem
+    raise UVH5Error(f"{files[0]}: not the DSA-110 subbands of one group", culprits=files)
 
 
 # ---------------------------------------------------------------------------------

@@ -4,11 +4,15 @@ memory), and a fully flagged stand-in for a missing subband."""
 
 from __future__ import annotations
 
+import logging
+
 import dask.array as da
 import h5py
 import numpy as np
 
 from kernels.rows import reverse_channels
+
+log = logging.getLogger("contimg.io.uvh5")
 
 # ---------------------------------------------------------------------------------
 # lazy arrays
@@ -114,6 +118,9 @@ class _SubbandArray:
 
             raise UVH5Error(f"{self.path}: cannot read Data/{self.dset} rows {r0}:{r1}: "
                             f"{exc}", culprits=[self.path]) from None
+        if self.var == "WEIGHT" and np.any(block < 0):
+            log.warning("%s: %d negative nsamples in rows %d:%d (flagged, weight 0)",
+                        self.path, int(np.count_nonzero(block < 0)), r0, r1)
         if self.var == "VISIBILITY" and self.vis_kind == "compound":
             c = np.empty(block.shape, np.complex64)
             c.real, c.imag = block["r"], block["i"]
@@ -182,12 +189,12 @@ def _time_chunks(ntime, chunks):
     return tc
 
 
-def _subband_arrays(header, tc: int, label: str, token: str):
+def _subband_arrays(header, tc: int, label: str, token: str, fc: int | None = None):
     out = {}
     for var in _DSETS:
         arr = _SubbandArray(header, var)
         out[var] = da.from_array(
-            arr, chunks=(tc, header.nbl, header.nfreqs, header.npols), asarray=False,
+            arr, chunks=(tc, header.nbl, fc or header.nfreqs, header.npols), asarray=False,
             lock=False, fancy=False, name=f"uvh5-{var.lower()}-{label}-{token}",
             meta=np.empty((0, 0, 0, 0), dtype=arr.dtype),
         )

@@ -160,7 +160,8 @@ def _write_row_columns(ms, plan, ti, uvw):
     t0, t1, r0, nr = _block_rows(plan, ti)
     nbl, nt = plan.nbl, t1 - t0
     tcol = np.repeat(plan.mjd[t0:t1], nbl)
-    interval = np.full(nr, plan.integration_time)
+    interval = (np.full(nr, plan.integration_time) if plan.row_interval is None
+                else plan.row_interval[t0:t1].reshape(nr))
     zeros = np.zeros(nr, dtype=np.int32)
     columns = {
         "TIME": tcol, "TIME_CENTROID": tcol,

@@ -106,12 +106,27 @@ class WritePlan:
             log.warning("time has no 'integration_time' attribute; using %.6f s", integ)
         self.integration_time = float(integ)
         self.mjd = self.times + MJD_UNIX_OFFSET_S
+        # per-row integration times (baseline-dependent averaging): INTERVAL/EXPOSURE
+        self.row_interval = None
+        if "INTEGRATION_TIME" in ds:
+            it = np.asarray(ds["INTEGRATION_TIME"].values, dtype=np.float64)
+            if it.shape != (self.ntime, self.nbl):
+                raise ValueError(f"INTEGRATION_TIME has shape {it.shape}, expected "
+                                 f"(time, baseline_id) = {(self.ntime, self.nbl)}")
+            self.row_interval = it
 
     def _fields(self, ds):
-        """One field per distinct phase centre, numbered in order of first use."""
+        """One field per distinct phase centre (and name, when the Dataset names its
+        phase centres: the ``phase_center_name`` (time) coordinate), numbered in order
+        of first use."""
         self.ra = np.asarray(ds["PHASE_CENTER_RA"].values, dtype=np.float64)
         self.dec = np.asarray(ds["PHASE_CENTER_DEC"].values, dtype=np.float64)
+        self.pc_name = None
         pairs = np.stack([self.ra, self.dec], axis=1)
+        if "phase_center_name" in ds.coords:
+            self.pc_name = np.asarray([str(n) for n in ds["phase_center_name"].values])
+            _, code = np.unique(self.pc_name, return_inverse=True)
+            pairs = np.column_stack([pairs, code.ravel().astype(np.float64)])
         _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
         order = np.argsort(first)
         rank = np.empty_like(order)

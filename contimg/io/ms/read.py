@@ -264,12 +264,24 @@ def _row_grid(path, index, nant, rows=None):
                     pos=pos, swapped=swapped, fast=fast)
 
 
-def _phase_centres(grid, index, f_ra, f_dec):
-    """ICRS (ra, dec) per integration: the field of its first row."""
+def _phase_centres(grid, index, fields):
+    """ICRS (ra, dec) and name per integration: the field of its first row."""
     first_row = np.full(grid.ntime, index.nrow, dtype=np.int64)
     np.minimum.at(first_row, grid.t_index, grid.rows)
     fid = index.field[first_row]
-    return f_ra[fid], f_dec[fid]
+    return fields.ra[fid], fields.dec[fid], np.asarray(fields.name, dtype=object)[fid]
+
+
+def _row_intervals(path, grid, index, interval):
+    """INTEGRATION_TIME (time, baseline_id) when the rows' INTERVALs differ (baseline-
+    dependent averaging), else None; missing cells get ``interval``."""
+    vals = index.intervals[grid.rows]
+    if np.allclose(vals, interval, rtol=1e-9, atol=0):
+        return None
+    cells = np.where(grid.pos >= 0, index.intervals[np.maximum(grid.pos, 0)], interval)
+    log.info("%s: INTERVAL varies by row (%.6g-%.6g s): per-row INTEGRATION_TIME", path,
+             vals.min(), vals.max())
+    return cells.reshape(grid.ntime, grid.nbl)
 
 
 def _chunking(chunks, grid, spec, nrow):
@@ -449,7 +461,7 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None, conjugation="a
     sel_rows, field_ids, fields = _select_rows(path, index, field)
     telescope_name, telescope_location = _telescope(path, ants["antenna_position"])
     grid = _row_grid(path, index, ants["antenna_position"].shape[0], sel_rows)
-    pc_ra, pc_dec = _phase_centres(grid, index, fields.ra, fields.dec)
+    pc_ra, pc_dec, pc_name = _phase_centres(grid, index, fields)
     times_unix = time_to_utc(grid.times_mjd, index.time_measinfo, path) - MJD_UNIX_OFFSET_S
     conj, why = ms_conjugation(path, index.keywords, conjugation)
     log.debug("%s: %s conjugation (%s)", path, conj, why)
@@ -476,8 +488,9 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None, conjugation="a
     else:
         attrs.pop("ms_field_id", None)
         attrs.pop("ms_field_name", None)
-    interval = float(index.intervals[grid.rows[0]])
-    return contract.visibility_dataset(
+    interval = float(np.median(index.intervals[grid.rows]))
+    row_interval = _row_intervals(path, grid, index, interval)
+    ds = contract.visibility_dataset(
         vis=vis, flag=flag, weight=weight, uvw=uvw,
         time=times_unix, integration_time=interval,
         antenna1=grid.bl_a1, antenna2=grid.bl_a2,
@@ -485,3 +498,7 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None, conjugation="a
         phase_center_ra=pc_ra, phase_center_dec=pc_dec, **ants,
         telescope_name=telescope_name, telescope_location=telescope_location,
         attrs=attrs, name=path)
+    ds = ds.assign_coords(phase_center_name=("time", [str(n) for n in pc_name]))
+    if row_interval is not None:
+        ds["INTEGRATION_TIME"] = (("time", "baseline_id"), row_interval)
+    return ds

@@ -118,10 +118,16 @@ def _write_feed(ms_path, plan):
 
 
 def _field_names(plan):
-    """J names of the fields' phase centres, made unique."""
+    """The phase centres' names (the Dataset's ``phase_center_name``), else J names of
+    their positions made unique (a given name may repeat: one source, several
+    phase centres)."""
     names = []
-    for r, d in zip(plan.ra[plan.field_first_time], plan.dec[plan.field_first_time],
-                    strict=True):
+    for k, (r, d) in enumerate(zip(plan.ra[plan.field_first_time],
+                                   plan.dec[plan.field_first_time], strict=True)):
+        given = None if plan.pc_name is None else plan.pc_name[plan.field_first_time[k]]
+        if given:
+            names.append(str(given))
+            continue
         name = _jname(r, d)
         while name in names:
             name += "_"
