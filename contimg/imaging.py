@@ -343,10 +343,10 @@ def _open_source(src, data_column=None, chunks=None, field=None):
         elif len(paths) > 1 and all(_DSA_SUBBAND.fullmatch(q.name) for q in paths):
             return open_group(paths, n_subbands=len(paths), chunks=chunks), "uvh5"
         else:
-            return _open_any(paths), "uvh5"
+            return _open_any(paths, chunks), "uvh5"
     p = Path(src)
     if p.is_file():
-        return _open_any([p]), "uvh5"
+        return _open_any([p], chunks), "uvh5"
     if (p / "table.dat").is_file():
         from casacore import tables as ct
 
@@ -365,9 +365,12 @@ def _open_source(src, data_column=None, chunks=None, field=None):
         from contimg.io.uvh5 import open_group
 
         files = sorted(p.glob("*_sb??.hdf5"))
+        if not files and any(q.suffix.lower() in (".uvh5", ".hdf5", ".h5")
+                             for q in p.iterdir()):
+            return _open_any(p, chunks), "uvh5"    # a directory with one UVH5 file
         if not files:
             raise FileNotFoundError(f"{p}: neither a Measurement Set nor a directory of "
-                                    "UVH5 subband files")
+                                    "UVH5 files")
         return open_group(files, n_subbands=len(files), chunks=chunks), "uvh5"
     raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat) or a group directory")
 
@@ -375,7 +378,7 @@ def _open_source(src, data_column=None, chunks=None, field=None):
 _DSA_SUBBAND = re.compile(r".*_sb\d\d\.hdf5")
 
 
-def _open_any(paths):
+def _open_any(paths, chunks=None):
     """Any UVH5 (single files of any telescope, phase centre and telescope from the
     file): :func:`contimg.io.uvh5.open_any`."""
     try:
@@ -384,7 +387,7 @@ def _open_any(paths):
         raise FileNotFoundError(f"{', '.join(map(str, paths))}: not a Measurement Set or a "
                                 "DSA-110 subband group (files named *_sbNN.hdf5), and this "
                                 "contimg cannot open other UVH5 files") from exc
-    return open_any(paths)
+    return open_any(paths, chunks=chunks)
 
 
 def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_products=False,

@@ -197,3 +197,18 @@ def test_dsa110_group_through_pyuvdata_write_ms_images_as_our_ms(tmp_path):
           f"stored UVW - recomputed {b.qa['uvw_max_diff_m']:.3g} m")
     assert b.qa["uvw_ok"]
     assert diff < 1e-4 * peak
+
+
+def test_contimg_image_of_another_telescopes_uvh5_equals_its_ms(pyuvdata_ms, tmp_path):
+    """Any UVH5: the ATA-like file pyuvdata wrote images (telescope and phase centres
+    from the file) as the MS pyuvdata's write_ms made of it."""
+    from contimg.imaging import image_ms
+
+    opts = dict(npix=128, cell_arcsec=8.0, niter=0, weighting="natural", keep_products=True)
+    a = image_ms(pyuvdata_ms.path, tmp_path / "ms", **opts).products
+    b = image_ms(pyuvdata_ms.uvh5, tmp_path / "uvh5", **opts).products
+    peak = float(np.abs(a.image).max())
+    diff = float(np.abs(a.image - b.image).max())
+    print(f"ATA UVH5 vs its MS: image difference {diff / peak:.2e} of the peak")
+    assert b.qa["uvw_ok"] and a.phase_center == pytest.approx(b.phase_center, abs=1e-12)
+    assert diff < 1e-4 * peak

@@ -256,7 +256,7 @@ def test_single_uvh5_files_go_through_open_any(geo_ds, geo_group, tmp_path, monk
 
     seen = []
 
-    def fake_open_any(paths):
+    def fake_open_any(paths, chunks=None):
         seen.append([p.name for p in paths])
         return geo_ds
 
