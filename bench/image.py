@@ -57,6 +57,9 @@ def _rephased_ms(ds, path):
     ds["UVW"] = (schema.UVW_DIMS, uvw1)
     ds["PHASE_CENTER_RA"] = ("time", np.full(ds.sizes["time"], ra0))
     ds["PHASE_CENTER_DEC"] = ("time", np.full(ds.sizes["time"], dec0))
+    if "phase_center_name" in ds.coords:   # one centre: one name (one FIELD row)
+        name = str(ds.phase_center_name.values[mid])
+        ds = ds.assign_coords(phase_center_name=("time", [name] * ds.sizes["time"]))
     write_ms(ds, path)
     return uvw1
 

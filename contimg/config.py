@@ -374,6 +374,15 @@ class ImageConfig(_Section):
                                       "else DATA)", flags=("--data-column",))
     workers: int = setting(0, "contimg image: local Dask worker processes (0: threads in "
                            "this process)", flags=("--workers",))
+    uvw_source: str = setting("recompute", "UVW of the re-phasing: recompute (from antenna "
+                              "positions and times, both ends) or stored (the MS's, rotated)",
+                              flags=("--uvw-source",), choices=("recompute", "stored"))
+    uvw_tolerance_m: float = setting(1e-3, "warn (log, image QA, FITS UVWOK) when stored "
+                                     "and recomputed UVW differ by more, m")
+    field: str | None = setting(None, "contimg image: the MS field to image (name or id)",
+                                flags=("--field",))
+    spill: bool = setting(True, "keep the averaged visibilities between major cycles in a "
+                          "compact store on disk, not in memory", flags=("--no-spill",))
 
     def _check(self):
         if self.npix < 16 or self.npix % 2:
@@ -384,7 +393,7 @@ class ImageConfig(_Section):
     def dataset_options(self) -> dict:
         """The keywords of ``image_dataset`` (everything but data_column and workers)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("data_column", "workers")}
+                if k not in ("data_column", "workers", "field")}
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,17 @@ Image phase centre: a DSA-110 group is phased to the meridian at every integrati
 its phase centres move along the equator of date by 15"/s x cos(dec) during the group.
 The image is centred on the phase centre of the *middle* integration (index
 ``ntime // 2``) and every visibility is re-phased there with the exact w term
-(:func:`kernels.weighting.rephase`) and new UVW from :func:`contimg.uvw.compute_uvw`.
+(:func:`kernels.weighting.rephase`). Both ends of the re-phasing come from one
+geometry (:func:`contimg.imaging_steps.uvw_geometry`): UVW recomputed from the antenna
+positions and times (:func:`contimg.uvw.compute_uvw`, default) or the stored UVW
+rotated (``uvw_source="stored"``); stored and recomputed UVW are compared, and a
+difference beyond ``uvw_tolerance_m`` is logged and recorded (``ImageProducts.qa``,
+FITS ``UVWDIFF``/``UVWOK``/``UVWSRC``).
 
-Stokes I is ``(XX + YY) / 2``; a visibility with either feed flagged is left out.
-Autocorrelations are never imaged.
+Stokes I is the mean of the parallel hands (XX and YY, or RR and LL; 2 or 4
+correlations in any order); a visibility with either hand flagged is left out.
+Autocorrelations are never imaged. With ``spill`` (default) the averaged rows live in
+a store on disk (:mod:`contimg.imaging_store`) that every pass streams.
 
 Options: :class:`contimg.config.ImageConfig` (the ``[image]`` table of the configuration)
 holds every option and its default; the operators' environment variables set four of
@@ -43,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +61,7 @@ from contimg.config import ImageConfig, parse_threshold
 from contimg.imaging_steps import (cell_rad, choose_w_mode, clean, clean_mask,
                                    dirty_and_psf, image_products, imaging_weights,
                                    plan_imaging, prepare_visibilities, recorded_options,
-                                   source_mask, unslant)
+                                   residual_image, source_mask, unslant)
 from contimg.io.files import writable_dir
 from contimg.io.fits import image_header, image_wcs, write_fits
 from graphs import scheduling
@@ -140,6 +148,7 @@ class ImageProducts:
     timings: dict = field(default_factory=dict)
     plan: str = ""
     slant: tuple = (0.0, 0.0)  # FITS SIN (PV2_1, PV2_2): a w-snapshot's projection
+    qa: dict = field(default_factory=dict)  # input checks (stored vs recomputed UVW, ...)
 
 
 @dataclass
@@ -155,6 +164,7 @@ class ImageResult:
     n_major: int
     timings: dict
     products: ImageProducts | None = None
+    qa: dict = field(default_factory=dict)  # ImageProducts.qa (also in the FITS headers)
 
 
 # ---------------------------------------------------------------------------------
@@ -233,6 +243,11 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
         over-represent the outriggers (27.6 wavelengths rms at dec +54.6): it errs high
     w_loss : the snapshot's loss budget for ``w_mode="auto"``, default 3e-3 (0.3 %,
         a third of the default smearing budget)
+    uvw_source : ``"recompute"`` (default) or ``"stored"``: where both ends of the
+        re-phasing take their UVW (see the module docstring); ``uvw_tolerance_m``:
+        the stored-vs-recomputed difference (m) beyond which the image says so
+    spill : keep the averaged rows between major cycles in a store on disk (default;
+        memory grows with a part of the rows, not the group) instead of in memory
     uv_min_lambda, uv_max_lambda : image only baselines with projected length
         (wavelengths) in this range (WSClean's -minuv-l / -maxuv-l). DSA-110's
         5 m spacings see scales of degrees: in images smaller than that, a natural-
@@ -277,6 +292,8 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
              beam[1] / ARCSEC, beam[2])
 
     def residual_of(model):
+        if vis.store is not None:   # [image] spill: streamed from the store on disk
+            return residual_image(vis, c, plan, wspec, d, model)
         res_l = gi.dirty_image(vis.dsi, plan, wspec, model=model.astype(plan.image_dtype),
                                gridder=c.gridder, nthreads=c.nthreads, index=d.index)
         (res,) = scheduling.compute(res_l)
@@ -285,6 +302,10 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     t0 = time.perf_counter()
     cr = clean(d.dirty, d.psf, c, mask, residual_of)
     timings["clean"] = time.perf_counter() - t0
+    if vis.store is not None:
+        opts.update(spill_mb=round(vis.store.nbytes() / 2 ** 20, 1),
+                    spill_parts=len(vis.store.parts))
+        vis.store.close()
 
     prod = image_products(ds, vis, c, d, cr, beam, slant, opts, timings, plan)
     timings["total"] = time.perf_counter() - t_all
@@ -294,11 +315,25 @@ def image_dataset(ds, config: ImageConfig | None = None, *, mask=None, mask_sour
     return prod
 
 
-def _open_source(src, data_column=None, chunks=None):
-    """An MS path, a directory/list of UVH5 files of one group, or a Dataset -> Dataset."""
+def qa_header(h, qa: dict):
+    """``h`` (a FITS header) with the image's input checks: ``UVWDIFF`` (largest
+    difference of stored and recomputed UVW, m), ``UVWOK`` (within tolerance) and
+    ``UVWSRC`` (the UVW the image used)."""
+    if "uvw_max_diff_m" in qa:
+        h["UVWDIFF"] = (float(qa["uvw_max_diff_m"]), "max |stored - recomputed UVW|, m")
+        h["UVWOK"] = (bool(qa["uvw_ok"]), f"stored UVW within {qa['uvw_tolerance_m']:g} m")
+        h["UVWSRC"] = (str(qa["uvw_source"]), "UVW used: recompute or stored")
+    return h
+
+
+def _open_source(src, data_column=None, chunks=None, field=None):
+    """An MS path (``field``: one field of it, by name or id), a directory/list of UVH5
+    files of one group, or a Dataset -> Dataset."""
     import xarray as xr
 
     if isinstance(src, xr.Dataset):
+        if field is not None:
+            raise ValueError("field= selects a field of an MS; a Dataset is imaged as given")
         return src, "dataset"
     if isinstance(src, (list, tuple)):
         from contimg.io.uvh5 import open_group
@@ -306,9 +341,13 @@ def _open_source(src, data_column=None, chunks=None):
         paths = [Path(p) for p in src]
         if len(paths) == 1 and (paths[0] / "table.dat").is_file():
             src = paths[0]
-        else:
+        elif len(paths) > 1 and all(_DSA_SUBBAND.fullmatch(q.name) for q in paths):
             return open_group(paths, n_subbands=len(paths), chunks=chunks), "uvh5"
+        else:
+            return _open_any(paths, chunks), "uvh5"
     p = Path(src)
+    if p.is_file():
+        return _open_any([p], chunks), "uvh5"
     if (p / "table.dat").is_file():
         from casacore import tables as ct
 
@@ -318,23 +357,45 @@ def _open_source(src, data_column=None, chunks=None):
             with ct.table(str(p), ack=False) as tb:
                 cols = tb.colnames()
             data_column = "CORRECTED_DATA" if "CORRECTED_DATA" in cols else "DATA"
-        log.info("imaging %s (%s)", p, data_column)
-        return open_ms(p, chunks=chunks, data_column=data_column), "ms"
+        log.info("imaging %s (%s%s)", p, data_column,
+                 "" if field is None else f", field {field}")
+        return open_ms(p, chunks=chunks, data_column=data_column, field=field), "ms"
+    if field is not None:
+        raise ValueError(f"{p}: field= selects a field of a Measurement Set; this is not one")
     if p.is_dir():
         from contimg.io.uvh5 import open_group
 
         files = sorted(p.glob("*_sb??.hdf5"))
+        if not files and any(q.suffix.lower() in (".uvh5", ".hdf5", ".h5")
+                             for q in p.iterdir()):
+            return _open_any(p, chunks), "uvh5"    # a directory with one UVH5 file
         if not files:
             raise FileNotFoundError(f"{p}: neither a Measurement Set nor a directory of "
-                                    "UVH5 subband files")
+                                    "UVH5 files")
         return open_group(files, n_subbands=len(files), chunks=chunks), "uvh5"
     raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat) or a group directory")
+
+
+_DSA_SUBBAND = re.compile(r".*_sb\d\d\.hdf5")
+
+
+def _open_any(paths, chunks=None):
+    """Any UVH5 (single files of any telescope, phase centre and telescope from the
+    file): :func:`contimg.io.uvh5.open_any`."""
+    try:
+        from contimg.io.uvh5 import open_any
+    except ImportError as exc:
+        raise FileNotFoundError(f"{', '.join(map(str, paths))}: not a Measurement Set or a "
+                                "DSA-110 subband group (files named *_sbNN.hdf5), and this "
+                                "contimg cannot open other UVH5 files") from exc
+    return open_any(paths, chunks=chunks)
 
 
 def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_products=False,
              mask=None, mask_sources=None, phase_center=None, **options) -> ImageResult:
     """Image an MS (``CORRECTED_DATA`` when present, else ``DATA``, or the configured
-    ``data_column``), a group's UVH5 files or a Dataset and write ``<prefix>-image.fits``,
+    ``data_column``; ``field=``: one field of a multi-field MS, by name or id), a
+    group's UVH5 files or a Dataset and write ``<prefix>-image.fits``,
     ``-residual.fits``, ``-model.fits``, ``-psf.fits``, ``-image-pb.fits`` (each via a
     temporary name and a rename).
 
@@ -345,7 +406,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
     t0 = time.perf_counter()
     c = image_config(config, options)
     writable_dir(Path(out_prefix).parent, "image output directory")  # before computing
-    ds, kind = _open_source(src, c.data_column)
+    ds, kind = _open_source(src, c.data_column, field=c.field)
     prod = image_dataset(ds, c, mask=mask, mask_sources=mask_sources,
                          phase_center=phase_center)
     t1 = time.perf_counter()
@@ -358,7 +419,7 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
                              ("psf", prod.psf, "JY/BEAM"),
                              ("image-pb", prod.image_pb, "JY/BEAM")):
         p = prefix.with_name(f"{prefix.name}-{name}.fits")
-        write_fits(p, data, image_header(prod, name, unit, ds))
+        write_fits(p, data, qa_header(image_header(prod, name, unit, ds), prod.qa))
         paths[name] = p
     timings = dict(prod.timings)
     timings["write"] = time.perf_counter() - t1
@@ -372,7 +433,8 @@ def image_ms(src, out_prefix, config: ImageConfig | None = None, *, keep_product
                        noise=prod.noise, peak=prod.peak,
                        peak_radec=(float(ra_pk), float(dec_pk)),
                        n_components=prod.n_components, n_major=prod.n_major,
-                       timings=timings, products=prod if keep_products else None)
+                       timings=timings, products=prod if keep_products else None,
+                       qa=dict(prod.qa))
 
 
 # ---------------------------------------------------------------------------------
@@ -390,7 +452,8 @@ def add_image_parser(sub):
                        "the UVH5 files of one group. Options not given come from the "
                        "configuration ([image]: file, IMG_IMSIZE, IMG_ROBUST, IMG_NITER, "
                        "IMG_THRESHOLD, defaults).")
-    s.add_argument("input", nargs="+", help="an MS, a group directory or its UVH5 files")
+    s.add_argument("input", nargs="+", help="an MS, a group directory or its UVH5 files, "
+                   "or UVH5 files of any telescope")
     s.add_argument("--out", required=True, help="output prefix (<out>-image.fits, ...)")
     add_options(s, "image.*")
     s.set_defaults(func=cmd_image)

@@ -163,6 +163,8 @@ class Visibilities:
     ntask: int                 # gridding tasks per image
     nvis: int | None           # visibilities gridded (None: every one of the Dataset)
     averaged: bool
+    qa: dict = None            # checks of the input (uvw_geometry's stored-UVW check)
+    store: object = None       # the ImagingStore the rows stream from (spill), or None
 
 
 def _image_centre(ds, phase_center):
@@ -185,6 +187,64 @@ def _target_uvw(ds, ra0, dec0):
                        telescope_location=None if loc is None else np.asarray(loc, float))
 
 
+UVW_SOURCES = ("recompute", "stored")
+
+
+def uvw_geometry(ds, ra0, dec0, uvw_source="recompute", tolerance_m=1e-3):
+    """One consistent geometry for the re-phasing: ``(uvw_rows, uvw_target, qa)``.
+
+    ``uvw_rows`` (the w_old of every row, towards its own phase centre) and
+    ``uvw_target`` (towards the image centre ``(ra0, dec0)``) come from the same source:
+    ``"recompute"`` (default): both from the antenna positions and times
+    (:func:`contimg.uvw.compute_uvw`); ``"stored"``: the Dataset's stored UVW, and for
+    the target the same baselines rotated from each row's (recomputed) frame into the
+    target's. Never one of each: stored UVW of another writer (conventions, epochs, a
+    TIME reference) mixed with recomputed w misplaces sources.
+
+    ``qa``: how far the stored UVW are from the recomputed ones (``uvw_max_diff_m``,
+    ``uvw_rms_diff_m`` over the cross-correlations), ``uvw_ok`` (within
+    ``tolerance_m``) and ``uvw_source``; a warning is logged beyond the tolerance.
+    """
+    from contimg.uvw import phase_center_basis
+
+    if uvw_source not in UVW_SOURCES:
+        raise ValueError(f"uvw_source must be one of {UVW_SOURCES}, got {uvw_source!r}")
+    nt = ds.sizes["time"]
+    times = np.asarray(ds.time.values, dtype=np.float64)
+    pc_ra = np.broadcast_to(np.asarray(ds.PHASE_CENTER_RA.values, np.float64), (nt,))
+    pc_dec = np.broadcast_to(np.asarray(ds.PHASE_CENTER_DEC.values, np.float64), (nt,))
+    pos = np.asarray(ds.ANTENNA_POSITION.values, dtype=np.float64)
+    a1 = np.asarray(ds.baseline_antenna1_id.values)
+    a2 = np.asarray(ds.baseline_antenna2_id.values)
+    loc = ds.attrs.get("telescope_location")
+    loc = pos.mean(axis=0) if loc is None else np.asarray(loc, dtype=np.float64)
+    b_rows = phase_center_basis(times, pc_ra, pc_dec, loc)           # (T, 3, 3)
+    b_tgt = phase_center_basis(times, ra0, dec0, loc)
+    proj = np.einsum("tij,aj->tai", b_rows, pos - loc)
+    uvw_rec = proj[:, a2, :] - proj[:, a1, :]
+    stored = np.asarray(ds.UVW.values, dtype=np.float64)
+    cross = a1 != a2
+    diff = np.linalg.norm(stored[:, cross] - uvw_rec[:, cross], axis=-1)
+    finite = np.isfinite(diff)
+    dmax = float(diff[finite].max()) if finite.any() else 0.0
+    drms = float(np.sqrt(np.mean(diff[finite] ** 2))) if finite.any() else 0.0
+    ok = bool(dmax <= tolerance_m and finite.all())
+    qa = {"uvw_source": uvw_source, "uvw_max_diff_m": dmax, "uvw_rms_diff_m": drms,
+          "uvw_tolerance_m": float(tolerance_m), "uvw_ok": ok}
+    if not ok:
+        log.warning("stored UVW differ from UVW recomputed from the antenna positions and "
+                    "times by up to %.4g m (rms %.4g m, tolerance %.3g m): another writer's "
+                    "conventions, epoch or TIME reference; imaging with %s UVW", dmax, drms,
+                    tolerance_m, "recomputed" if uvw_source == "recompute" else "stored")
+    if uvw_source == "recompute":
+        proj_t = np.einsum("tij,aj->tai", b_tgt, pos - loc)
+        return uvw_rec, proj_t[:, a2, :] - proj_t[:, a1, :], qa
+    # the stored baselines, taken back to ITRS through each row's frame, then projected
+    # on the target's: the same rotation the recomputed ones would see
+    rot = np.einsum("tij,tkj->tik", b_tgt, b_rows)                    # B_tgt B_rows^T
+    return stored, np.einsum("tij,tbj->tbi", rot, stored), qa
+
+
 def _channel_width(ds, freqs) -> float:
     return float(ds.frequency.attrs.get("channel_width", np.median(np.diff(freqs))
                                         if freqs.size > 1 else 0.0))
@@ -195,8 +255,9 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
     uv range, chunked into the gridding tasks (noted in ``opts``)."""
     from graphs import image as gi
 
+    store = None
     ra0, dec0 = _image_centre(ds, phase_center)
-    uvw_t = _target_uvw(ds, ra0, dec0)
+    uvw_rows, uvw_t, qa = uvw_geometry(ds, ra0, dec0, c.uvw_source, c.uvw_tolerance_m)
     freqs = np.asarray(ds.frequency.values, dtype=np.float64)
     uv_range = (float(c.uv_min_lambda or 0.0),
                 np.inf if c.uv_max_lambda is None else float(c.uv_max_lambda))
@@ -215,10 +276,17 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         vchunks = getattr(ds.VISIBILITY.data, "chunks", None)
         nfchunk = int(max(vchunks[2])) if vchunks else min(48, freqs.size)
         tf, ff = ka.bda_factors(uvw_t, freqs, chw, theta, float(c.smear_loss), nfchunk)
-        dsi = gi.average_dataset(ds, uvw_t, tf, ff, uv_range=uv_range)
+        dsi = gi.average_dataset(ds, uvw_t, tf, ff, uv_range=uv_range, uvw_rows=uvw_rows)
         nrow = dsi.sizes["row"]
-        per = int(math.ceil(nrow / max(1, ntask)))
-        dsi = dsi.chunk({"row": per})
+        if c.spill and c.gridder == "contimg":
+            # the rows go to a store on disk; every pass streams them (imaging_store)
+            from contimg.imaging_store import ImagingStore
+
+            store = ImagingStore().write(dsi)
+            dsi = store.dataset()
+        else:
+            per = int(math.ceil(nrow / max(1, ntask)))
+            dsi = dsi.chunk({"row": per})
         log.info("baseline-dependent averaging (loss <= %.3g at %.2f deg): %d -> %d "
                  "visibilities (%.1fx); bins up to %d integrations x %d channels",
                  c.smear_loss, math.degrees(theta), nvis_in, nrow, nvis_in / max(nrow, 1),
@@ -226,10 +294,10 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         nvis = nrow
         opts.update(n_vis_in=nvis_in, n_vis_gridded=int(nrow),
                     smear_radius_deg=math.degrees(theta))
-        if c.persist:
+        if c.persist and store is None:
             dsi = scheduling.persist(dsi)
     else:
-        dsi = gi.stokes_i_dataset(ds, uvw_t, uv_range=uv_range)
+        dsi = gi.stokes_i_dataset(ds, uvw_t, uv_range=uv_range, uvw_rows=uvw_rows)
         if c.persist:
             dsi = scheduling.persist(dsi)
         nf = dsi.sizes["frequency"]
@@ -242,7 +310,8 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
     log.info("gridding in %d task(s) per image", ntask if c.average else
              len(dsi.VIS_I.data.chunks[2]))
     return Visibilities(dsi=dsi, uvw=uvw_t, freqs=freqs, centre=(ra0, dec0),
-                        smear_radius=theta, ntask=ntask, nvis=nvis, averaged=bool(c.average))
+                        smear_radius=theta, ntask=ntask, nvis=nvis, averaged=bool(c.average),
+                        qa=qa, store=store)
 
 
 W_CORNER_LOSS = 0.05   # a snapshot's loss in the image corners (beyond the PB's 0.15)
@@ -346,6 +415,8 @@ def dirty_and_psf(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> D
     major cycles reuse, when there will be any)."""
     from graphs import image as gi
 
+    if vis.store is not None:
+        return _dirty_and_psf_store(vis, c, plan, psf_plan, wspec)
     index = None
     if c.gridder == "contimg" and c.persist and (c.niter > 0 or psf_plan is plan):
         # sort the visibilities into uv tiles and w-planes once, for every major cycle
@@ -362,6 +433,43 @@ def dirty_and_psf(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> D
         raise ValueError("nothing to image: every visibility is flagged or has zero weight")
     return Dirty(dirty=(dirty / norm).astype(np.float32), psf=(psf / norm).astype(np.float32),
                  weight_sums=wsum, norm=norm, index=index)
+
+
+def _dirty_and_psf_store(vis: Visibilities, c: ImageConfig, plan, psf_plan, wspec) -> Dirty:
+    """Step 5 from the store: the dirty image first (each part's weights and index are
+    made and kept), then the PSF (reusing them when the plans are one)."""
+    from graphs import image as gi
+    from graphs.image_store import store_image
+
+    groups = vis.store.groups(vis.ntask)
+    wsum_l = gi.weight_sums(vis.dsi, wspec)
+    dirty_l = store_image(groups, plan, wspec, nthreads=c.nthreads)
+    wsum, dirty = scheduling.compute(wsum_l, dirty_l)
+    (psf,) = scheduling.compute(store_image(groups, psf_plan, wspec, psf=True,
+                                            nthreads=c.nthreads))
+    norm = float(wsum.sum())
+    if not norm > 0:
+        raise ValueError("nothing to image: every visibility is flagged or has zero weight")
+    return Dirty(dirty=(dirty / norm).astype(np.float32), psf=(psf / norm).astype(np.float32),
+                 weight_sums=wsum, norm=norm, index=None)
+
+
+def residual_image(vis: Visibilities, c: ImageConfig, plan, wspec, d: Dirty, model):
+    """The residual image (Jy/beam, float64) of ``model`` (Jy/pixel): one major cycle,
+    from the store (``vis.store``) or the in-memory rows with ``d.index``."""
+    from graphs import image as gi
+
+    m = model.astype(plan.image_dtype)
+    if vis.store is not None:
+        from graphs.image_store import store_image
+
+        res_l = store_image(vis.store.groups(vis.ntask), plan, wspec, model=m,
+                            nthreads=c.nthreads)
+    else:
+        res_l = gi.dirty_image(vis.dsi, plan, wspec, model=m, gridder=c.gridder,
+                               nthreads=c.nthreads, index=d.index)
+    (res,) = scheduling.compute(res_l)
+    return res.astype(np.float64) / d.norm
 
 
 @dataclass
@@ -467,4 +575,5 @@ def image_products(ds, vis: Visibilities, c: ImageConfig, d: Dirty, cr: CleanRes
         date_obs=date_obs.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3],
         time_mid_unix=float(times[len(times) // 2]), n_components=cr.n_components,
         n_major=cr.n_major, threshold=cr.stop, sum_weights=d.norm, weight_sums=wsum,
-        options=opts, timings=timings, plan=plan.describe(), slant=slant)
+        options=opts, timings=timings, plan=plan.describe(), slant=slant,
+        qa=dict(vis.qa or {}))

@@ -58,6 +58,8 @@ __all__ = [
     "coplanar_fit",
     "grid_index",
     "GRIDDERS",
+    "PARALLEL_HANDS",
+    "parallel_hands",
 ]
 
 GRIDDERS = ("contimg", "ducc0")
@@ -81,6 +83,30 @@ class WeightSpec:
 # ---------------------------------------------------------------------------------
 # Stokes I at one phase centre
 # ---------------------------------------------------------------------------------
+
+
+#: the parallel-hand pairs whose mean is Stokes I (linear and circular feeds)
+PARALLEL_HANDS = (("XX", "YY"), ("RR", "LL"))
+
+
+def parallel_hands(pols) -> tuple:
+    """Indices ``(i, j)`` of the two parallel-hand correlations (XX and YY, or RR and LL)
+    in ``pols`` (the Dataset's ``polarization`` labels, any order, 2 or 4 of them):
+    Stokes I is their mean. Raises ValueError naming the correlations when there is no
+    pair (e.g. only cross hands, a single hand, or linear and circular mixed)."""
+    pols = [str(p).upper() for p in pols]
+    for a, b in PARALLEL_HANDS:
+        if a in pols and b in pols:
+            return pols.index(a), pols.index(b)
+    raise ValueError(f"Stokes I imaging needs both parallel hands (XX and YY, or RR and "
+                     f"LL); the data have correlations {pols}")
+
+
+def _parallel(a, pair):
+    """``a[..., pair]`` as a 2-correlation array (a no-op when it already is)."""
+    if tuple(pair) == (0, 1) and a.shape[-1] == 2:
+        return a
+    return a[..., list(pair)]
 
 
 def _vis_i_block(vis, flag, weight, uvw_old, uvw_new, freq):
@@ -107,7 +133,8 @@ def _w_i_block(vis, flag, weight, cross, uvw, freq, uv_min, uv_max):
     return w
 
 
-def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) -> xr.Dataset:
+def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf), *,
+                     uvw_rows=None) -> xr.Dataset:
     """Lazy Stokes I Dataset, re-phased to one phase centre.
 
     Parameters
@@ -120,22 +147,30 @@ def stokes_i_dataset(ds: xr.Dataset, uvw_target=None, uv_range=(0.0, np.inf)) ->
         Dataset's phase centres (only right if they do not change with time).
     uv_range : (min, max) projected baseline length in wavelengths; visibilities
         outside get weight 0 (WSClean's ``-minuv-l``/``-maxuv-l``).
+    uvw_rows : (ntime, nbaseline, 3) float, optional
+        UVW (metres) of every row towards its *own* phase centre, the ``w_old`` of the
+        re-phasing; default the Dataset's stored ``UVW``. Give the recomputed one
+        (:func:`contimg.uvw.compute_uvw`) so that ``w_old`` and ``w_new`` come from one
+        geometry: stored UVW from another writer (other conventions, epochs or TIME
+        reference) would otherwise shift the sources.
+
+    Stokes I is the mean of the parallel hands (:func:`parallel_hands`: XX/YY or RR/LL,
+    2 or 4 correlations in any order); the cross hands are not read.
 
     Returns a Dataset with ``VIS_I`` (time, baseline_id, frequency) complex64,
     ``WEIGHT_I`` float32 (0 = flagged, autocorrelation or missing XX/YY) and ``UVW``
     (the target's), chunked like ``ds``.
     """
-    pols = [str(p) for p in ds.polarization.values]
-    if pols[:2] != ["XX", "YY"] or len(pols) != 2:
-        raise ValueError(f"Stokes I imaging needs polarizations ['XX', 'YY'], got {pols}")
+    pair = parallel_hands(ds.polarization.values)
     vis = ds.VISIBILITY.data
     flag = ds.FLAG.data
     weight = ds.WEIGHT.data
     if not isinstance(vis, da.Array):
         vis, flag, weight = (da.from_array(np.asarray(a), chunks=(-1, -1, -1, -1))
                              for a in (vis, flag, weight))
+    vis, flag, weight = (_parallel(a, pair) for a in (vis, flag, weight))
     tchunks, bchunks, fchunks = vis.chunks[0], vis.chunks[1], vis.chunks[2]
-    uvw_old = ds.UVW.data
+    uvw_old = ds.UVW.data if uvw_rows is None else _checked_uvw(uvw_rows, ds)
     if not isinstance(uvw_old, da.Array):
         uvw_old = da.from_array(np.asarray(uvw_old), chunks=(tchunks, bchunks, 3))
     else:
@@ -287,20 +322,26 @@ def _bda_xxyy_block(vis, flag, weight, uvw_old, uvw_new, freq, cross, tf, ff, st
     return out_vis, out_w, out_uvw, out_t, out_f
 
 
+def _checked_uvw(uvw, ds):
+    uvw = np.asarray(uvw, dtype=np.float64)
+    if uvw.shape != tuple(ds.UVW.shape):
+        raise ValueError(f"uvw_rows shape {uvw.shape} != UVW {ds.UVW.shape}")
+    return uvw
+
+
 def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
-                    uv_range=(0.0, np.inf)) -> xr.Dataset:
+                    uv_range=(0.0, np.inf), *, uvw_rows=None) -> xr.Dataset:
     """Stokes I, re-phased to one phase centre and averaged per baseline, in one pass:
     :func:`stokes_i_dataset` followed by :func:`average_stokes_i` without the Stokes I
     cube in between (one task per frequency chunk; the same row Dataset, to rounding).
 
     ``uvw_target`` ``(ntime, nbaseline, 3)`` metres towards the image's phase centre;
-    ``tf``/``ff`` per-baseline factors; ``uv_range`` as in :func:`stokes_i_dataset`.
+    ``tf``/``ff`` per-baseline factors; ``uv_range``, ``uvw_rows`` and the parallel hands
+    as in :func:`stokes_i_dataset`.
     """
     import dask
 
-    pols = [str(p) for p in ds.polarization.values]
-    if pols[:2] != ["XX", "YY"] or len(pols) != 2:
-        raise ValueError(f"Stokes I imaging needs polarizations ['XX', 'YY'], got {pols}")
+    pair = parallel_hands(ds.polarization.values)
     nt, nb, nf, _ = ds.VISIBILITY.shape
     uvw_target = np.asarray(uvw_target, dtype=np.float64)
     if uvw_target.shape != (nt, nb, 3):
@@ -311,11 +352,12 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
         a = ds[name].data
         if not isinstance(a, da.Array):
             a = da.from_array(np.asarray(a), chunks=(-1, -1, 48, -1))
-        arrs.append(a.rechunk({0: -1, 1: -1, 3: -1}, method=scheduling.rechunk_method()))
+        arrs.append(_parallel(a, pair).rechunk({0: -1, 1: -1, 3: -1},
+                                               method=scheduling.rechunk_method()))
     fchunks = arrs[0].chunks[2]
     arrs = [a.rechunk({2: fchunks}, method=scheduling.rechunk_method()) for a in arrs]
     blocks = [a.to_delayed().reshape(-1) for a in arrs]
-    uvw_old = ds.UVW.data
+    uvw_old = ds.UVW.data if uvw_rows is None else _checked_uvw(uvw_rows, ds)
     if isinstance(uvw_old, da.Array):
         (uvw_old,) = uvw_old.rechunk((nt, nb, 3), method=scheduling.rechunk_method()
                                      ).to_delayed().reshape(-1)
@@ -327,7 +369,7 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
     uv_min, uv_max = float(uv_range[0]), float(uv_range[1])
     block = dask.delayed(_bda_xxyy_block, nout=5, pure=True)
     tok = dask.base.tokenize(ds.VISIBILITY.data, ds.FLAG.data, ds.WEIGHT.data, uvw_target,
-                             tf, ff, uv_min, uv_max)
+                             tf, ff, uv_min, uv_max, pair, uvw_rows)
 
     def block_of(k, c0, nfk, start, n):
         return block(blocks[0][k], blocks[1][k], blocks[2][k], uvw_old, uvw_new,

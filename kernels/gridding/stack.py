@@ -85,17 +85,21 @@ def _coeffs(plan):
 
 
 def grid_chunk(uvw, freq, vis, plan, weights=None, flags=None, planes=None, nthreads=1,
-               out=None):
+               out=None, index=None):
     """Grid one chunk of visibilities onto the w-stack (or a range of its planes).
 
     Returns a complex array ``(nsel, nu, nv)`` (``plan.grid_dtype``), ``nsel`` = number of
     selected planes (1 without w-stacking). Stacks from different chunks gridded with the
     same plan add up; :func:`grid_to_image` turns the sum into the dirty image.
     ``planes``: ``None`` (all), a ``slice`` or ``(start, stop)``. ``out``: an existing
-    stack to accumulate into.
+    stack to accumulate into. ``index``: :func:`make_index` of the same uvw, freq and
+    plan (its mask replaces ``flags`` as the choice of visibilities).
     """
     sel = _planes_arg(plan, planes)
-    idx, vis_eff = _prepare_gridding(uvw, freq, vis, weights, flags, plan, nthreads)
+    if index is not None:
+        _check_index(index, uvw, freq, plan)
+    idx, vis_eff = _prepare_gridding(uvw, freq, vis, weights, flags, plan, nthreads,
+                                     idx=index)
     _check_extent(idx, plan)
     if out is None:
         out = np.zeros((len(sel), plan.nu, plan.nv), dtype=plan.grid_dtype)
@@ -171,16 +175,21 @@ def image_to_grid(dirty, plan, planes=None, nthreads=1):
 
 
 def degrid_chunk(grids, uvw, freq, plan, weights=None, flags=None, planes=None, nthreads=1,
-                 out=None):
+                 out=None, index=None):
     """Adjoint of :func:`grid_chunk`: w-stack -> visibilities ``(nrow, nchan)``.
 
     ``grids`` holds the planes ``planes`` (default all); the visibilities predicted from
-    disjoint plane ranges add up to those of the whole stack.
+    disjoint plane ranges add up to those of the whole stack. ``index``: as in
+    :func:`grid_chunk`.
     """
     sel = _planes_arg(plan, planes)
     grids = _stack_arg(grids, plan, sel)
     grids = np.ascontiguousarray(grids, dtype=plan.grid_dtype)
-    act, idx = _index_for(uvw, freq, weights, flags, plan, nthreads)
+    if index is not None:
+        _check_index(index, uvw, freq, plan)
+        act, idx = index.active, index
+    else:
+        act, idx = _index_for(uvw, freq, weights, flags, plan, nthreads)
     raw = np.zeros(act.shape, dtype=plan.grid_dtype)
     coeffs = _coeffs(plan)
     for k, pl in enumerate(sel):
