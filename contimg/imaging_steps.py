@@ -222,7 +222,8 @@ def uvw_geometry(ds, ra0, dec0, uvw_source="recompute", tolerance_m=1e-3):
     b_tgt = phase_center_basis(times, ra0, dec0, loc)
     proj = np.einsum("tij,aj->tai", b_rows, pos - loc)
     uvw_rec = proj[:, a2, :] - proj[:, a1, :]
-    stored = np.asarray(ds.UVW.values, dtype=np.float64)
+    (stored,) = scheduling.compute(ds.UVW.data)   # on this stage's threads, not a client
+    stored = np.asarray(stored, dtype=np.float64)
     cross = a1 != a2
     diff = np.linalg.norm(stored[:, cross] - uvw_rec[:, cross], axis=-1)
     finite = np.isfinite(diff)

@@ -96,6 +96,15 @@ def test_write_ms_keeps_the_phase_centres_name(tmp_path):
     write_ms(ds2, tmp_path / "two.ms")
     with ct.table(f"{tmp_path / 'two.ms'}::FIELD", ack=False) as tb:
         assert list(tb.getcol("NAME")) == ["drift", "drift"]
+    # a centre is its position: a Dataset re-phased to one centre whose integrations
+    # still carry their drift names is one FIELD (named after its first integration),
+    # not one per name (imagers such as WSClean image one field)
+    ds3 = ds2.assign(PHASE_CENTER_RA=("time", np.full(2, float(ds2.PHASE_CENTER_RA[0]))),
+                     PHASE_CENTER_DEC=("time", np.full(2, float(ds2.PHASE_CENTER_DEC[0]))))
+    ds3 = ds3.assign_coords(phase_center_name=("time", ["drift-0", "drift-1"]))
+    write_ms(ds3, tmp_path / "one.ms")
+    with ct.table(f"{tmp_path / 'one.ms'}::FIELD", ack=False) as tb:
+        assert list(tb.getcol("NAME")) == ["drift-0"]
     # unnamed centres: J names, as before
     write_ms(make_dataset(nant=4, ntime=2, nsub=1, nchan=4), tmp_path / "j.ms")
     with ct.table(f"{tmp_path / 'j.ms'}::FIELD", ack=False) as tb:

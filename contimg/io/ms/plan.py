@@ -116,17 +116,16 @@ class WritePlan:
             self.row_interval = it
 
     def _fields(self, ds):
-        """One field per distinct phase centre (and name, when the Dataset names its
-        phase centres: the ``phase_center_name`` (time) coordinate), numbered in order
-        of first use."""
+        """One field per distinct phase centre, numbered in order of first use; its name
+        is the ``phase_center_name`` (time) coordinate at its first integration, when the
+        Dataset names its centres (a centre is its position: a Dataset re-phased to one
+        centre is one field whatever names its integrations carried)."""
         self.ra = np.asarray(ds["PHASE_CENTER_RA"].values, dtype=np.float64)
         self.dec = np.asarray(ds["PHASE_CENTER_DEC"].values, dtype=np.float64)
         self.pc_name = None
-        pairs = np.stack([self.ra, self.dec], axis=1)
         if "phase_center_name" in ds.coords:
             self.pc_name = np.asarray([str(n) for n in ds["phase_center_name"].values])
-            _, code = np.unique(self.pc_name, return_inverse=True)
-            pairs = np.column_stack([pairs, code.ravel().astype(np.float64)])
+        pairs = np.stack([self.ra, self.dec], axis=1)
         _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
         order = np.argsort(first)
         rank = np.empty_like(order)
