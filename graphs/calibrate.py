@@ -379,34 +379,16 @@ def solve(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.
         _CONVERGED/_NSAMP`` (frequency, polarization) and ``GAIN_CHI2/...``
         (gain_time, polarization), and ``REFANT``. Attributes record the options.
     """
-    if gain_mode not in ("ap", "p"):
-        raise ValueError(f"gain_mode must be 'ap' or 'p', got {gain_mode!r}")
-    if int(gain_interval) < 1:
-        raise ValueError(f"gain_interval must be >= 1 integration, got {gain_interval}")
-    opts = dict(max_iter=int(max_iter), tol=float(tol), min_snr=float(min_snr))
-    ntime = ds.sizes["time"]
-    nstations = ds.sizes["antenna_id"] if "antenna_id" in ds.sizes else int(
-        max(ds.baseline_antenna1_id.max(), ds.baseline_antenna2_id.max()) + 1)
-    stations, a1, a2 = _compact_antennas(ds)
-    nant = stations.size
-    if nant < 3:
-        raise ValueError(f"need at least 3 antennas with cross-correlations, got {nant}")
-    freqs = np.asarray(ds.frequency.values, float)
+    opts, ntime, nstations, stations, a1, a2, nant = _solve_setup(
+        ds, gain_interval, gain_mode, min_snr, max_iter, tol)
     npol = ds.sizes["polarization"]
-
-    def arr(x):
-        x = x.data if hasattr(x, "data") else x
-        if not isinstance(x, da.Array):
-            x = da.from_array(x, chunks=(-1, -1, 48, -1))
-        return x
-
-    vis = arr(ds.VISIBILITY)
+    vis = _as_dask(ds.VISIBILITY)
     fchunks = vis.chunks[2]
     ch = (ntime, vis.shape[1], fchunks, npol)
     vis = vis.rechunk(ch, method=scheduling.rechunk_method())
-    mod = arr(model).rechunk(ch, method=scheduling.rechunk_method())
-    flg = arr(ds.FLAG).rechunk(ch, method=scheduling.rechunk_method())
-    wgt = arr(ds.WEIGHT).rechunk(ch, method=scheduling.rechunk_method())
+    mod = _as_dask(model).rechunk(ch, method=scheduling.rechunk_method())
+    flg = _as_dask(ds.FLAG).rechunk(ch, method=scheduling.rechunk_method())
+    wgt = _as_dask(ds.WEIGHT).rechunk(ch, method=scheduling.rechunk_method())
     blocks = [b.ravel() for b in (vis.to_delayed(), mod.to_delayed(), flg.to_delayed(),
                                   wgt.to_delayed())]
     nchunk = len(fchunks)
@@ -445,9 +427,40 @@ def solve(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_snr=3.
         return da.from_delayed(d(operator.getitem, pure=True)(fin, key), shape, dtype=dtype)
 
     return solutions_dataset(lazy, ds, nstations, nct, t_centres, t_width,
-                             dict(gain_mode=gain_mode, gain_interval_integrations=gi,
-                                  min_snr=float(min_snr), max_iter=int(max_iter), tol=float(tol),
-                                  phase_pass=bool(phase_pass)))
+                             _solve_attrs(gain_mode, gi, min_snr, max_iter, tol, phase_pass))
+
+
+def _solve_setup(ds, gain_interval, gain_mode, min_snr, max_iter, tol):
+    """The option checks and antenna set-up of :func:`solve` and
+    :func:`graphs.calpasses.solve_steps`: ``(solver options, ntime, nstations, stations,
+    a1, a2, nant)`` (``a1``/``a2`` index the ``nant`` cross-correlated ``stations``)."""
+    if gain_mode not in ("ap", "p"):
+        raise ValueError(f"gain_mode must be 'ap' or 'p', got {gain_mode!r}")
+    if int(gain_interval) < 1:
+        raise ValueError(f"gain_interval must be >= 1 integration, got {gain_interval}")
+    opts = dict(max_iter=int(max_iter), tol=float(tol), min_snr=float(min_snr))
+    ntime = ds.sizes["time"]
+    nstations = ds.sizes["antenna_id"] if "antenna_id" in ds.sizes else int(
+        max(ds.baseline_antenna1_id.max(), ds.baseline_antenna2_id.max()) + 1)
+    stations, a1, a2 = _compact_antennas(ds)
+    nant = stations.size
+    if nant < 3:
+        raise ValueError(f"need at least 3 antennas with cross-correlations, got {nant}")
+    return opts, ntime, nstations, stations, a1, a2, nant
+
+
+def _as_dask(x):
+    """A Dataset variable's (or an array's) dask array; numpy in 48-channel chunks."""
+    x = x.data if hasattr(x, "data") else x
+    if not isinstance(x, da.Array):
+        x = da.from_array(x, chunks=(-1, -1, 48, -1))
+    return x
+
+
+def _solve_attrs(gain_mode, gi, min_snr, max_iter, tol, phase_pass):
+    """The options a solutions Dataset records."""
+    return dict(gain_mode=gain_mode, gain_interval_integrations=gi, min_snr=float(min_snr),
+                max_iter=int(max_iter), tol=float(tol), phase_pass=bool(phase_pass))
 
 
 def gain_bins(ds, gi):

@@ -28,12 +28,11 @@ solutions Dataset (numpy-backed) as its value; :func:`contimg.calibrate.run_step
 from __future__ import annotations
 
 import dask
-import dask.array as da
 import numpy as np
 
 from graphs.calibrate import (
-    _add_sums, _compact_antennas, _expand_gp, _finish, _gain_sums_chunk, _solve_gains,
-    _solve_sums, gain_bins, solutions_dataset,
+    _add_sums, _as_dask, _expand_gp, _finish, _gain_sums_chunk, _solve_gains, _solve_setup,
+    _solve_sums, gain_bins, solutions_dataset, _solve_attrs,
 )
 from kernels import solvers
 
@@ -108,29 +107,12 @@ def solve_steps(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_
     (``dask.compute(*lazy)``); the generator's return value is the computed solutions
     Dataset.
     """
-    if gain_mode not in ("ap", "p"):
-        raise ValueError(f"gain_mode must be 'ap' or 'p', got {gain_mode!r}")
-    if int(gain_interval) < 1:
-        raise ValueError(f"gain_interval must be >= 1 integration, got {gain_interval}")
-    opts = dict(max_iter=int(max_iter), tol=float(tol), min_snr=float(min_snr))
-    ntime = ds.sizes["time"]
-    nstations = ds.sizes["antenna_id"] if "antenna_id" in ds.sizes else int(
-        max(ds.baseline_antenna1_id.max(), ds.baseline_antenna2_id.max()) + 1)
-    stations, a1, a2 = _compact_antennas(ds)
-    nant = stations.size
-    if nant < 3:
-        raise ValueError(f"need at least 3 antennas with cross-correlations, got {nant}")
-
-    def arr(x):
-        x = x.data if hasattr(x, "data") else x
-        if not isinstance(x, da.Array):
-            x = da.from_array(x, chunks=(-1, -1, 48, -1))
-        return x
-
-    vis = arr(ds.VISIBILITY)
+    opts, ntime, nstations, stations, a1, a2, nant = _solve_setup(
+        ds, gain_interval, gain_mode, min_snr, max_iter, tol)
+    vis = _as_dask(ds.VISIBILITY)
     vis = vis.rechunk((vis.chunks[0], -1, vis.chunks[2], -1))
     chunks = vis.chunks
-    parts = [vis] + [arr(x).rechunk(chunks) for x in (model, ds.FLAG, ds.WEIGHT)]
+    parts = [vis] + [_as_dask(x).rechunk(chunks) for x in (model, ds.FLAG, ds.WEIGHT)]
     delayed = [p.to_delayed()[:, 0, :, 0] for p in parts]       # (ntchunk, nfchunk)
     nt, nf = delayed[0].shape
     t_edges = np.concatenate([[0], np.cumsum(chunks[0])])
@@ -203,6 +185,4 @@ def solve_steps(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_
     fin = _finish(list(bp), g, stations, nstations, refant, opts)
     return solutions_dataset(lambda key, shape, dtype: np.asarray(fin[key], dtype=dtype),
                              ds, nstations, nct, t_centres, t_width,
-                             dict(gain_mode=gain_mode, gain_interval_integrations=gi,
-                                  min_snr=float(min_snr), max_iter=int(max_iter),
-                                  tol=float(tol), phase_pass=bool(phase_pass)))
+                             _solve_attrs(gain_mode, gi, min_snr, max_iter, tol, phase_pass))

@@ -24,21 +24,11 @@ from numba import njit
 __all__ = ["apply_feed_jones", "casa_errors"]
 
 
-@njit(nogil=True, cache=True)
-def apply_feed_jones(vis, flag, a1, a2, tidx, fp, fq, gt, gt_flag, bf, bf_flag, out,
-                     out_flag):
-    """Corrected visibilities, row by row (see the module docstring).
-
-    vis, out       : (nrow, nchan, ncorr) complex64
-    flag, out_flag : (nrow, nchan, ncorr) bool; flagged on output when flagged on input
-                     or when a solution it needs is flagged or zero (value then 0)
-    a1, a2, tidx   : (nrow,) antenna indices and integration index into ``gt``
-    fp, fq         : (ncorr,) feed index of antenna 1 and antenna 2 of each correlation
-    gt, gt_flag    : (ntime, nant, nfeed) gains at each integration
-    bf, bf_flag    : (nant, nchan, nfeed) bandpass per channel
-    """
-    nrow, nchan, ncorr = vis.shape
-    nant, _, nfeed = bf.shape
+@njit(inline="always", nogil=True, cache=True)
+def _inverse_bandpass(bf, bf_flag):
+    """``1 / b`` of each antenna, channel and feed (once, so that a row needs
+    multiplications only) and whether ``b`` is flagged or zero (``1 / b`` then 0)."""
+    nant, nchan, nfeed = bf.shape
     ib = np.zeros((nant, nchan, nfeed), np.complex64)
     ibad = np.empty((nant, nchan, nfeed), np.bool_)
     for a in range(nant):
@@ -48,6 +38,14 @@ def apply_feed_jones(vis, flag, a1, a2, tidx, fp, fq, gt, gt_flag, bf, bf_flag, 
                 ibad[a, f, c] = bf_flag[a, f, c] or b == 0
                 if not ibad[a, f, c]:
                     ib[a, f, c] = 1.0 / b
+    return ib, ibad
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _correct_rows(vis, flag, a1, a2, tidx, fp, fq, gt, gt_flag, ib, ibad, out, out_flag):
+    """The row loop of :func:`apply_feed_jones` and :func:`kernels.solvers.apply_jones`
+    given the inverse bandpass of :func:`_inverse_bandpass`."""
+    nrow, nchan, ncorr = vis.shape
     ig = np.zeros(ncorr, np.complex64)
     gbad = np.empty(ncorr, np.bool_)
     for r in range(nrow):
@@ -70,6 +68,23 @@ def apply_feed_jones(vis, flag, a1, a2, tidx, fp, fq, gt, gt_flag, bf, bf_flag, 
                 else:
                     out[r, f, c] = vis[r, f, c] * (ig[c] * ib[p, f, x] * np.conj(ib[q, f, y]))
                     out_flag[r, f, c] = flag[r, f, c]
+
+
+@njit(nogil=True, cache=True)
+def apply_feed_jones(vis, flag, a1, a2, tidx, fp, fq, gt, gt_flag, bf, bf_flag, out,
+                     out_flag):
+    """Corrected visibilities, row by row (see the module docstring).
+
+    vis, out       : (nrow, nchan, ncorr) complex64
+    flag, out_flag : (nrow, nchan, ncorr) bool; flagged on output when flagged on input
+                     or when a solution it needs is flagged or zero (value then 0)
+    a1, a2, tidx   : (nrow,) antenna indices and integration index into ``gt``
+    fp, fq         : (ncorr,) feed index of antenna 1 and antenna 2 of each correlation
+    gt, gt_flag    : (ntime, nant, nfeed) gains at each integration
+    bf, bf_flag    : (nant, nchan, nfeed) bandpass per channel
+    """
+    ib, ibad = _inverse_bandpass(bf, bf_flag)
+    _correct_rows(vis, flag, a1, a2, tidx, fp, fq, gt, gt_flag, ib, ibad, out, out_flag)
     return out, out_flag
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kernels.jones import _correct_rows, _inverse_bandpass
+
 # fastmath without "nnan"/"ninf": the accumulators test for NaN/inf, which those would
 # let the compiler assume away
 _FAST_FINITE = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -329,34 +331,8 @@ def apply_jones(vis, flag, a1, a2, tidx, gt, gt_flag, bf, bf_flag, out, out_flag
     gt, gt_flag    : (ntime, nant, npol) gains at each integration
     bf, bf_flag    : (nant, nchan, npol) bandpass per channel
     """
-    nrow, nchan, npol = vis.shape
-    nant = bf.shape[0]
     # inverse bandpass once per antenna: a row then needs multiplications only
-    ib = np.zeros((nant, nchan, npol), np.complex64)
-    ibad = np.empty((nant, nchan, npol), np.bool_)
-    for a in range(nant):
-        for f in range(nchan):
-            for c in range(npol):
-                b = bf[a, f, c]
-                ibad[a, f, c] = bf_flag[a, f, c] or b == 0
-                if not ibad[a, f, c]:
-                    ib[a, f, c] = 1.0 / b
-    ig = np.zeros(npol, np.complex64)
-    gbad = np.empty(npol, np.bool_)
-    for r in range(nrow):
-        p = a1[r]
-        q = a2[r]
-        t = tidx[r]
-        for c in range(npol):
-            gg = gt[t, p, c] * np.conj(gt[t, q, c])
-            gbad[c] = gt_flag[t, p, c] or gt_flag[t, q, c] or gg == 0
-            ig[c] = 0.0 if gbad[c] else 1.0 / gg
-        for f in range(nchan):
-            for c in range(npol):
-                if gbad[c] or ibad[p, f, c] or ibad[q, f, c]:
-                    out[r, f, c] = 0.0
-                    out_flag[r, f, c] = True
-                else:
-                    out[r, f, c] = vis[r, f, c] * (ig[c] * ib[p, f, c] * np.conj(ib[q, f, c]))
-                    out_flag[r, f, c] = flag[r, f, c]
+    ib, ibad = _inverse_bandpass(bf, bf_flag)
+    hands = np.arange(vis.shape[2])             # correlation c: feed c of both antennas
+    _correct_rows(vis, flag, a1, a2, tidx, hands, hands, gt, gt_flag, ib, ibad, out, out_flag)
     return out, out_flag
