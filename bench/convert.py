@@ -129,8 +129,7 @@ def main(argv=None):
 
 
 def _reset_peak():
-    import resource  # noqa: F401  (ru_maxrss cannot be reset; we report the max)
-
+    # ru_maxrss cannot be reset; we report the max
     return None
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -249,8 +250,6 @@ def main(argv=None):
     if not args.no_warmup:
         d, _ = simulate(work, 0, args.axis)
         scratch = work / f"warmup-{label}"
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         for stage in stages:
@@ -265,8 +264,6 @@ def main(argv=None):
     for scale in (float(s) for s in args.scales.split(",")):
         d, info = simulate(work, scale, args.axis)
         scratch = work / f"run-{label}-{args.axis}-{scale:g}x"
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         for stage in stages:

@@ -296,7 +296,7 @@ def _build_pyuvdata_ms(workdir, *, seed=SEED + 7, nchan=8, ntime=6, nant=12):
     import warnings
 
     from astropy import units as u
-    from astropy.coordinates import EarthLocation, Longitude
+    from astropy.coordinates import EarthLocation
     from astropy.time import Time
     from casacore import tables as ct
     from pyuvdata import Telescope, UVData

@@ -31,13 +31,8 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from contimg import telescope as tel  # noqa: E402
-from contimg.io.uvh5_arrays import (  # noqa: E402,F401  (the lazy arrays, re-exported)
-    _DSETS,
-    _DTYPES,
-    _FilledArray,
+from contimg.io.uvh5_arrays import (  # noqa: E402  (the lazy arrays)
     _filled_arrays,
-    _full_key,
-    _SubbandArray,
     _subband_arrays,
     _time_chunks,
 )
@@ -272,7 +267,7 @@ def _read_header(f, path, phase_centres=True) -> Header:
     nant = ant_numbers.size
     ut, ukey, row_index, conj, uvw_c, t_idx = _row_layout(time_jd, a * nant + b, conj_row,
                                                           uvw, path)
-    ntime, nbl = ut.size, ukey.size
+    ntime = ut.size
 
     extra = {}
     if "extra_keywords" in h:
