@@ -40,6 +40,34 @@ from kernels.constants import ARCSEC
 from kernels.constants import SPEED_OF_LIGHT as C
 
 
+def group_files(group, workdir, threads):
+    """One group's UVH5 files: those in the directory ``group``, else a simulated
+    calibrated full group in ``workdir/raw`` (no antenna gains, no RFI: imaging follows
+    calibration and flagging; thermal noise on)."""
+    if group:
+        return sorted(Path(group).glob("*_sb??.hdf5"))
+    from contimg.simulate import SimConfig, simulate_group
+
+    t0 = time.perf_counter()
+    files = simulate_group(Path(workdir) / "raw",
+                           cfg=SimConfig(threads=threads, gains=False, rfi=None),
+                           calibrator=True).files
+    print(f"simulated a full-size group in {time.perf_counter() - t0:.0f} s")
+    return files
+
+
+def run_result(script, payload):
+    """Run ``script`` (a ``python -c`` text) in a fresh process with ``payload`` as JSON
+    in ``argv[1]``; returns the JSON of its last ``RESULT`` line, and its log."""
+    r = subprocess.run([sys.executable, "-c", script, json.dumps(payload)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        raise SystemExit("contimg image failed")
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[7:]), r.stderr
+
+
 def _rephased_ms(ds, path):
     from contimg import schema
     from contimg.io.ms import write_ms
@@ -204,13 +232,7 @@ def bench_image(ms, workdir, args):
              auto_threshold_sigma=args.auto_threshold, mgain=0.8, gain=0.1,
              epsilon=args.epsilon, nthreads=1, workers=args.threads, average=args.average)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", _OURS, json.dumps(a)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        print(r.stdout[-3000:], r.stderr[-3000:])
-        raise SystemExit("contimg image failed")
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    ours = json.loads(line[7:])
+    ours, _log = run_result(_OURS, a)
     ours["wall_incl_start"] = time.perf_counter() - t0
     img = fits.getdata(workdir / "ours-image.fits")[0, 0]
     ours["peak"] = float(img.max())
@@ -256,18 +278,7 @@ def main(argv=None):
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_image_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.group:
-        files = sorted(Path(args.group).glob("*_sb??.hdf5"))
-    else:
-        from contimg.simulate import SimConfig, simulate_group
-
-        t0 = time.perf_counter()
-        # a calibrated group: no antenna gains, no RFI (imaging follows calibration
-        # and flagging), thermal noise on
-        files = simulate_group(workdir / "raw", cfg=SimConfig(threads=args.threads,
-                                                              gains=False, rfi=None),
-                               calibrator=True).files
-        print(f"simulated a full-size group in {time.perf_counter() - t0:.0f} s")
+    files = group_files(args.group, workdir, args.threads)
     ds = open_group(files, n_subbands=len(files)).compute()
     print(f"group: {ds.sizes['time']} integrations x {ds.sizes['baseline_id']} baselines x "
           f"{ds.sizes['frequency']} channels x 2 pols", flush=True)

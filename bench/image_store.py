@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from image import group_files, run_result  # noqa: E402  (bench/image.py: the same set-up)
 
 _RUN = """
 import json, sys, time, logging
@@ -47,13 +49,7 @@ def run(files, prefix, args, spill):
     a = dict(files=[str(f) for f in files], prefix=str(prefix), npix=args.size,
              cell_arcsec=args.cell, niter=args.niter, workers=args.threads, spill=spill,
              nthreads=1, w_mode=args.w_mode)
-    r = subprocess.run([sys.executable, "-c", _RUN, json.dumps(a)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        print(r.stdout[-3000:], r.stderr[-3000:])
-        raise SystemExit("contimg image failed")
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[7:]), r.stderr
+    return run_result(_RUN, a)
 
 
 def main(argv=None):
@@ -73,14 +69,7 @@ def main(argv=None):
     configure()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_image_store_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.group:
-        files = sorted(Path(args.group).glob("*_sb??.hdf5"))
-    else:
-        from contimg.simulate import SimConfig, simulate_group
-
-        files = simulate_group(workdir / "raw", cfg=SimConfig(threads=args.threads,
-                                                              gains=False, rfi=None),
-                               calibrator=True).files
+    files = group_files(args.group, workdir, args.threads)
     from astropy.io import fits
 
     out = {"size": args.size, "niter": args.niter, "w_mode": args.w_mode,
