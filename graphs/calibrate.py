@@ -190,8 +190,8 @@ def _add_sums(*parts):
     return tuple(out)
 
 
-def _bandpass_chunk(vis, model, flag, weight, a1, a2, nant, prior_t, opts):
-    """Per-channel solutions of one frequency chunk over all integrations."""
+def _bandpass_sums(vis, model, flag, weight, a1, a2, nant, prior_t):
+    """Bandpass sums (npol, nbl, nchan) of one chunk; ``prior_t`` (ntime, nant, npol)."""
     ntime, nbl, nchan, npol = vis.shape
     if prior_t is None:
         prior_t = np.ones((ntime, nant, npol), np.complex128)
@@ -203,15 +203,26 @@ def _bandpass_chunk(vis, model, flag, weight, a1, a2, nant, prior_t, opts):
                                 np.ascontiguousarray(flag),
                                 np.ascontiguousarray(weight, np.float32), a1, a2,
                                 np.ascontiguousarray(prior_t), A, B, C, N)
+    return A, B, C, N
+
+
+def _bandpass_solve(sums, a1, a2, nant, opts):
+    """Per-channel bandpass of a frequency chunk from its (summed) bandpass sums."""
     # -> cell layout (1, nchan, npol, nbl)
-    sums = tuple(np.ascontiguousarray(x.transpose(2, 0, 1))[None] for x in (A, B, C, N))
-    res = _solve_sums(sums, a1, a2, nant, opts["max_iter"], opts["tol"], False)
+    cells = tuple(np.ascontiguousarray(x.transpose(2, 0, 1))[None] for x in sums)
+    res = _solve_sums(cells, a1, a2, nant, opts["max_iter"], opts["tol"], False)
     # (1, nchan, npol, nant) -> (nant, nchan, npol)
     res["g"] = res["g"][0].transpose(2, 0, 1)
     res["err"] = res["err"][0].transpose(2, 0, 1)
     for k in ("niter", "converged", "chi2", "nsamp"):
         res[k] = res[k][0]                     # (nchan, npol)
     return res
+
+
+def _bandpass_chunk(vis, model, flag, weight, a1, a2, nant, prior_t, opts):
+    """Per-channel solutions of one frequency chunk over all integrations."""
+    return _bandpass_solve(_bandpass_sums(vis, model, flag, weight, a1, a2, nant, prior_t),
+                           a1, a2, nant, opts)
 
 
 def _gain_sums_chunk(vis, model, flag, weight, a1, a2, nant, tbin, nct, bandpass):

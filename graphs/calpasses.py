@@ -31,47 +31,18 @@ import dask
 import numpy as np
 
 from graphs.calibrate import (
-    _add_sums, _as_dask, _expand_gp, _finish, _gain_sums_chunk, _solve_gains, _solve_setup,
-    _solve_sums, gain_bins, solutions_dataset, _solve_attrs,
+    _add_sums, _as_dask, _bandpass_chunk, _bandpass_solve, _bandpass_sums, _expand_gp,
+    _finish, _gain_sums_chunk, _solve_attrs, _solve_gains, _solve_setup, gain_bins,
+    solutions_dataset,
 )
-from kernels import solvers
 
 __all__ = ["solve_steps"]
-
-
-def _bp_sums(vis, model, flag, weight, a1, a2, nant, prior_t):
-    """Bandpass sums (npol, nbl, nchan) of one chunk; ``prior_t`` (ntime, nant, npol)."""
-    ntime, nbl, nchan, npol = vis.shape
-    if prior_t is None:
-        prior_t = np.ones((ntime, nant, npol), np.complex128)
-    A = np.zeros((npol, nbl, nchan), np.complex128)
-    B = np.zeros((npol, nbl, nchan), np.float64)
-    C = np.zeros((npol, nbl, nchan), np.float64)
-    N = np.zeros((npol, nbl, nchan), np.int64)
-    solvers.accumulate_bandpass(np.ascontiguousarray(vis), np.ascontiguousarray(model),
-                                np.ascontiguousarray(flag),
-                                np.ascontiguousarray(weight, np.float32), a1, a2,
-                                np.ascontiguousarray(prior_t), A, B, C, N)
-    return A, B, C, N
-
-
-def _bp_solve(sums, a1, a2, nant, opts):
-    """Per-channel bandpass of a frequency chunk from its summed sums (as
-    ``graphs.calibrate._bandpass_chunk``)."""
-    cells = tuple(np.ascontiguousarray(x.transpose(2, 0, 1))[None] for x in sums)
-    res = _solve_sums(cells, a1, a2, nant, opts["max_iter"], opts["tol"], False)
-    res["g"] = res["g"][0].transpose(2, 0, 1)
-    res["err"] = res["err"][0].transpose(2, 0, 1)
-    for k in ("niter", "converged", "chi2", "nsamp"):
-        res[k] = res[k][0]
-    return res
 
 
 def _bp_then_gain_sums(vis, model, flag, weight, a1, a2, nant, opts, prior_t, tbin, nct):
     """One read of a whole-time chunk: its bandpass, then its gain sums with it applied
     (``tbin is None``: the bandpass only)."""
-    bp = _bp_solve(_bp_sums(vis, model, flag, weight, a1, a2, nant, prior_t), a1, a2, nant,
-                   opts)
+    bp = _bandpass_chunk(vis, model, flag, weight, a1, a2, nant, prior_t, opts)
     if tbin is None:
         return bp, None
     return bp, _gain_sums_chunk(vis, model, flag, weight, a1, a2, nant, tbin, nct, bp)
@@ -148,8 +119,8 @@ def solve_steps(ds, model, *, refant=None, gain_interval=1, gain_mode="ap", min_
     def bandpass(prior, step):
         bp = []
         for ks in batches():
-            got = yield [[d(_bp_solve, pure=True)(
-                _tree_sum([d(_bp_sums, pure=True)(*blk[i][k], a1, a2, nant, tsl(i, prior),
+            got = yield [[d(_bandpass_solve, pure=True)(
+                _tree_sum([d(_bandpass_sums, pure=True)(*blk[i][k], a1, a2, nant, tsl(i, prior),
                                                   dask_key_name=f"{step}-t{i:02d}-f{k:02d}-{tag}")
                            for i in range(nt)], f"{step}-f{k:02d}-{tag}"),
                 a1, a2, nant, opts, dask_key_name=f"{step}-solve-f{k:02d}-{tag}")
