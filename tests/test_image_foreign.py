@@ -171,39 +171,6 @@ def test_foreign_stokes_i_equals_brute_force_dft(fixture, field, source, request
     assert mirror > 10 * rms
 
 
-def test_dsa110_group_through_pyuvdata_write_ms_images_as_our_ms(tmp_path):
-    """The current pipeline's archive format: a DSA-110 group read by pyuvdata and
-    written with its write_ms images the same as our own MS of the group."""
-    import warnings
-
-    from pyuvdata import UVData
-
-    from contimg.imaging import image_ms
-    from contimg.io.ms import write_ms
-    from contimg.io.uvh5 import open_group
-    from contimg.simulate import simulate_group
-    from tests.test_image import PS_CFG, PS_OFFSETS, START, _sky
-
-    g = simulate_group(tmp_path / "g", START, cfg=PS_CFG,
-                       sky=_sky(PS_CFG, PS_OFFSETS[:3], [10.0, 3.0, 2.0], [0.0] * 3))
-    ours = tmp_path / "ours.ms"
-    write_ms(open_group(g.files, n_subbands=PS_CFG.n_subbands).compute(), ours)
-    theirs = tmp_path / "pyuvdata.ms"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        uvd = UVData.from_file([str(f) for f in g.files], axis="freq", file_type="uvh5")
-        uvd.write_ms(str(theirs), clobber=True)
-    opts = dict(npix=256, cell_arcsec=12.0, niter=200, weighting="briggs")
-    a = image_ms(ours, tmp_path / "a", keep_products=True, **opts).products
-    b = image_ms(theirs, tmp_path / "b", keep_products=True, **opts).products
-    peak = float(np.abs(a.image).max())
-    diff = float(np.abs(a.image - b.image).max())
-    print(f"pyuvdata write_ms vs our MS: image difference {diff / peak:.2e} of the peak; "
-          f"stored UVW - recomputed {b.qa['uvw_max_diff_m']:.3g} m")
-    assert b.qa["uvw_ok"]
-    assert diff < 1e-4 * peak
-
-
 def test_contimg_image_of_another_telescopes_uvh5_equals_its_ms(pyuvdata_ms, tmp_path):
     """Any UVH5: the ATA-like file pyuvdata wrote images (telescope and phase centres
     from the file) as the MS pyuvdata's write_ms made of it."""

@@ -103,6 +103,8 @@ def test_pyuvdata_archive_through_the_cli_as_our_ms(archive, tmp_path, capsys):
         out = capsys.readouterr().out
         r = json.loads(out[out.index("{"):])      # after any log lines
         assert r["calibrator"] == "SIMCAL" and r["status"] == "valid", r
+        # pyuvdata writes each integration's phase centre as a FIELD: still a drift scan
+        assert [t["kind"] for t in r["transits"]] == ["drift"]
         res[which] = r
         assert main(["apply", ms, r["tables"]["B"], r["tables"]["G"]]) == 0
         assert "CORRECTED_DATA written to" in capsys.readouterr().out
@@ -111,6 +113,8 @@ def test_pyuvdata_archive_through_the_cli_as_our_ms(archive, tmp_path, capsys):
         assert main(["image", ms, "--out", str(out), "--size", "256", "--cell", "20",
                      "--niter", "50", "--weighting", "natural"]) == 0
         images[which] = fits.open(f"{out}-image.fits")[0]
+    assert res["v3"]["t_transit"] == pytest.approx(res["ours"]["t_transit"], abs=1e-3)
+    assert res["v3"]["refant"] == res["ours"]["refant"]
     for kind in ("B", "G"):
         a = read_caltable(res["ours"]["tables"][kind])
         b = read_caltable(res["v3"]["tables"][kind])
