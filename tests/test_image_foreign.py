@@ -184,3 +184,40 @@ def test_contimg_image_of_another_telescopes_uvh5_equals_its_ms(pyuvdata_ms, tmp
     print(f"ATA UVH5 vs its MS: image difference {diff / peak:.2e} of the peak")
     assert b.qa["uvw_ok"] and a.phase_center == pytest.approx(b.phase_center, abs=1e-12)
     assert diff < 1e-4 * peak
+
+
+def test_contimg_image_field_of_a_uvh5_equals_the_ms_field(pyuvdata_ms, tmp_path):
+    """``--field`` on UVH5 input: one phase centre by name or index, imaged as the same
+    field of pyuvdata's MS of the file."""
+    from contimg.imaging import image_ms
+
+    opts = dict(npix=128, cell_arcsec=8.0, niter=0, weighting="natural", keep_products=True)
+    a = image_ms(pyuvdata_ms.path, tmp_path / "ms", field="TGT", **opts).products
+    b = image_ms(pyuvdata_ms.uvh5, tmp_path / "name", field="TGT", **opts).products
+    c = image_ms(pyuvdata_ms.uvh5, tmp_path / "index", field="1", **opts).products
+    peak = float(np.abs(a.image).max())
+    diff = max(float(np.abs(a.image - x.image).max()) for x in (b, c))
+    print(f"ATA UVH5 field TGT vs its MS's: image difference {diff / peak:.2e} of the peak")
+    assert a.phase_center == pytest.approx(b.phase_center, abs=1e-12)
+    assert b.phase_center == pytest.approx(pyuvdata_ms.field_dirs["TGT"], abs=1e-9)
+    assert diff < 1e-4 * peak
+
+
+def test_cli_errors_on_other_telescopes_uvh5_name_the_input(pyuvdata_ms, tmp_path, capsys):
+    from contimg.cli import main
+
+    uvh5 = pyuvdata_ms.uvh5
+    assert main(["image", uvh5, "--out", str(tmp_path / "x"), "--field", "NOPE"]) == 2
+    err = capsys.readouterr().err
+    assert f"{uvh5}: no phase centre 'NOPE'" in err and "0 '3C147', 1 'TGT'" in err
+    missing = str(tmp_path / "missing.uvh5")
+    assert main(["image", missing, "--out", str(tmp_path / "y")]) == 2
+    assert f"{missing}: no such file or directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.uvh5"
+    bad.write_text("not HDF5")
+    assert main(["image", str(bad), "--out", str(tmp_path / "z")]) == 2
+    assert "bad.uvh5: cannot open as HDF5" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", str(empty), "--out", str(tmp_path / "ms")]) == 2
+    assert f"no UVH5 files in {empty}" in capsys.readouterr().err
