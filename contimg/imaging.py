@@ -368,7 +368,8 @@ def _open_uvh5(src, chunks=None):
     if p.is_file():
         return _open_any([p], chunks)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory")
+        raise FileNotFoundError(f"{p}: no such file or directory (not a Measurement Set, "
+                                "UVH5 file or group directory)")
     if p.is_dir():
         files = sorted(p.glob("*_sb??.hdf5"))
         if not files and any(q.suffix.lower() in (".uvh5", ".hdf5", ".h5")
