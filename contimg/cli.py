@@ -38,6 +38,7 @@ def _setup_logging(verbose: int):
                         datefmt="%H:%M:%S")
     for noisy in ("distributed", "bokeh", "tornado", "numba"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)  # the dashboard's host note
 
 
 def _add_sim_options(p):
@@ -190,7 +191,9 @@ def cmd_convert(args):
     st = args.cfg.stream
     groups = _groups_from_inputs(args.inputs, st.tolerance_s)
     if not groups:
-        print("contimg convert: no UVH5 files found", file=sys.stderr)
+        print(f"contimg convert: no UVH5 files in {', '.join(args.inputs)} (DSA-110 subbands "
+              "*_sbNN.hdf5, or *.uvh5 / *.hdf5 / *.h5 files of any telescope)",
+              file=sys.stderr)
         return 2
     placement = parse_placement(st.placement)
     t0 = time.perf_counter()
@@ -501,8 +504,13 @@ def build_parser():
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("convert", help="convert UVH5 (DSA-110 subband groups, or single files of "
-                       "any telescope: <stem>.ms) to Measurement Sets")
-    s.add_argument("inputs", nargs="+", help="directories and/or UVH5 files")
+                       "any telescope: <stem>.ms) to Measurement Sets",
+                       description="Convert UVH5 to Measurement Sets in --out: DSA-110 "
+                       "subband files (*_sbNN.hdf5) grouped by time into <timestamp>.ms, "
+                       "and any other UVH5 file (any telescope; telescope, antennas and "
+                       "phase centres from the file) into <stem>.ms.")
+    s.add_argument("inputs", nargs="+", help="directories and/or UVH5 files (DSA-110 subband "
+                   "groups or single files of any telescope)")
     s.add_argument("--out", required=True, help="directory for the Measurement Sets")
     s.add_argument("--allow-missing", action="store_true",
                    help="convert incomplete groups, missing subbands flagged")

@@ -327,53 +327,83 @@ def qa_header(h, qa: dict):
 
 
 def _open_source(src, data_column=None, chunks=None, field=None):
-    """An MS path (``field``: one field of it, by name or id), a directory/list of UVH5
-    files of one group, or a Dataset -> Dataset."""
+    """An MS path, a directory/list of UVH5 files (of one group, or single files of any
+    telescope), or a Dataset -> Dataset; ``field``: one field of an MS (by name or id)
+    or one phase centre of UVH5 data (:func:`_uvh5_field`)."""
     import xarray as xr
 
     if isinstance(src, xr.Dataset):
         if field is not None:
             raise ValueError("field= selects a field of an MS; a Dataset is imaged as given")
         return src, "dataset"
-    if isinstance(src, (list, tuple)):
-        from contimg.io.uvh5 import open_group
+    if isinstance(src, (list, tuple)) and len(src) == 1 and (Path(src[0]) / "table.dat"
+                                                            ).is_file():
+        src = src[0]
+    if isinstance(src, (list, tuple)) or not (Path(src) / "table.dat").is_file():
+        ds = _open_uvh5(src, chunks)
+        return (ds if field is None else _uvh5_field(ds, field, src)), "uvh5"
+    from casacore import tables as ct
 
+    from contimg.io.ms import open_ms
+
+    p = Path(src)
+    if data_column is None:
+        with ct.table(str(p), ack=False) as tb:
+            cols = tb.colnames()
+        data_column = "CORRECTED_DATA" if "CORRECTED_DATA" in cols else "DATA"
+    log.info("imaging %s (%s%s)", p, data_column, "" if field is None else f", field {field}")
+    return open_ms(p, chunks=chunks, data_column=data_column, field=field), "ms"
+
+
+def _open_uvh5(src, chunks=None):
+    """UVH5 files (a list), one file, or a directory of them -> Dataset."""
+    from contimg.io.uvh5 import open_group
+
+    if isinstance(src, (list, tuple)):
         paths = [Path(p) for p in src]
-        if len(paths) == 1 and (paths[0] / "table.dat").is_file():
-            src = paths[0]
-        elif len(paths) > 1 and all(_DSA_SUBBAND.fullmatch(q.name) for q in paths):
-            return open_group(paths, n_subbands=len(paths), chunks=chunks), "uvh5"
-        else:
-            return _open_any(paths, chunks), "uvh5"
+        if len(paths) > 1 and all(_DSA_SUBBAND.fullmatch(q.name) for q in paths):
+            return open_group(paths, n_subbands=len(paths), chunks=chunks)
+        return _open_any(paths, chunks)
     p = Path(src)
     if p.is_file():
-        return _open_any([p], chunks), "uvh5"
-    if (p / "table.dat").is_file():
-        from casacore import tables as ct
-
-        from contimg.io.ms import open_ms
-
-        if data_column is None:
-            with ct.table(str(p), ack=False) as tb:
-                cols = tb.colnames()
-            data_column = "CORRECTED_DATA" if "CORRECTED_DATA" in cols else "DATA"
-        log.info("imaging %s (%s%s)", p, data_column,
-                 "" if field is None else f", field {field}")
-        return open_ms(p, chunks=chunks, data_column=data_column, field=field), "ms"
-    if field is not None:
-        raise ValueError(f"{p}: field= selects a field of a Measurement Set; this is not one")
+        return _open_any([p], chunks)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory (not a Measurement Set, "
+                                "UVH5 file or group directory)")
     if p.is_dir():
-        from contimg.io.uvh5 import open_group
-
         files = sorted(p.glob("*_sb??.hdf5"))
         if not files and any(q.suffix.lower() in (".uvh5", ".hdf5", ".h5")
                              for q in p.iterdir()):
-            return _open_any(p, chunks), "uvh5"    # a directory with one UVH5 file
+            return _open_any(p, chunks)    # a directory with one UVH5 file
         if not files:
             raise FileNotFoundError(f"{p}: neither a Measurement Set nor a directory of "
                                     "UVH5 files")
-        return open_group(files, n_subbands=len(files), chunks=chunks), "uvh5"
-    raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat) or a group directory")
+        return open_group(files, n_subbands=len(files), chunks=chunks)
+    raise FileNotFoundError(f"{p}: not a Measurement Set (no table.dat), a UVH5 file or a "
+                            "group directory")
+
+
+def _uvh5_field(ds, field, src):
+    """The integrations of UVH5 data on one phase centre, chosen by its catalogue name
+    (``phase_center_name``) or by its index among the distinct names in time order;
+    :class:`contimg.io.ms.UnknownFieldError` naming the input and its centres if none."""
+    from contimg.io.ms import UnknownFieldError
+
+    names = [str(n) for n in ds.phase_center_name.values]
+    distinct = list(dict.fromkeys(names))
+    key = str(field).strip()
+    if key in distinct:
+        want = key
+    elif key.isdigit() and int(key) < len(distinct):
+        want = distinct[int(key)]
+    else:
+        where = src if not isinstance(src, (list, tuple)) else ", ".join(map(str, src))
+        listed = ", ".join(f"{i} {n!r}" for i, n in enumerate(distinct[:20]))
+        more = f" (and {len(distinct) - 20} more)" if len(distinct) > 20 else ""
+        raise UnknownFieldError(f"{where}: no phase centre {field!r}; its phase centres "
+                                f"(index, name): {listed}{more}")
+    log.info("imaging phase centre %r of %s", want, src)
+    return ds.isel(time=np.flatnonzero(np.asarray(names) == want))
 
 
 _DSA_SUBBAND = re.compile(r".*_sb\d\d\.hdf5")

@@ -40,12 +40,11 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from casarun import run_casa
 
 SEED = 20260315
 
@@ -180,20 +179,6 @@ sm.close()
 """
 
 
-def _run_casa(workdir, script, *args):
-    from conftest import casa_site_config
-
-    workdir = Path(workdir)
-    site = casa_site_config(workdir)
-    path = workdir / "casa_script.py"
-    path.write_text(script)
-    env = dict(os.environ, CASASITECONFIG=str(site))
-    res = subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True,
-                         text=True, env=env, timeout=600, cwd=str(workdir))
-    if res.returncode != 0:
-        raise RuntimeError(f"CASA failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-
-
 def _vla_y(nant=12):
     """Local east/north offsets (m) of ``nant`` pads on the VLA's Y (arms at 5, 125 and
     245 degrees from north), D-configuration-like spacings."""
@@ -238,7 +223,7 @@ def build_casa_sim_ms(workdir, *, stokes="RR LL", seed=SEED, nchan=8, ntime=6):
              fields=[{k: f[k] for k in ("name", "ra", "dec")} for f in fields],
              sources=[dict(ra=s["ra"], dec=s["dec"]) for s in sources])
     (workdir / "sim.json").write_text(json.dumps(p))
-    _run_casa(workdir, CASA_SIM, workdir / "sim.json")
+    run_casa(workdir, CASA_SIM, workdir / "sim.json", name="casa_sim.py")
     corr = tuple(stokes.split())
     feeds = {"R": 0, "L": 1}
     corr_feeds = [(feeds[c[0]], feeds[c[1]]) for c in corr]

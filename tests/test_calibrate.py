@@ -25,14 +25,13 @@ at the noise limit (not above it), and not suspiciously below it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from casarun import casa_applycal, casa_solve
 from contimg import caltables, sky
 from contimg import calibrate as cc
 from contimg.io.ms import open_ms, write_ms
@@ -313,42 +312,6 @@ def test_cli_calibrate_and_apply(calgroup, cal_ms, tmp_path, capsys):
 # interop
 # ---------------------------------------------------------------------------------
 
-CASA_SOLVE = """
-import sys, shutil
-from casatasks import gaincal, bandpass
-vis, pre, refant = sys.argv[1], sys.argv[2], sys.argv[3]
-kw = dict(vis=vis, refant=refant, combine="field,scan", minsnr=3.0)
-# the same sequence as ours: B0, phase per integration, B with it, G (ap) with B
-bandpass(caltable=pre + ".B0", solint="inf", bandtype="B", solnorm=False, **kw)
-gaincal(caltable=pre + ".Gp", solint="int", calmode="p", gaintype="G",
-        gaintable=[pre + ".B0"], **kw)
-bandpass(caltable=pre + ".B", solint="inf", bandtype="B", solnorm=False,
-         gaintable=[pre + ".Gp"], **kw)
-gaincal(caltable=pre + ".G", solint="int", calmode="ap", gaintype="G",
-        gaintable=[pre + ".B"], **kw)
-"""
-
-CASA_APPLY = """
-import sys
-from casatasks import applycal
-vis, tabs = sys.argv[1], sys.argv[2:]
-applycal(vis=vis, gaintable=tabs, interp=["nearest", "linear"], calwt=False,
-         flagbackup=False)
-"""
-
-
-def _casa(tmp_path, script, *args):
-    from conftest import casa_site_config
-
-    site = casa_site_config(tmp_path)
-    path = tmp_path / "casa_script.py"
-    path.write_text(script)
-    env = dict(os.environ, CASASITECONFIG=str(site))
-    res = subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True,
-                         text=True, env=env, timeout=600, cwd=str(tmp_path))
-    assert res.returncode == 0, f"CASA failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-
-
 @pytest.mark.interop
 @pytest.mark.skipif(not _have_module("casatasks"), reason="casatasks is not installed")
 def test_casa_agrees_with_our_solutions_and_applies_our_tables(calgroup, cal_ms, tmp_path):
@@ -359,7 +322,7 @@ def test_casa_agrees_with_our_solutions_and_applies_our_tables(calgroup, cal_ms,
 
     ms = _copy(cal_ms, tmp_path, "f.ms")
     res = cc.calibrate_ms(ms, catalog=calgroup["catalog"], name="ours")
-    _casa(tmp_path, CASA_SOLVE, ms, tmp_path / "casa", res.refant)
+    casa_solve(tmp_path, ms, tmp_path / "casa", res.refant, combine="field,scan")
     for kind in ("B", "G"):
         ours = caltables.read_caltable(res.tables[kind])
         theirs = caltables.read_caltable(tmp_path / f"casa.{kind}")   # CASA's own table
@@ -377,7 +340,8 @@ def test_casa_agrees_with_our_solutions_and_applies_our_tables(calgroup, cal_ms,
     # applycal with our tables == our apply_ms
     ms_casa = _copy(cal_ms, tmp_path, "g.ms")
     ms_ours = _copy(cal_ms, tmp_path, "h.ms")
-    _casa(tmp_path, CASA_APPLY, ms_casa, res.tables["B"], res.tables["G"])
+    casa_applycal(tmp_path, ms_casa, [res.tables["B"], res.tables["G"]],
+                  interp=["nearest", "linear"])
     cc.apply_ms(ms_ours, res.tables)
     with ct.table(ms_casa, ack=False) as a, ct.table(ms_ours, ack=False) as b:
         ca, cb = a.getcol("CORRECTED_DATA"), b.getcol("CORRECTED_DATA")

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -534,18 +533,10 @@ print(json.dumps({"versions": [v["name"] for k, v in listed.items() if k != "MS"
 @pytest.mark.interop
 @pytest.mark.skipif(not _have_module("casatasks"), reason="casatasks is not installed")
 def test_casa_flagmanager_lists_and_restores_our_backups(ms, tmp_path):
-    from conftest import casa_site_config
-
-    site = casa_site_config(tmp_path)
-    script = tmp_path / "fm.py"
-    script.write_text(_CASA_FLAGMANAGER)
-    env = dict(os.environ, CASASITECONFIG=str(site))
+    from casarun import run_casa
 
     def casa(mode):
-        # CASA runs in its own process: casatools bundles its own casacore
-        res = subprocess.run([sys.executable, str(script), ms, mode], capture_output=True,
-                             text=True, timeout=600, env=env, cwd=tmp_path)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        res = run_casa(tmp_path, _CASA_FLAGMANAGER, ms, mode, name="fm.py")
         return json.loads(res.stdout.strip().splitlines()[-1])
 
     preflag(ms)

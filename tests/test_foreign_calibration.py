@@ -16,13 +16,11 @@ simulator (VLA, RR/LL and RR/RL/LR/LL, three pointed fields) and pyuvdata's writ
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from casarun import casa_applycal, casa_solve
 from contimg import caltables
 from contimg import calibrate as cc
 from kernels.constants import MJD_UNIX_OFFSET_S
@@ -238,42 +236,6 @@ def test_apply_corrects_cross_hands_and_only_the_field(casa_sim_ms_4pol, tmp_pat
 # interop: CASA bandpass / gaincal / applycal on the same MS
 # ---------------------------------------------------------------------------------
 
-CASA_SOLVE = """
-import sys
-from casatasks import gaincal, bandpass
-vis, pre, refant, field, minsnr = sys.argv[1:6]
-kw = dict(vis=vis, refant=refant, field=field, minsnr=float(minsnr))
-# the same sequence as ours: B0, phase per integration, B with it, G (ap) with B
-bandpass(caltable=pre + ".B0", solint="inf", bandtype="B", solnorm=False, **kw)
-gaincal(caltable=pre + ".Gp", solint="int", calmode="p", gaintype="G",
-        gaintable=[pre + ".B0"], **kw)
-bandpass(caltable=pre + ".B", solint="inf", bandtype="B", solnorm=False,
-         gaintable=[pre + ".Gp"], **kw)
-gaincal(caltable=pre + ".G", solint="int", calmode="ap", gaintype="G",
-        gaintable=[pre + ".B"], **kw)
-"""
-
-CASA_APPLY = """
-import sys
-from casatasks import applycal
-vis, tabs = sys.argv[1], sys.argv[2:]
-applycal(vis=vis, gaintable=tabs, interp=["nearest", "linear"], calwt=False,
-         flagbackup=False)
-"""
-
-
-def _casa(tmp_path, script, *args):
-    from conftest import casa_site_config
-
-    site = casa_site_config(tmp_path)
-    path = tmp_path / "casa_script.py"
-    path.write_text(script)
-    env = dict(os.environ, CASASITECONFIG=str(site))
-    res = subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True,
-                         text=True, env=env, timeout=600, cwd=str(tmp_path))
-    assert res.returncode == 0, f"CASA failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-
-
 def _write_model(fms, ms):
     """MODEL_DATA: the calibrator's spectrum on its field (parallel hands), 0 elsewhere
     -- our model (the calibrator sits at its field's phase centre)."""
@@ -304,8 +266,8 @@ def test_casa_agrees_on_foreign_ms(which, request, tmp_path):
     ms = fms.copy(tmp_path)
     _write_model(fms, ms)
     out = _cli_calibrate(fms, ms, fms.calibrator)
-    _casa(tmp_path, CASA_SOLVE, ms, tmp_path / "casa", out["refant"],
-          fms.field_id(fms.calibrator), 3.0)
+    casa_solve(tmp_path, ms, tmp_path / "casa", out["refant"],
+               field=fms.field_id(fms.calibrator), minsnr=3.0)
     worst = {}
     for kind in ("B", "G"):
         ours = caltables.read_caltable(out["tables"][kind])
@@ -341,7 +303,8 @@ def test_casa_agrees_on_foreign_ms(which, request, tmp_path):
     # applycal with our tables == contimg apply, every field and correlation
     ms_casa = fms.copy(tmp_path / "c")
     ms_ours = fms.copy(tmp_path / "o")
-    _casa(tmp_path, CASA_APPLY, ms_casa, out["tables"]["B"], out["tables"]["G"])
+    casa_applycal(tmp_path, ms_casa, [out["tables"]["B"], out["tables"]["G"]],
+                  interp=["nearest", "linear"])
     from contimg.cli import main
 
     assert main(["apply", ms_ours, out["tables"]["B"], out["tables"]["G"]]) == 0
@@ -428,89 +391,6 @@ def test_casa_errors_pool_the_noise_over_the_parallel_hands():
     np.testing.assert_array_equal(got[2], err[2])
 
 
-# ---------------------------------------------------------------------------------
-# the current pipeline's archive format: a DSA-110 group through pyuvdata's write_ms
-# ---------------------------------------------------------------------------------
-
-def _caltables_follow_channel_order():
-    """h-msio's fix (bandpass tables in the MS's channel order) is present: pyuvdata
-    writes a DSA-110 group's descending frequencies as they are."""
-    import inspect
-
-    return "freqs_hz" in inspect.signature(caltables.write_caltable).parameters
-
-
-@pytest.mark.xfail(not _caltables_follow_channel_order(), strict=True,
-                   reason="bandpass tables of a descending-frequency MS need "
-                          "contimg.caltables' channel-order fix (branch h-msio)")
-def test_dsa110_group_via_pyuvdata_write_ms_calibrates_as_our_ms(tmp_path):
-    """pyuvdata writes the group's per-integration phase centres as one FIELD each: a
-    drift scan; calibrate + apply give the same tables and CORRECTED_DATA as our MS."""
-    import warnings
-
-    from pyuvdata import UVData
-
-    from contimg.io.ms import open_ms, write_ms
-    from contimg.io.uvh5 import open_group
-    from contimg.simulate import SimConfig, simulate_group
-
-    cfg = SimConfig(n_ant=10, n_subbands=2, n_chan=8, n_times=6, rfi=None, threads=1)
-    g = simulate_group(tmp_path / "raw", cfg=cfg, calibrator=True)
-    truth = g.load_truth()
-    i = list(truth["sky_name"]).index("SIMCAL")
-    cat = tmp_path / "cal.csv"
-    cat.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
-                   f"SIMCAL,{float(np.degrees(truth['sky_ra'][i]))!r},"
-                   f"{float(np.degrees(truth['sky_dec'][i]))!r},"
-                   f"{float(truth['sky_flux'][i])!r},{float(truth['sky_alpha'][i])!r}\n")
-    ours = tmp_path / "ours.ms"
-    write_ms(open_group(g.files, n_subbands=2), ours)
-    uvd = UVData.from_file([str(f) for f in g.files], file_type="uvh5")
-    theirs = tmp_path / "pyuvdata.ms"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        uvd.write_ms(str(theirs), clobber=True)
-    res = {}
-    for ms in (ours, theirs):
-        r = cc.calibrate_ms(ms, catalog=str(cat))
-        assert r.calibrator == "SIMCAL" and r.transits[0].kind == "drift"
-        cc.apply_ms(ms, r.tables)
-        res[ms] = r
-    a, b = res[ours], res[theirs]
-    assert a.t_transit == pytest.approx(b.t_transit, abs=1e-3) and a.refant == b.refant
-    for kind in ("B", "G"):
-        x = caltables.read_caltable(a.tables[kind])
-        y = caltables.read_caltable(b.tables[kind])
-        np.testing.assert_array_equal(x["flag"], y["flag"])
-        np.testing.assert_allclose(x["cparam"], y["cparam"], rtol=1e-4, atol=1e-5)
-    da_, db_ = (open_ms(p, data_column="CORRECTED_DATA") for p in (ours, theirs))
-    np.testing.assert_allclose(db_.time.values, da_.time.values, atol=1e-3)
-    # the same baselines (each writer orders them its own way)
-    key = {(int(p), int(q)): k for k, (p, q) in enumerate(zip(
-        db_.baseline_antenna1_id.values, db_.baseline_antenna2_id.values))}
-    order = [key[(int(p), int(q))] for p, q in zip(da_.baseline_antenna1_id.values,
-                                                   da_.baseline_antenna2_id.values)]
-    ca = da_.VISIBILITY.values
-    cb = db_.VISIBILITY.values[:, order]
-    ok = np.abs(ca) > 0
-    assert ok.mean() > 0.9
-    np.testing.assert_allclose(cb[ok], ca[ok], rtol=1e-4, atol=1e-5)
-
-
-CASA_SOLVE_B = """
-import sys
-from casatasks import gaincal, bandpass
-vis, pre, refant, field, minsnr = sys.argv[1:6]
-kw = dict(vis=vis, refant=refant, field=field)
-# ours flags only the final B and G: the first two steps unflagged here too
-bandpass(caltable=pre + ".B0", solint="inf", bandtype="B", solnorm=False, minsnr=0.0, **kw)
-gaincal(caltable=pre + ".Gp", solint="int", calmode="p", gaintype="G", minsnr=0.0,
-        gaintable=[pre + ".B0"], **kw)
-bandpass(caltable=pre + ".B", solint="inf", bandtype="B", solnorm=False,
-         minsnr=float(minsnr), gaintable=[pre + ".Gp"], **kw)
-"""
-
-
 @pytest.mark.interop
 @pytest.mark.skipif(not _have("casatasks"), reason="casatasks is not installed")
 def test_min_snr_flags_what_casa_flags(casa_sim_ms, tmp_path):
@@ -531,7 +411,9 @@ def test_min_snr_flags_what_casa_flags(casa_sim_ms, tmp_path):
     t = 12.0
     res = cc.calibrate_ms(ms, catalog=fms.catalog, field="3C286", min_snr=t,
                           gain_interval=6, max_solutions_flagged=1.0)
-    _casa(tmp_path, CASA_SOLVE_B, ms, tmp_path / "casa", res.refant, 0, t)
+    # ours flags only the final B and G: CASA's first two steps unflagged too
+    casa_solve(tmp_path, ms, tmp_path / "casa", res.refant, field=0, minsnr=t, gains=False,
+               flag_all_steps=False)
     ours = caltables.read_caltable(res.tables["B"])
     theirs = caltables.read_caltable(tmp_path / "casa.B")
     fo, fc = ours["flag"], theirs["flag"]

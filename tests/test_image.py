@@ -380,13 +380,13 @@ def test_casa_importfits_accepts_our_fits(small_ms, tmp_path):
 
     if importlib.util.find_spec("casatasks") is None:
         pytest.skip("casatasks is not installed")
-    from conftest import casa_site_config
+    from casarun import run_casa
 
     from contimg.imaging import image_ms
 
     res = image_ms(small_ms, tmp_path / "c", npix=128, cell_arcsec=20.0, niter=50)
-    script = tmp_path / "imp.py"
-    script.write_text(
+    out = run_casa(
+        tmp_path,
         "import sys, json\n"
         "from casatasks import importfits, imhead\n"
         "from casatools import image\n"
@@ -397,11 +397,7 @@ def test_casa_importfits_accepts_our_fits(small_ms, tmp_path):
         "ia.close()\n"
         "print(json.dumps({'bmaj': h['beammajor']['value'], 'unit': h['beammajor']['unit'],"
         " 'bunit': h['bunit'], 'max': float(st['max'][0]), 'proj': pr['type'],"
-        " 'pv': [float(x) for x in pr['parameters']]}))\n")
-    env = dict(os.environ, CASASITECONFIG=str(casa_site_config(tmp_path)))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=600, env=env, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+        " 'pv': [float(x) for x in pr['parameters']]}))\n", name="imp.py")
     import json
 
     info = json.loads(out.stdout.strip().splitlines()[-1])

@@ -238,23 +238,15 @@ def test_bandpass_table_of_a_descending_ms_maps_channels_by_frequency(descending
                        freqs_hz=freq + 1e5)
 
 
-_CASA_APPLY = """
-import sys
-from casatasks import applycal
-applycal(vis=sys.argv[1], gaintable=sys.argv[2:], calwt=False, flagbackup=False)
-"""
-
-
 @pytest.mark.interop
 def test_casa_applies_our_bandpass_of_a_descending_ms_by_frequency(descending_ms, tmp_path):
     """CASA's applycal with the table written for the descending MS corrects it exactly as
     our apply_ms corrects the ascending MS (channels matched by frequency)."""
     import importlib.util
-    import os
 
     if importlib.util.find_spec("casatasks") is None:
         pytest.skip("casatasks is not installed")
-    from conftest import casa_site_config
+    from casarun import casa_applycal
 
     from contimg.calibrate import apply_ms
     from contimg.caltables import write_caltable
@@ -273,13 +265,7 @@ def test_casa_applies_our_bandpass_of_a_descending_ms_by_frequency(descending_ms
                                     times_unix=[ds.time.values.mean()], cparam=bp[None],
                                     flag=np.zeros((1,) + bp.shape, bool), freqs_hz=freq)
     apply_ms(a_ms, [tabs["a"]])
-    script = tmp_path / "apply.py"
-    script.write_text(_CASA_APPLY)
-    site = casa_site_config(tmp_path)
-    r = subprocess.run([sys.executable, str(script), d_ms, tabs["d"]], capture_output=True,
-                       text=True, timeout=600, cwd=tmp_path,
-                       env=dict(os.environ, CASASITECONFIG=str(site)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    casa_applycal(tmp_path, d_ms, [tabs["d"]])
     ours = open_ms(a_ms, data_column="CORRECTED_DATA")
     casa = open_ms(d_ms, data_column="CORRECTED_DATA")
     np.testing.assert_array_equal(casa.frequency.values, ours.frequency.values)

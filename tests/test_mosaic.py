@@ -6,9 +6,6 @@ plan/build records and the nightly schedule."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -113,24 +110,21 @@ def test_casa_importfits_reads_the_mosaic(members):
     if importlib.util.find_spec("casatasks") is None:
         pytest.skip("casatasks is not installed")
     from astropy.wcs import WCS
-    from conftest import casa_site_config
+    from casarun import run_casa
 
     tmp, paths, *_ = members
     mos, wt, noise, wcs, beam = mosaic.make_mosaic(paths[:2])
     p = mosaic.write_mosaic(tmp / "casa" / "m.fits", mos, wt, noise, wcs, beam)["mosaic"]
     im = tmp / "casa" / "m.im"
-    script = tmp / "casa" / "imp.py"
-    script.write_text(
+    out = run_casa(
+        tmp / "casa",
         "import json\nfrom casatasks import importfits, imhead\n"
         f"importfits(fitsimage={p!r}, imagename={str(im)!r})\n"
         f"h = imhead({str(im)!r}, mode='list')\n"
         "print(json.dumps({'shape': [int(x) for x in h['shape']], "
         "'crval1': float(h['crval1']), 'crval2': float(h['crval2']), "
-        "'cdelt2': float(h['cdelt2']), 'proj': h['projection'], 'bunit': h['bunit']}))\n")
-    env = dict(os.environ, CASASITECONFIG=str(casa_site_config(tmp / "casa")))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=600, env=env, cwd=tmp / "casa")
-    assert out.returncode == 0, out.stderr[-3000:]
+        "'cdelt2': float(h['cdelt2']), 'proj': h['projection'], 'bunit': h['bunit']}))\n",
+        name="imp.py")
     info = json.loads(out.stdout.strip().splitlines()[-1])
     w = WCS(p)
     assert info["shape"][:2] == list(mos.shape[::-1])

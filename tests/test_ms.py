@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import warnings
 
 import dask.array as da
@@ -747,17 +746,10 @@ print(json.dumps({"mean": float(stats[key]["mean"]), "npts": float(stats[key]["n
 @pytest.mark.skipif(not _have_module("casatasks"), reason="casatasks is not installed")
 def test_casa_reads_our_ms(small_ds, small_ms, tmp_path):
     """CASA 6.7 (offline, casadata) reads our MS: visstat and the ms tool agree with us."""
-    from conftest import casa_site_config
+    from casarun import run_casa
 
-    site = casa_site_config(tmp_path)
-    script = tmp_path / "casa_read.py"
-    script.write_text(_CASA_SCRIPT)
-    env = dict(os.environ, CASASITECONFIG=str(site))
     data_npy, uvw_npy = tmp_path / "data.npy", tmp_path / "uvw.npy"
-    # CASA runs in its own process: casatools bundles its own casacore
-    res = subprocess.run([sys.executable, str(script), small_ms, str(data_npy), str(uvw_npy)],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_casa(tmp_path, _CASA_SCRIPT, small_ms, data_npy, uvw_npy, name="casa_read.py")
     got = json.loads(res.stdout.strip().splitlines()[-1])
     ds = small_ds.compute()
     vis, flag = ds.VISIBILITY.values, ds.FLAG.values

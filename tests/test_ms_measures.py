@@ -233,12 +233,8 @@ def _have_casatasks():
 def test_casa_importuvfits_tai_ms_gives_our_times_and_positions(tmp_path):
     """UVFITS of our data through CASA's importuvfits: CASA writes TIME in TAI; open_ms
     gives the same times (UTC), phase centre, UVW and visibilities as our MS."""
-    import os
-    import subprocess
-    import sys
-
     from casacore import tables as ct
-    from conftest import casa_site_config
+    from casarun import run_casa
     from pyuvdata import UVData
 
     # contiguous channels (UVFITS needs them); one phase centre (UVFITS holds one): our
@@ -271,14 +267,8 @@ def test_casa_importuvfits_tai_ms_gives_our_times_and_positions(tmp_path):
         an = hdul["AIPS AN"].header
         an.pop("TIMESYS", None)
         an["TIMSYS"] = "IAT"
-    site = casa_site_config(tmp_path)
-    script = tmp_path / "imp.py"
-    script.write_text(_IMPORT_SCRIPT)
     casa_ms = tmp_path / "casa.ms"
-    res = subprocess.run([sys.executable, str(script), str(fits_path), str(casa_ms)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                         env=dict(os.environ, CASASITECONFIG=str(site)))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_casa(tmp_path, _IMPORT_SCRIPT, fits_path, casa_ms, name="imp.py")
     with ct.table(str(casa_ms), ack=False) as tb:
         ref = tb.getcolkeyword("TIME", "MEASINFO")["Ref"]
         raw = np.unique(tb.getcol("TIME"))
