@@ -317,8 +317,9 @@ class ImageConfig(_Section):
                               flags=("--uvw-source",), choices=("recompute", "stored"))
     uvw_tolerance_m: float = setting(1e-3, "warn (log, image QA, FITS UVWOK) when stored "
                                      "and recomputed UVW differ by more, m")
-    field: str | None = setting(None, "contimg image: the MS field to image (name or id)",
-                                flags=("--field",))
+    field: str | None = setting(None, "contimg image: the field to image: of an MS by FIELD "
+                                "name or id, of a UVH5 file by phase centre name or index",
+                                flags=("--field",), metavar="FIELD")
     spill: bool = setting(True, "keep the averaged visibilities between major cycles in a "
                           "compact store on disk, not in memory", flags=("--no-spill",))
 
