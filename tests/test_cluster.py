@@ -188,6 +188,17 @@ def test_every_subband_is_read_on_its_holder(cluster):
     table = out.split("per stage over 2 completed group(s):")[1].splitlines()
     rows = {ln.split()[0]: ln.split()[1:] for ln in table[2:] if ln.strip()}
     assert {"convert", "flag"} <= set(rows) and float(rows["flag"][2]) > 0, out
+    # the app's Cluster page shows the same table, from the same task records
+    from types import SimpleNamespace
+
+    from contimg.app.cluster import ClusterView
+
+    view = ClusterView(SimpleNamespace(db=db, task_log=str(root / "tasks"), scheduler=""))
+    view.update_timings()
+    shown = view.timings.object
+    assert "per stage over 2 completed group(s)" in shown and "CPU s/group" in shown, shown
+    flag_row = [ln for ln in shown.splitlines() if ln.split()[:1] == ["flag"]]
+    assert flag_row and float(flag_row[0].split()[3]) == float(rows["flag"][2]), shown
     assert len(list((root / "local" / "out" / "ms").glob("*.ms"))) == 2
 
 
