@@ -197,7 +197,9 @@ def test_every_subband_is_read_on_its_holder(cluster):
     view.update_timings()
     shown = view.timings.object
     assert "per stage over 2 completed group(s)" in shown and "CPU s/group" in shown, shown
-    flag_row = [ln for ln in shown.splitlines() if ln.split()[:1] == ["flag"]]
+    assert shown.startswith('<pre id="stage-timings">') and shown.endswith("</pre>"), shown
+    body = shown[len('<pre id="stage-timings">'):-len("</pre>")]
+    flag_row = [ln for ln in body.splitlines() if ln.split()[:1] == ["flag"]]
     assert flag_row and float(flag_row[0].split()[3]) == float(rows["flag"][2]), shown
     assert len(list((root / "local" / "out" / "ms").glob("*.ms"))) == 2
 
