@@ -7,8 +7,9 @@
 Simulates ``--groups`` groups once, then for each worker count N starts a real cluster
 with ``contimg cluster up`` (a ``dask scheduler`` and N ``dask worker`` processes on
 loopback, ``--threads`` threads each, nodes n0..n(N-1)), puts subband k in node
-k mod N's directory (linked from the incoming directory), runs ``contimg stream
---until-idle`` with ``placement = "nodes"`` and prints, side by side:
+k mod N's own directory (no incoming directory: the stream scans the nodes' directories),
+runs ``contimg stream --until-idle`` with ``placement = "nodes"`` and prints, side by
+side:
 
 * groups per hour (groups / wall time from the first claim to the last completion);
 * per-stage wall and CPU seconds per group, from the workers' own task records
@@ -29,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,14 +67,20 @@ def _transfers(dask_worker=None):
              "total": e["total"]} for e in dask_worker.transfer_outgoing_log]
 
 
-def _place(files, nodes, inc: Path, n):
-    inc.mkdir(parents=True, exist_ok=True)
+def _place(files, nodes, n):
+    """Subband k into node k mod n's own directory (hard links to the simulation)."""
     for f in files:
         f = Path(f)
         sb = int(f.name.split("_sb")[1][:2])
-        dest = nodes[f"n{sb % n}"] / f.name
-        os.link(f, dest)
-        os.symlink(dest, inc / f.name)
+        os.link(f, nodes[f"n{sb % n}"] / f.name)
+
+
+def _unplace(files, nodes):
+    names = {Path(f).name for f in files}
+    for d in nodes.values():
+        for f in d.iterdir():
+            if f.name in names:
+                f.unlink()
 
 
 def _clear_transfers(dask_worker=None):
@@ -86,18 +94,17 @@ def run_one(n, files, warm, work: Path, args) -> dict:
     from contimg.state import StateDB
 
     root = work / f"w{n}"
+    if root.exists():              # a previous run's cluster directories
+        shutil.rmtree(root)
     nodes = {f"n{i}": root / "nodes" / f"n{i}" for i in range(n)}
-    inc = root / "in"
     for d in nodes.values():
         d.mkdir(parents=True)
-    _place(files, nodes, inc, n)
-    _place(warm, nodes, root / "warm" / "in", n)
+    _place(warm, nodes, n)
     sport, wport = _ports(2)
     skip = [s for s in args.skip.split(",") if s]
     cfg = root / "contimg.toml"
     cfg.write_text(f"""
 [paths]
-incoming = "{inc}"
 output = "{root / 'out'}"
 db = "{root / 'db.sqlite3'}"
 [dask]
@@ -121,9 +128,11 @@ npix = {args.imsize}
     try:
         # warm-up (imports, numba caches, first-call costs in the fresh workers): one
         # small group through the same stages, apart (own database and output)
-        _contimg("--config", cfg, "stream", "--until-idle", "--incoming", root / "warm" / "in",
+        _contimg("--config", cfg, "stream", "--until-idle",
                  "--output", root / "warm" / "out", "--db", root / "warm" / "db.sqlite3",
                  "--subbands", args.warm_subbands)
+        _unplace(warm, nodes)          # the stream scans the nodes' directories
+        _place(files, nodes, n)
         with Client(f"tcp://127.0.0.1:{sport}", set_as_default=False) as c:
             c.run(_clear_transfers)
         t0 = time.time()
@@ -190,14 +199,18 @@ def main(argv=None):
     t0 = dt.datetime(2026, 1, 15, 8, 0, 0)
     files = []
     ts = time.time()
+    def _sim(d, t, cfg):       # a simulation already in --work is used again
+        have = sorted(map(str, d.glob("*.hdf5")))
+        if len(have) == cfg.n_subbands:
+            return have
+        return list(simulate_group(d, t, cfg=cfg).files)
+
     for i in range(args.groups):
-        g = simulate_group(work / "sim" / f"g{i}", t0 + dt.timedelta(seconds=i * GROUP_S),
-                           cfg=sim)
-        files += list(g.files)
-    warm = simulate_group(work / "sim" / "warm", t0 - dt.timedelta(days=1),
-                          cfg=SimConfig(n_ant=10, n_subbands=4, n_chan=8, n_times=6)).files
+        files += _sim(work / "sim" / f"g{i}", t0 + dt.timedelta(seconds=i * GROUP_S), sim)
+    warm = _sim(work / "sim" / "warm", t0 - dt.timedelta(days=1),
+                SimConfig(n_ant=10, n_subbands=4, n_chan=8, n_times=6))
     args.warm_subbands = 4
-    print(f"simulated {args.groups} group(s) of {args.antennas} antennas, "
+    print(f"simulated (or reused) {args.groups} group(s) of {args.antennas} antennas, "
           f"{args.subbands}x{args.channels} channels, {args.integrations} integrations in "
           f"{time.time() - ts:.0f} s; {args.threads} thread(s) per worker; skipped: "
           f"{args.skip or 'none'}; image {args.imsize} px", flush=True)

@@ -1,4 +1,4 @@
-"""The stream's intake: the incoming directory's files and the groups they form.
+"""The stream's intake: the incoming directories' files and the groups they form.
 
 :class:`Intake` is the part of :class:`contimg.stream.Stream` that watches files arrive
 (``scan``: every directory entry, whatever it is, is recorded or skipped with its reason;
@@ -38,27 +38,49 @@ def _check_ready(path):
     check_written(path, read_header(path))
 
 
+def _named(name) -> bool:
+    try:
+        tel.parse_subband_filename(name)
+    except ValueError:
+        return False
+    return True
+
+
 class Intake:
     """Files → groups (mixed into :class:`contimg.stream.Stream`)."""
 
     # ------------------------------------------------------------------ files
     def scan(self, *, once: bool = False):
-        """Look at the incoming directory; record new files, promote settled ones."""
+        """Look at the incoming directories (``cfg.scan_dirs``: the incoming directory and,
+        with placement by node, every node's own directory; a group's subbands may be
+        spread over them); record new files, promote settled ones."""
         now = time.time()
-        try:
-            entries = list(os.scandir(self.cfg.incoming))
-        except FileNotFoundError:
-            self.cfg.incoming.mkdir(parents=True, exist_ok=True)
-            return
-        except OSError as exc:       # unreadable directory: say so once, keep trying
-            self._entry_problem(str(self.cfg.incoming), exc)
-            return
-        self._entry_problem(str(self.cfg.incoming), None)
-        new, listed = [], set()
+        entries = []
+        for d in self.cfg.scan_dirs:
+            try:
+                entries += list(os.scandir(d))
+            except FileNotFoundError:
+                if d == self.cfg.incoming:
+                    d.mkdir(parents=True, exist_ok=True)
+                else:                # a node directory not mounted: say so, keep trying
+                    self._entry_problem(str(d), FileNotFoundError(
+                        errno.ENOENT, "node directory not found"))
+                continue
+            except OSError as exc:       # unreadable directory: say so once, keep trying
+                self._entry_problem(str(d), exc)
+                continue
+            self._entry_problem(str(d), None)
+        new, listed, real = [], set(), set()
+        several = len(self.cfg.scan_dirs) > 1
         for e in entries:
             if not e.name.endswith(".hdf5") or e.name.startswith("."):
                 continue
             path = os.path.abspath(e.path)
+            if several and _named(e.name):   # one file reachable from two directories:
+                rp = os.path.realpath(path)      # once (a misnamed link hides nothing)
+                if rp in real:
+                    continue
+                real.add(rp)
             listed.add(path)
             if path in self._final or path in self._ignored:
                 continue

@@ -90,12 +90,17 @@ class StreamConfig(StreamSettings):
     image: ImageConfig = field(default_factory=ImageConfig)
     mosaic_hour_utc: int | None = None           # the nightly mosaic ([science])
     holder_timeout_s: float = 60.0               # [dask] no_workers_timeout (placement)
+    #: directories scanned beside ``incoming`` (placement "nodes": every node's own
+    #: directory, so that no incoming directory of links is needed)
+    incoming_dirs: tuple = ()
 
     def __post_init__(self):
         self._check_fields(StreamSettings, skip=("placement",))
         # absolute: workers started in another directory see the same paths
         object.__setattr__(self, "incoming", Path(self.incoming).absolute())
         object.__setattr__(self, "output", Path(self.output).absolute())
+        object.__setattr__(self, "incoming_dirs",
+                           tuple(Path(d).absolute() for d in self.incoming_dirs))
         if self.db_path is not None:
             object.__setattr__(self, "db_path", Path(self.db_path).absolute())
         if self.placement not in ("any", None) and not isinstance(self.placement, dict):
@@ -111,9 +116,14 @@ class StreamConfig(StreamSettings):
         from contimg.convert import parse_placement
 
         kw = {f.name: getattr(cfg.stream, f.name) for f in fields(StreamSettings)}
-        kw.update(incoming=cfg.paths.incoming, output=cfg.paths.output, db_path=cfg.paths.db,
-                  placement=(node_placement(cfg.dask.nodes) if cfg.stream.placement == "nodes"
-                             else parse_placement(cfg.stream.placement)),
+        by_node = cfg.stream.placement == "nodes"
+        placement = (node_placement(cfg.dask.nodes) if by_node
+                     else parse_placement(cfg.stream.placement))
+        # by node: every node's directory is scanned (the incoming directory too, if set)
+        dirs = tuple(Path(d[0]) for d in placement.values()) if by_node else ()
+        kw.update(incoming=cfg.paths.incoming or (dirs[0] if dirs else None),
+                  output=cfg.paths.output, db_path=cfg.paths.db,
+                  placement=placement, incoming_dirs=dirs,
                   flag_strategy=cfg.flag.strategy, catalog=cfg.calibrate.catalog,
                   refant=cfg.calibrate.refant, image=cfg.image,
                   mosaic_hour_utc=cfg.science.mosaic_hour_utc,
@@ -124,6 +134,11 @@ class StreamConfig(StreamSettings):
                              "--incoming/--output, or incoming/output in [paths] of the "
                              "configuration file")
         return cls(**kw)
+
+    @property
+    def scan_dirs(self) -> tuple:
+        """Every directory the stream scans: ``incoming`` then ``incoming_dirs``."""
+        return tuple(dict.fromkeys((self.incoming, *self.incoming_dirs)))
 
     @property
     def image_options(self) -> dict:
@@ -261,7 +276,7 @@ class Stream(Intake):
             if self.cfg.use_notifications and not once:
                 observer = self._start_observer()
             log.info("watching %s%s; products in %s; %d group(s) in flight at most",
-                     self.cfg.incoming, " (notifications)" if observer else " (polling)",
+                     ", ".join(map(str, self.cfg.scan_dirs)), " (notifications)" if observer else " (polling)",
                      self.cfg.output, self.cfg.in_flight)
             while not self._stop.is_set():
                 self.step(once=once)
@@ -307,7 +322,9 @@ class Stream(Intake):
 
         self.cfg.incoming.mkdir(parents=True, exist_ok=True)
         obs = Observer()
-        obs.schedule(_Handler(), str(self.cfg.incoming), recursive=False)
+        for d in self.cfg.scan_dirs:
+            if d.is_dir():        # a node directory missing now is still polled
+                obs.schedule(_Handler(), str(d), recursive=False)
         try:
             obs.start()
         except OSError as exc:  # e.g. inotify watch limit: polling still works

@@ -5,8 +5,8 @@ holds it. Checked from the workers' own task records (the preload plugin's log),
 from the state database; then kill -9 of a worker mid-stream, then a node gone for good.
 
 Groups are small (10 antennas, 4 subbands x 8 channels, 6 integrations); subbands 00, 01
-live in node n0's directory, 02, 03 in n1's; the stream's incoming directory links to them
-(what a head node's view of the nodes' directories is).
+live in node n0's directory, 02, 03 in n1's, and nowhere else: the stream scans both
+nodes' directories and groups the subbands across them (no incoming directory of links).
 """
 
 from __future__ import annotations
@@ -100,30 +100,30 @@ def cluster(tmp_path_factory):
 
 
 def place_groups(root, name, n, start):
-    """``n`` groups simulated; each subband in its holder's directory, linked from an
-    incoming directory of its own. Returns (incoming, [group stamps])."""
-    inc = root / name / "in"
-    inc.mkdir(parents=True)
+    """``n`` groups simulated; each subband written into its holder node's own directory
+    (no incoming directory, no links: the stream scans every node's directory). The
+    previous test's files are cleared first (its stream has ended; each test has its own
+    database). Returns [file names]."""
+    for f in (root / "nodes").glob("*/*.hdf5"):
+        f.unlink()
     names = []
     for i in range(n):
         g = simulate_group(root / name / f"sim{i}", start + dt.timedelta(seconds=i * GROUP_S),
                            cfg=SIM)
         for f in g.files:
             f = Path(f)
-            dest = root / "nodes" / HOLDER[_sb(f.name)] / f.name
-            os.replace(f, dest)
-            os.symlink(dest, inc / f.name)
+            os.replace(f, root / "nodes" / HOLDER[_sb(f.name)] / f.name)
             names.append(f.name)
-    return inc, names
+    return names
 
 
 def _sb(name) -> int:
     return int(name.split("_sb")[1][:2])
 
 
-def stream(root, cfg, name, inc, *, wait=True, timeout=240):
+def stream(root, cfg, name, *, wait=True, timeout=240):
     args = [sys.executable, "-m", "contimg.cli", "--config", str(cfg), "stream",
-            "--incoming", str(inc), "--output", str(root / name / "out"),
+            "--output", str(root / name / "out"),
             "--db", str(root / name / "db.sqlite3"), "--until-idle", "--timeout", "200"]
     p = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
@@ -164,8 +164,8 @@ def test_every_subband_is_read_on_its_holder(cluster):
     root, cfg = cluster
     st = contimg("--config", cfg, "cluster", "status")
     assert "n0" in st.stdout and "n1" in st.stdout and "not connected" not in st.stdout
-    inc, names = place_groups(root, "local", 2, dt.datetime(2026, 1, 15, 8, 0, 0))
-    p = stream(root, cfg, "local", inc)
+    names = place_groups(root, "local", 2, dt.datetime(2026, 1, 15, 8, 0, 0))
+    p = stream(root, cfg, "local")
     log = p.stdout.read()
     assert p.returncode == 0, log
     db = StateDB(root / "local" / "db.sqlite3")
@@ -188,15 +188,28 @@ def test_every_subband_is_read_on_its_holder(cluster):
     table = out.split("per stage over 2 completed group(s):")[1].splitlines()
     rows = {ln.split()[0]: ln.split()[1:] for ln in table[2:] if ln.strip()}
     assert {"convert", "flag"} <= set(rows) and float(rows["flag"][2]) > 0, out
+    # the app's Cluster page shows the same table, from the same task records
+    from types import SimpleNamespace
+
+    from contimg.app.cluster import ClusterView
+
+    view = ClusterView(SimpleNamespace(db=db, task_log=str(root / "tasks"), scheduler=""))
+    view.update_timings()
+    shown = view.timings.object
+    assert "per stage over 2 completed group(s)" in shown and "CPU s/group" in shown, shown
+    assert shown.startswith('<pre id="stage-timings">') and shown.endswith("</pre>"), shown
+    body = shown[len('<pre id="stage-timings">'):-len("</pre>")]
+    flag_row = [ln for ln in body.splitlines() if ln.split()[:1] == ["flag"]]
+    assert flag_row and float(flag_row[0].split()[3]) == float(rows["flag"][2]), shown
     assert len(list((root / "local" / "out" / "ms").glob("*.ms"))) == 2
 
 
 @pytest.mark.slow
 def test_kill9_worker_mid_stream_completes_every_group_once(cluster):
     root, cfg = cluster
-    inc, names = place_groups(root, "kill", 3, dt.datetime(2026, 1, 15, 9, 0, 0))
+    names = place_groups(root, "kill", 3, dt.datetime(2026, 1, 15, 9, 0, 0))
     before = _worker_pids(cfg)
-    p = stream(root, cfg, "kill", inc, wait=False)
+    p = stream(root, cfg, "kill", wait=False)
     db_path = root / "kill" / "db.sqlite3"
     # the moment a read of ours has run: the stream is inside its first group
     deadline = time.monotonic() + 120
@@ -228,10 +241,10 @@ def test_scheduler_restart_mid_stream_loses_and_duplicates_nothing(cluster):
     group in flight is re-queued without spending a retry, the workers come back, and
     every group completes once."""
     root, cfg = cluster
-    inc, names = place_groups(root, "sched", 2, dt.datetime(2026, 1, 15, 11, 0, 0))
+    names = place_groups(root, "sched", 2, dt.datetime(2026, 1, 15, 11, 0, 0))
     pids_file = root / "run" / "pids.json"
     pids = json.loads(pids_file.read_text())
-    p = stream(root, cfg, "sched", inc, wait=False)
+    p = stream(root, cfg, "sched", wait=False)
     deadline = time.monotonic() + 120
     while not reads(root, names) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -260,8 +273,8 @@ def test_a_node_gone_for_good_fails_its_groups_naming_the_subbands(cluster):
     root, cfg = cluster
     pids = json.loads((root / "run" / "pids.json").read_text())
     os.killpg(pids["n1"], signal.SIGKILL)
-    inc, names = place_groups(root, "gone", 1, dt.datetime(2026, 1, 15, 10, 0, 0))
-    p = stream(root, cfg, "gone", inc)
+    names = place_groups(root, "gone", 1, dt.datetime(2026, 1, 15, 10, 0, 0))
+    p = stream(root, cfg, "gone")
     log = p.stdout.read()
     assert p.returncode == 1, log         # every group failed: the stream says so
     (g,) = StateDB(root / "gone" / "db.sqlite3").groups()
@@ -335,3 +348,44 @@ def test_the_node_list_is_checked_and_places_files_by_directory(tmp_path):
     place = node_placement([f"a={tmp_path / 'a'}", f"ab={tmp_path / 'ab'}"])
     # by the real path, and a directory is not the prefix of its sibling's name
     assert holders(place, [str(f), str(link)]) == {str(f): ["a"], str(link): ["ab"]}
+
+
+def test_the_stream_groups_subbands_across_the_node_directories(tmp_path):
+    """placement "nodes": the stream scans every node's own directory (no incoming
+    directory of links) and groups one group's subbands across them; a file also
+    reachable through a link in the incoming directory counts once; without placement
+    by node only the incoming directory is scanned, as before."""
+    from contimg import config as C
+    from contimg.stream import Stream, StreamConfig
+
+    a, b, inc = tmp_path / "a", tmp_path / "b", tmp_path / "in"
+    for d in (a, b, inc):
+        d.mkdir()
+    g = simulate_group(tmp_path / "sim", dt.datetime(2026, 1, 15, 8, 0, 0), cfg=SIM)
+    for f in map(Path, g.files):
+        os.replace(f, (a if _sb(f.name) < 2 else b) / f.name)
+    sb00 = next(a.glob("*_sb00.hdf5"))
+    (inc / sb00.name).symlink_to(sb00)
+    over = {"dask.nodes": [f"n0={a}", f"n1={b}"], "stream.placement": "nodes",
+            "stream.n_subbands": 4, "paths.output": str(tmp_path / "out"),
+            "paths.db": str(tmp_path / "db.sqlite3")}
+    cfg = StreamConfig.from_config(C.load_config(env={}, overrides=over))
+    assert cfg.scan_dirs == (a, b) and cfg.incoming == a      # no [paths] incoming: n0's
+    for with_inc in (False, True):
+        if with_inc:
+            (tmp_path / "db.sqlite3").unlink()
+            cfg = StreamConfig.from_config(C.load_config(
+                env={}, overrides=dict(over, **{"paths.incoming": str(inc)})))
+            assert cfg.scan_dirs == (inc, a, b)
+        stream = Stream(cfg, client=None)
+        stream.scan(once=True)
+        stream.update_groups(once=True)
+        (grp,) = stream.db.groups()
+        assert grp["state"] == "pending", grp
+        files = stream.db.files(grp["group_id"])
+        assert sorted(f["subband"] for f in files) == [0, 1, 2, 3], files
+        assert all(f["status"] == "ready" for f in files), files
+        assert {Path(f["path"]).parent for f in files if f["subband"] >= 2} == {b}
+    one = StreamConfig.from_config(C.load_config(env={}, overrides=dict(
+        over, **{"paths.incoming": str(inc), "stream.placement": "any"})))
+    assert one.scan_dirs == (inc,) and one.incoming_dirs == ()

@@ -73,6 +73,7 @@ def _context(cfg, db_path, products):
                       cookie_secret=cookie_secret_for(a.cookie_secret, db),
                       scheduler=a.scheduler or cfg.dask.scheduler,
                       dashboard_url=a.dashboard_url, oauth_provider=a.oauth_provider,
+                      task_log=str(cfg.dask.task_log or ""),
                       max_failures=a.login_max_failures, backoff_s=a.login_backoff_s)
 
 

@@ -5,7 +5,10 @@ refresh never blocks a page); every few seconds it asks the scheduler for its wo
 (memory, CPU, threads), the tasks processing on each worker and the task counts by
 state. Stage tasks carry readable keys (``<stage>-<group>-a<attempt>-<ns>``, see
 :func:`contimg.pipeline.stage_key`), so the page says which groups are in flight on
-which worker.
+which worker. Below, the per-stage timings over the completed groups (the database's
+wall seconds and, with ``[dask] task_log``, the CPU seconds per group from the workers' own
+task records: :func:`contimg.cluster.stage_table`, what ``contimg status`` prints),
+refreshed every :data:`TIMINGS_EVERY` updates.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 
 STAGE_KEY = re.compile(r"^(?P<stage>[a-z_]+)-(?P<group>\d{4}-\d\d-\d\dT[\d:]+)-a(?P<a>\d+)")
 _clients: dict = {}
+TIMINGS_EVERY = 10        # updates (of 3 s) between two readings of the task records
 
 
 def _task_counts(dask_scheduler=None):
@@ -75,8 +79,21 @@ class ClusterView:
                                             sizing_mode="stretch_width", height=220)
         self.inflight = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=False,
                                              sizing_mode="stretch_width", height=220)
+        self.timings = pn.pane.HTML(sizing_mode="stretch_width")
+        self._n = 0
+
+    def update_timings(self):
+        """The per-stage table (database wall seconds, workers' CPU seconds per group)."""
+        from contimg.cluster import stage_table
+
+        lines = stage_table(self.ctx.db, self.ctx.task_log or None)
+        self.timings.object = (f'<pre id="stage-timings">{html.escape(chr(10).join(lines))}'
+                               "</pre>" if lines else "<p>No completed group yet.</p>")
 
     async def update(self):
+        if self._n % TIMINGS_EVERY == 0:
+            self.update_timings()
+        self._n += 1
         if not self.ctx.scheduler:
             self.head.object = ("<p>No Dask scheduler configured: start the app with "
                                 "<code>--scheduler tcp://HOST:8786</code> (the stream's).</p>")
@@ -104,4 +121,5 @@ class ClusterView:
         pn.state.add_periodic_callback(self.update, period=3000)
         return pn.Column(self.head, "#### Workers", self.workers,
                          "#### Groups in flight (stage tasks by worker)", self.inflight,
+                         "#### Per-stage timings (completed groups)", self.timings,
                          sizing_mode="stretch_width")

@@ -44,6 +44,7 @@ class AppContext:
     cookie_secret: str
     scheduler: str = ""
     dashboard_url: str = ""
+    task_log: str = ""            # [dask] task_log: the workers' task records
     oauth_provider: str = ""
     max_failures: int = 5
     backoff_s: float = 1.0
