@@ -18,6 +18,7 @@ import os
 import time
 
 from contimg import telescope as tel
+from contimg.io.uvh5 import is_subband_file
 
 log = logging.getLogger("contimg.stream")
 
@@ -36,14 +37,6 @@ def _check_ready(path):
     with open(path, "rb"):      # PermissionError: not bad, only not readable yet
         pass
     check_written(path, read_header(path))
-
-
-def _named(name) -> bool:
-    try:
-        tel.parse_subband_filename(name)
-    except ValueError:
-        return False
-    return True
 
 
 class Intake:
@@ -76,7 +69,7 @@ class Intake:
             if not e.name.endswith(".hdf5") or e.name.startswith("."):
                 continue
             path = os.path.abspath(e.path)
-            if several and _named(e.name):   # one file reachable from two directories:
+            if several and is_subband_file(e.name):   # one file reachable from two directories:
                 rp = os.path.realpath(path)      # once (a misnamed link hides nothing)
                 if rp in real:
                     continue
