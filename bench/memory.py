@@ -12,6 +12,7 @@ runs every stage in a fresh Python process of the code in ``--code`` (default: t
 checkout; give an export of another commit to measure the code before a change):
 
 * convert -- ``convert_group`` on a LocalCluster (1 worker process, 2 threads), no flags;
+* convertflag -- the same with ``flag=True`` (the stream's default: flags while converting);
 * flag -- ``pipeline.stage_flag`` (``flag_ms`` on the MS);
 * calibrate -- ``pipeline.stage_calibrate`` (find the calibrator, solve, write tables);
 * apply -- ``calibrate.apply_ms`` with those tables (CORRECTED_DATA);
@@ -46,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 GIB = float(1 << 30)
 
-STAGES = ("convert", "flag", "calibrate", "apply", "image", "stream")
+STAGES = ("convert", "convertflag", "flag", "calibrate", "apply", "image", "stream")
 
 _PRELUDE = """
 import json, os, sys
@@ -63,6 +64,14 @@ with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
                   dashboard_address=":0") as cl, Client(cl) as client:
     convert_group(client, args["files"], args["ms"], placement="any", overwrite=True,
                   n_subbands=len(args["files"])).result()
+""",
+    "convertflag": """
+from distributed import Client, LocalCluster
+from contimg.convert import convert_group
+with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                  dashboard_address=":0") as cl, Client(cl) as client:
+    convert_group(client, args["files"], args["ms"], placement="any", overwrite=True,
+                  n_subbands=len(args["files"]), flag=True).result()
 """,
     "flag": """
 from contimg.pipeline import stage_flag
@@ -221,7 +230,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="1,2,4")
     ap.add_argument("--axis", default="antennas", choices=("antennas", "channels", "times"))
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--stages", default=",".join(s for s in STAGES if s != "convertflag"))
     ap.add_argument("--code", default=str(HERE), help="checkout whose code is measured")
     ap.add_argument("--label", default=None, help="name of this code in the results "
                     "(default: its directory name)")

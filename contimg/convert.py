@@ -104,97 +104,6 @@ def _compute_here(lazy):
     return prepare_ms_block(dict(zip(names, values, strict=True)))
 
 
-def _compute_raw(lazy):
-    """Runs where the block's file is: read the block's variables (contract layout)."""
-    import dask
-
-    names = [n for n, _ in lazy.value]
-    values = dask.compute(*(a for _, a in lazy.value), scheduler="sync")
-    return dict(zip(names, values, strict=True))
-
-
-def _prepare_shared(raw, columns, extra):
-    """A writer's block from a shared read: ``columns`` maps MS column -> variable of
-    ``raw``; ``extra`` (lazy) are the block's other columns (e.g. UVW), computed here."""
-    import dask
-
-    from contimg.io.ms import prepare_ms_block
-
-    vals = {col: raw[var] for col, var in columns.items()}
-    if extra.value:
-        names = [n for n, _ in extra.value]
-        got = dask.compute(*(a for _, a in extra.value), scheduler="sync")
-        vals.update(zip(names, got, strict=True))
-    return prepare_ms_block(vals)   # never writes into raw: the flagger shares it
-
-
-def _pick(raw, var):
-    return raw[var]
-
-
-class _SharedReads:
-    """One read per block of VISIBILITY, FLAG and WEIGHT, for both the MS writer and
-    the flagging graph (which would otherwise read every file a second time: ~18 CPU-s
-    per DSA-110 group). Reads are submitted at once, pinned like the writer's own."""
-
-    VARS = ("VISIBILITY", "FLAG", "WEIGHT")
-
-    def __init__(self, client, ds, allowed, labels, token):
-        from contimg.io.ms import single_block
-
-        self.client, self.ds = client, ds
-        nt, nb, nf, npol = ds.VISIBILITY.data.numblocks
-        if nb != 1 or npol != 1:
-            raise ValueError("shared reads need whole baselines and polarizations per block")
-        self.futs, self.names = {}, {}
-        for ti in range(nt):
-            for fi in range(nf):
-                named = []
-                for var in self.VARS:
-                    blk = ds[var].data.blocks[ti, 0, fi, 0]
-                    self.names[blk.name] = (ti, fi, var)
-                    named.append((var, single_block(blk)))
-                ws = allowed[fi]
-                pin = {} if ws is None else dict(workers=ws, allow_other_workers=False)
-                self.futs[ti, fi] = client.submit(
-                    _compute_raw, _Lazy(named), **pin, pure=False, priority=10,
-                    key=f"read-{labels[fi]}-t{ti}-{token}")
-
-    def dataset(self):
-        """``ds`` with VISIBILITY and FLAG made of the shared reads."""
-        import dask
-        import dask.array as da
-
-        out = {}
-        for var in ("VISIBILITY", "FLAG"):
-            src = self.ds[var].data
-            tch, _, fch, _ = src.chunks
-            # nested lists: time, baseline (one), frequency, polarization (one)
-            grid = [[[[da.from_delayed(
-                dask.delayed(_pick, pure=True)(self.futs[ti, fi], var),
-                shape=(nt, src.shape[1], nf, src.shape[3]), dtype=src.dtype)]
-                for fi, nf in enumerate(fch)]] for ti, nt in enumerate(tch)]
-            out[var] = (self.ds[var].dims, da.block(grid))
-        return self.ds.assign(**out)
-
-    def prepared(self, named, block):
-        """The writer's block from the shared read, or None when a column is not one
-        of the shared variables' blocks (the writer then reads it itself)."""
-        columns, extra = {}, []
-        for col, arr in named:
-            hit = self.names.get(getattr(arr, "name", None))
-            if hit is not None and hit[:2] == tuple(block):
-                columns[col] = hit[2]
-            elif col == "UVW":
-                extra.append((col, arr))
-            else:
-                return None
-        fut = self.client.submit(_prepare_shared, self.futs[tuple(block)], columns,
-                                 _Lazy(extra), pure=False, priority=10,
-                                 key=f"prepare-t{block[0]}-f{block[1]}-{uuid.uuid4().hex[:8]}")
-        return _Gathered(self.client, fut)
-
-
 class _Gathered:
     def __init__(self, client, futures):
         self.client, self.futures = client, futures
@@ -220,8 +129,12 @@ class _Gathered:
 
 def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=None):
     """Runs on a worker: stream the group's blocks (reads pinned) into one MS; with a
-    flagging strategy, the flagging graph runs on the cluster meanwhile and the MS gets
-    its final flags (no second pass over the MS)."""
+    flagging strategy, the MS is then flagged in place by :func:`contimg.flagging.flag_ms`
+    on bounded baseline blocks (all integrations and channels of a few baselines at a
+    time, read back from the MS just written), so neither the writer nor the flagger
+    holds the group; a failed flagging removes the MS."""
+    import shutil
+
     from distributed import worker_client
 
     from contimg.io.ms import single_block, write_ms
@@ -233,17 +146,17 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
     token = uuid.uuid4().hex[:8]
     labels = [os.path.basename(f).replace(".hdf5", "") if f else "filled"
               for f in ds.attrs["chunk_files"]]
+    st = None
+    history = [f"contimg convert from {len(ds.attrs['source_files'])} UVH5 files"]
+    if flag_strategy is not None:
+        from contimg.config import load_flag_strategy
+
+        st = load_flag_strategy(None if flag_strategy is True else flag_strategy)
+        info["strategy"] = st.to_dict()
+        history.append(f"contimg RFI flags: {json.dumps(info['strategy'])}")
     with worker_client() as client:
-        shared = None
-        if flag_strategy is not None:
-            # the flagger and the writer share one read of every block
-            shared = _SharedReads(client, ds, allowed, labels, token)
 
         def submit(named, block):
-            if shared is not None:
-                handle = shared.prepared(named, block)
-                if handle is not None:
-                    return handle
             # One task per block, pinned: the block's whole (small) graph runs inside it
             # on the worker that holds the file, so no read can drift elsewhere.
             ws = allowed[block[1]]
@@ -256,15 +169,26 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
                                 key=f"read-{labels[block[1]]}-t{block[0]}-{token}")
             return _Gathered(client, fut)
 
-        flags = None
-        history = [f"contimg convert from {len(ds.attrs['source_files'])} UVH5 files"]
-        if flag_strategy is not None:
-            flags = _flag_future(client, shared.dataset(), flag_strategy, info)
-            history.append(f"contimg RFI flags: {json.dumps(info['strategy'])}")
+        # Writing and flagging both happen while this task is seceded (inside
+        # worker_client), and so does every wait for the lock: a task that rejoined the
+        # worker's thread pool and then waited for the lock would hold the worker's only
+        # slot while the lock's holder waits for reads pinned to that worker (the
+        # stream's stall when flagging followed the ``with`` block).
         with _CASACORE_LOCK:
             path = write_ms(ds, ms_path, overwrite=overwrite, submit=submit,
-                            prefetch=prefetch, history=history, flags=flags,
-                            stats=stats)
+                            prefetch=prefetch, history=history, stats=stats)
+            if st is not None:
+                from contimg.flagging import flag_ms
+
+                t1 = time.perf_counter()
+                try:
+                    summ = flag_ms(path, strategy=st, backup=False)
+                except BaseException:
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
+                info["flag_seconds"] = time.perf_counter() - t1
+                info["flagged"] = float(summ["after"]["overall"])
+                info["_after"] = summ["after"]
     out = dict(ms=path, seconds=time.perf_counter() - t0,
                nbytes=int(ds.VISIBILITY.nbytes + ds.FLAG.nbytes + ds.WEIGHT.nbytes),
                write_s=stats.get("seconds"), wait_s=stats.get("wait_s"))
@@ -276,42 +200,13 @@ def _write_task(lazy_ds, ms_path, allowed, overwrite, prefetch, flag_strategy=No
 
 def _write_flag_summary(ms, ds, info):
     """``<ms>.flag_summary.json``, as ``contimg flag`` writes it (no ``before``: the
-    flags were made while the MS was written)."""
+    flags were made while the group was converted)."""
     from contimg.flagging import default_summary_path, summary_record, write_flag_summary
 
     summary = summary_record(ms, ds, info["strategy"], group=ds.attrs.get("group_start"),
                              after=info["_after"], during="conversion",
                              timing_s={"flag": round(info["flag_seconds"], 4)})
     return str(write_flag_summary(summary, default_summary_path(ms)))
-
-
-def _flag_future(client, ds, flag_strategy, info):
-    """Start the flagging graph of ``ds`` on the cluster (below the reads in priority);
-    return the callable ``write_ms(flags=...)`` calls for the final FLAG cube."""
-    import dask
-
-    from contimg.config import load_flag_strategy
-    from graphs.flag import flag_dataset
-
-    st = load_flag_strategy(None if flag_strategy is True else flag_strategy)
-    info["strategy"] = st.to_dict()
-    t0 = time.perf_counter()
-    with dask.config.set({"array.rechunk.method": "tasks"}):
-        new = flag_dataset(ds, st)["FLAG"].data
-    fut = client.compute(new, priority=-10)
-
-    def result():
-        from contimg.flagging import summary_part
-        from graphs.flag import flag_summary_of_cube
-
-        cube = fut.result()
-        info["flag_seconds"] = time.perf_counter() - t0
-        fs = flag_summary_of_cube(ds, cube)
-        info["flagged"] = float(fs["flag_fraction"].values)
-        info["_after"] = summary_part(fs)
-        return cube
-
-    return result
 
 
 def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=False,
@@ -321,10 +216,10 @@ def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=Fal
     ``files_or_ds``: the group's subband files, or one UVH5 file of any telescope (opened
     by :func:`contimg.io.uvh5.open_any`), or a Dataset.
     ``flag``: RFI-flag while converting (True: the default strategy; or a
-    :class:`graphs.flag.FlagStrategy`, mapping or TOML path): the flagging graph runs
-    on the cluster alongside the writer and the MS is written with the final flags;
-    the summary then has ``flagged`` (fraction) and ``flag_seconds``. Its reads are not
-    pinned: use it with ``placement="any"`` (shared or local disks).
+    :class:`graphs.flag.FlagStrategy`, mapping or TOML path): once written, the MS is
+    flagged in place on bounded baseline blocks (:func:`contimg.flagging.flag_ms`, no
+    flag version kept), before the Future completes; the summary then has ``flagged``
+    (fraction) and ``flag_seconds``. Use it with ``placement="any"``.
     ``open_kw`` go to :func:`contimg.io.uvh5.open_any` (``n_subbands``,
     ``allow_missing``...: for groups). The Future's result is ``{"ms", "seconds", "nbytes"}``;
     bad input raises :class:`contimg.io.uvh5.UVH5Error` here (headers are read now)

@@ -219,6 +219,40 @@ def test_flag_ms_on_baseline_blocks_gives_todays_flags(tmp_path, monkeypatch, bl
     assert summary["after"]["overall"] == pytest.approx(want.mean())
 
 
+def test_flagging_inside_convert_is_bounded_and_gives_todays_flags(tmp_path, monkeypatch):
+    """convert_group(flag=True) (the stream's default) flags the MS it wrote per
+    baseline block (here 7 of 66 baselines per read: 10 reads of FLAG-sized blocks,
+    never the group): the MS's flags are the one-graph flagger's on the group's
+    Dataset (graphs.flag.flag_dataset on open_group), bit for bit."""
+    from distributed import Client, LocalCluster
+
+    from contimg import flagging
+    from contimg.convert import convert_group
+    from contimg.io.ms import open_ms
+    from graphs.flag import flag_dataset
+
+    cfg = SimConfig(n_ant=11, n_subbands=2, n_chan=16, n_times=8, threads=1)
+    g = simulate_group(tmp_path / "raw", cfg=cfg)
+    want = flag_dataset(open_group(g.files, n_subbands=2)).FLAG.values
+    assert 0.001 < want.mean() < 0.5                   # the flagger found something
+    plane = 8 * 32 * 2 * 8
+    monkeypatch.setattr(flagging, "BLOCK_BYTES", 7 * plane)
+    reads = []
+    real = flagging._get_block
+    monkeypatch.setattr(flagging, "_get_block",
+                        lambda tb, layout, col, tsl, bsl: reads.append(bsl) or real(
+                            tb, layout, col, tsl, bsl))
+    ms = tmp_path / "g.ms"
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as lc, Client(lc, set_as_default=False) as cl:
+        res = convert_group(cl, g.files, ms, placement="any", flag=True,
+                            n_subbands=2).result()
+    assert len(reads) == -(-66 // 7) and max(b.stop - b.start for b in reads) == 7
+    np.testing.assert_array_equal(open_ms(ms).FLAG.values, want)
+    assert res["flagged"] == pytest.approx(want.mean())
+    assert flagging.list_flag_versions(ms) == []             # no flag version kept
+
+
 # ---------------------------------------------------------------------------------
 # admission by a memory budget
 # ---------------------------------------------------------------------------------
