@@ -36,7 +36,7 @@ from contimg import caltables, sky
 from contimg import calibrate as cc
 from contimg.io.ms import open_ms, write_ms
 from contimg.io.uvh5 import open_group
-from contimg.simulate import SimConfig, simulate_group
+from contimg.simulate import SimConfig, simulate_group, write_calibrator_catalog
 from kernels.constants import SECONDS_PER_DAY
 
 WSCLEAN = shutil.which("wsclean")
@@ -49,21 +49,12 @@ def _have_module(name):
     return importlib.util.find_spec(name) is not None
 
 
-def _catalog_csv(path, truth):
-    i = list(truth["sky_name"]).index("SIMCAL")
-    path.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
-                    f"SIMCAL,{float(np.degrees(truth['sky_ra'][i]))!r},"
-                    f"{float(np.degrees(truth['sky_dec'][i]))!r},"
-                    f"{float(truth['sky_flux'][i])!r},{float(truth['sky_alpha'][i])!r}\n")
-    return path
-
-
 def _make(tmp, n_ant=NANT, sky_arg=None, **cfg_kw):
     cfg = SimConfig(n_ant=n_ant, n_subbands=NSUB, n_chan=NCHAN, n_times=NTIME, rfi=None,
                     threads=1, **cfg_kw)
     g = simulate_group(tmp / "raw", cfg=cfg, calibrator=True, sky=sky_arg)
     truth = g.load_truth()
-    cat = _catalog_csv(tmp / "cal.csv", truth)
+    cat = write_calibrator_catalog([g], tmp / "cal.csv")
     ds = open_group(g.files, n_subbands=NSUB)
     return dict(group=g, truth=truth, catalog=str(cat), ds=ds, cfg=cfg)
 

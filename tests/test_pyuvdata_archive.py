@@ -12,7 +12,7 @@ import pytest
 
 from contimg.io.ms import open_ms, write_ms
 from contimg.io.uvh5 import open_group
-from contimg.simulate import SimConfig, simulate_group
+from contimg.simulate import SimConfig, simulate_group, write_calibrator_catalog
 
 NSUB, NCHAN, NTIME, NANT = 2, 8, 6, 16
 
@@ -27,13 +27,7 @@ def archive(tmp_path_factory):
     cfg = SimConfig(n_ant=NANT, n_subbands=NSUB, n_chan=NCHAN, n_times=NTIME, rfi=None,
                     threads=1)
     g = simulate_group(tmp / "raw", cfg=cfg, calibrator=True)
-    truth = g.load_truth()
-    i = list(truth["sky_name"]).index("SIMCAL")
-    cat = tmp / "cal.csv"
-    cat.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
-                   f"SIMCAL,{float(np.degrees(truth['sky_ra'][i]))!r},"
-                   f"{float(np.degrees(truth['sky_dec'][i]))!r},"
-                   f"{float(truth['sky_flux'][i])!r},{float(truth['sky_alpha'][i])!r}\n")
+    cat = write_calibrator_catalog([g], tmp / "cal.csv")
     ds = open_group(g.files, n_subbands=NSUB)
     ours = tmp / "ours.ms"
     write_ms(ds, ours)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from contimg.simulate import SimConfig, simulate_group
+from contimg.simulate import SimConfig, simulate_group, write_calibrator_catalog
 from contimg.state import StateDB
 from contimg.stream import Stream, StreamConfig
 from test_stream import _cfg  # the same small-group stream settings
@@ -570,13 +570,7 @@ def test_a_failed_solve_says_nan_visibilities_were_there(small_group, tmp_path):
     from contimg.calibrate import NoConvergenceError, solve_dataset
     from contimg.io.uvh5 import open_group
 
-    truth = small_group.load_truth()
-    i = list(truth["sky_name"]).index("SIMCAL")
-    cat = tmp_path / "cal.csv"
-    cat.write_text("name,ra_deg,dec_deg,flux_jy,alpha\n"
-                   f"SIMCAL,{float(np.degrees(truth['sky_ra'][i]))!r},"
-                   f"{float(np.degrees(truth['sky_dec'][i]))!r},"
-                   f"{float(truth['sky_flux'][i])!r},{float(truth['sky_alpha'][i])!r}\n")
+    cat = write_calibrator_catalog([small_group], tmp_path / "cal.csv")
     ds = open_group(small_group.files, n_subbands=4).compute()
     vis = ds.VISIBILITY.values
     vis[:, ::3, ::2] = np.nan                     # unflagged NaN in a sixth of the data
