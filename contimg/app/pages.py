@@ -234,6 +234,10 @@ def _calibration(ctx, user):
             color="status", cmap={"valid": "green", "rejected": "red"}, line_width=8,
             height=60 + 30 * len(sets), responsive=True, title="validity windows",
             tools=["hover"])
+        # the pane reserves the plot's height before Bokeh draws it, so the table
+        # below does not move under an operator's click while the page is loading
+        timeline = pn.pane.HoloViews(timeline, height=60 + 30 * len(sets),
+                                     sizing_mode="stretch_width")
     else:
         timeline = pn.pane.Markdown("no calibration sets in the database yet")
     plots = pn.Column(pn.pane.Markdown("Select a calibration set to plot its solutions."),
