@@ -96,6 +96,55 @@ def test_solutions_in_passes_equal_the_one_graph_solve(calgroup, time_chunk, opt
     assert not sol.BANDPASS_FLAG.values.all()          # there is something to compare
 
 
+def test_calibration_chunks_are_bounded_by_bytes_not_baselines():
+    """Full DSA-110 group: today's chunk (24 integrations x 48 channels); 2x and 4x the
+    antennas: every integration still in one chunk (two reads, not four), fewer
+    channels, the same bytes; a group whose single channel exceeds the budget: time
+    chunks of a subband's channels."""
+    for nant, chans in ((96, 48), (136, 24), (193, 12)):
+        nbl = nant * (nant + 1) // 2
+        ch = cc.calibration_chunks(24, nbl, 2, 48)
+        assert ch == {"time": 24, "frequency": chans}
+        assert 24 * nbl * chans * 2 * 8 <= cc.CHUNK_BYTES
+        assert 48 % ch["frequency"] == 0              # never straddles two MS tiles
+    nbl = 2000 * 2001 // 2                            # DSA-2000
+    ch = cc.calibration_chunks(24, nbl, 2, 48)
+    assert ch["frequency"] == 48 and 1 <= ch["time"] < 24
+    assert ch["time"] * nbl * 48 * 2 * 8 <= cc.CHUNK_BYTES or ch["time"] == 1
+    assert cc.calibration_chunks(24, 4656, 2, 48, budget=1) == {"time": 1, "frequency": 48}
+
+
+def test_narrower_frequency_chunks_give_the_same_solutions(calgroup, tmp_path):
+    """calibrate_ms on an MS opened in chunks of fewer channels (as a larger group is):
+    the solutions of the subband-wide chunks within float rounding (the bandpass, per
+    channel, from the same sums; the gain sums added in another order)."""
+    from contimg.io.ms import write_ms
+
+    ds, src, cat = calgroup
+    ms = str(tmp_path / "g.ms")
+    write_ms(ds, ms)
+    wide = cc.calibrate_ms(ms, out_dir=str(tmp_path / "a"), catalog=cat).solutions
+    per_chan = NTIME * ds.sizes["baseline_id"] * 2 * 8
+    narrow_calls = []
+    orig = cc.calibration_chunks
+
+    def narrow(*a, **k):
+        narrow_calls.append(orig(*a, budget=2 * per_chan))
+        return narrow_calls[-1]
+
+    import unittest.mock as um
+    with um.patch.object(cc, "calibration_chunks", narrow):
+        got = cc.calibrate_ms(ms, out_dir=str(tmp_path / "b"), catalog=cat).solutions
+    assert narrow_calls == [{"time": NTIME, "frequency": 2}]
+    for name in wide.data_vars:
+        a, b = got[name].values, wide[name].values
+        if a.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * np.abs(b).max(),
+                                       err_msg=name)
+
+
 def test_solve_dataset_uses_passes(calgroup, monkeypatch):
     """solve_dataset goes through the passes and never through the one-graph solve."""
     from graphs import calibrate as gcal
