@@ -316,6 +316,19 @@ def get_cells(tb, layout, column, conj, bsl, csl):
     blc, trc = [lo, 0], [hi, npol - 1]
     for r0, sel in row_runs(rows):
         n = sel.size
+        a = int(sel[0])
+        if take is None and use_ws and sel[-1] == a + n - 1:
+            # a run into consecutive cells: read straight into the blocks (no copies)
+            tb.getcolslicenp(column, vis[a:a + n], blc, trc, startrow=r0, nrow=n)
+            tb.getcolslicenp("FLAG", flag[a:a + n], blc, trc, startrow=r0, nrow=n)
+            tb.getcolslicenp("WEIGHT_SPECTRUM", weight[a:a + n], blc, trc, startrow=r0,
+                             nrow=n)
+            if conj:
+                np.conjugate(vis[a:a + n], out=vis[a:a + n])
+            if has_fr:
+                flag[a:a + n] |= tb.getcol("FLAG_ROW", startrow=r0,
+                                           nrow=n).astype(bool)[:, None, None]
+            continue
         d = tb.getcolslice(column, blc, trc, startrow=r0, nrow=n)
         f = tb.getcolslice("FLAG", blc, trc, startrow=r0, nrow=n).astype(bool)
         w = (tb.getcolslice("WEIGHT_SPECTRUM", blc, trc, startrow=r0, nrow=n) if use_ws
