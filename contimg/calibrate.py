@@ -371,13 +371,37 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     return sol, transits, q
 
 
+def _release_freed_memory():
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere
+    nothing). Between the passes' computes the chunks are gone, but glibc keeps pages
+    of the freed sums (MBs each, growing with the baselines) in its arenas: on a group
+    of 4x DSA-110's baselines the resident set grew by 0.24 GiB over the passes."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def run_steps(steps):
     """Drive a pass generator (:func:`graphs.calpasses.solve_steps`): compute each pass's
-    lazy list, send the values back, return the generator's result."""
+    lazy list, send the values back, return the generator's result. Freed memory goes
+    back to the OS after each compute (:func:`_release_freed_memory`)."""
     lazy = next(steps)
     while True:
+        vals = list(scheduling.compute(*lazy))
+        _release_freed_memory()
         try:
-            lazy = steps.send(list(scheduling.compute(*lazy)))
+            lazy = steps.send(vals)
         except StopIteration as stop:
             return stop.value
 
