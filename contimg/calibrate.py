@@ -33,6 +33,7 @@ from contimg import msfields
 from contimg import sky as _sky
 from contimg.calapply import apply_ms  # re-exported: applying lives in contimg.calapply
 from contimg.io.files import writable_dir
+from contimg.runtime import release_freed_memory
 from graphs import scheduling
 
 log = logging.getLogger(__name__)
@@ -371,35 +372,18 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     return sol, transits, q
 
 
-def _release_freed_memory():
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere
-    nothing). Between the passes' computes the chunks are gone, but glibc keeps pages
-    of the freed sums (MBs each, growing with the baselines) in its arenas: on a group
-    of 4x DSA-110's baselines the resident set grew by 0.24 GiB over the passes."""
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def run_steps(steps):
     """Drive a pass generator (:func:`graphs.calpasses.solve_steps`): compute each pass's
     lazy list, send the values back, return the generator's result. Freed memory goes
-    back to the OS after each compute (:func:`_release_freed_memory`)."""
+    back to the OS after each compute (:func:`contimg.runtime.release_freed_memory`): on
+    a group of 4x DSA-110's baselines the resident set otherwise grew by 0.24 GiB over
+    the passes (glibc keeps the pages of the freed per-baseline sums)."""
     lazy = next(steps)
     while True:
         vals = list(scheduling.compute(*lazy))
-        _release_freed_memory()
+        release_freed_memory()
         try:
             lazy = steps.send(vals)
         except StopIteration as stop:

@@ -497,6 +497,9 @@ def residual_image(vis: Visibilities, c: ImageConfig, plan, wspec, d: Dirty, mod
     from the store (``vis.store``) or the in-memory rows with ``d.index``."""
     from graphs import image as gi
 
+    from contimg.runtime import release_freed_memory
+
+    release_freed_memory()          # what the minor cycles and the last pass left
     m = model.astype(plan.image_dtype)
     if vis.store is not None:
         from graphs.image_store import store_image
