@@ -260,12 +260,15 @@ AVERAGE_BLOCK_BYTES = 96 << 20
 
 
 def _bounded_reads(ds):
-    """``ds``, or, when it is a whole MS whose chunks of every integration would hold
-    more than :data:`AVERAGE_BLOCK_BYTES`, the same Dataset read in baseline blocks of
-    at most that size (the same values; the averaged rows are the same, bit for bit)."""
+    """``ds``, or, when it is a whole MS opened by :func:`contimg.imaging.image_ms` (its
+    ``ms_data_column`` attribute says which column) whose chunks of every integration
+    would hold more than :data:`AVERAGE_BLOCK_BYTES`, the same Dataset read in baseline
+    blocks of at most that size (the same values; the averaged rows are the same, bit
+    for bit)."""
     ms = ds.attrs.get("ms_path")
     vis = ds.VISIBILITY.data
-    if not ms or "ms_field_id" in ds.attrs or not hasattr(vis, "chunks"):
+    if (not ms or "ms_data_column" not in ds.attrs or "ms_field_id" in ds.attrs
+            or not hasattr(vis, "chunks")):
         return ds
     nt, nbl, _, npol = vis.shape
     per_bl = nt * max(vis.chunks[2]) * npol * 8
@@ -278,7 +281,7 @@ def _bounded_reads(ds):
     nblk = -(-nbl // block)
     block = -(-nbl // nblk)                      # blocks of equal size
     try:
-        out = baseline_block_reads(ds, block)
+        out = baseline_block_reads(ds, block, ds.attrs["ms_data_column"])
     except MSFormatError as exc:              # rows the Dataset does not map one to one
         log.info("averaging from open_ms's chunks (%s)", exc)
         return ds

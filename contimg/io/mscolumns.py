@@ -355,18 +355,17 @@ def _read_cells(proxy, layout, column, conj, bsl, csl):
     return proxy.submit(get_cells, READLOCK, layout, column, conj, bsl, csl).result()
 
 
-def baseline_block_reads(ds, block, column=None):
+def baseline_block_reads(ds, block, column="DATA"):
     """``ds`` (of :func:`contimg.io.ms.open_ms`, every row of its MS) with VISIBILITY,
     FLAG and WEIGHT read in blocks of every integration of ``block`` baselines and one
     of ``ds``'s frequency chunks (one read of the MS each, in its table thread): no task
     then needs a chunk of every baseline, whose size grows with the array. ``column``:
-    the data column ``ds`` holds (default its ``ms_data_column`` attribute)."""
+    the data column ``ds`` was opened with."""
     import dask
     import dask.array as da
     import xarray as xr
 
     path = ds.attrs["ms_path"]
-    column = column or ds.attrs.get("ms_data_column", "DATA")
     conj = ds.attrs.get("ms_conjugation", "ms") == "ms"
     proxy = read_proxy(path)
     layout = run_in_table(proxy, read_layout, path, ds, write=False)

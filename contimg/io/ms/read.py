@@ -484,7 +484,6 @@ def open_ms(path, *, chunks=None, data_column="DATA", field=None, conjugation="a
 
     attrs = _attrs(path, index.keywords, pc_dec)
     attrs["ms_conjugation"] = conj
-    attrs["ms_data_column"] = data_column
     if field is not None:
         attrs["ms_field_id"] = [int(i) for i in field_ids]
         attrs["ms_field_name"] = fields.name[int(field_ids[0])]
