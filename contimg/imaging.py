@@ -352,7 +352,10 @@ def _open_source(src, data_column=None, chunks=None, field=None):
             cols = tb.colnames()
         data_column = "CORRECTED_DATA" if "CORRECTED_DATA" in cols else "DATA"
     log.info("imaging %s (%s%s)", p, data_column, "" if field is None else f", field {field}")
-    return open_ms(p, chunks=chunks, data_column=data_column, field=field), "ms"
+    ds = open_ms(p, chunks=chunks, data_column=data_column, field=field)
+    # the column the averaging may read again in baseline blocks (imaging_steps)
+    ds.attrs["ms_data_column"] = data_column
+    return ds, "ms"
 
 
 def _open_uvh5(src, chunks=None):

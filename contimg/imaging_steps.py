@@ -251,6 +251,45 @@ def _channel_width(ds, freqs) -> float:
                                         if freqs.size > 1 else 0.0))
 
 
+#: Visibility bytes (complex64) of one averaging task's input: the averaging needs every
+#: integration of a baseline, and open_ms's chunks hold every baseline, so a chunk of
+#: all integrations grows with the array. Above this, an MS is read in baseline blocks
+#: instead (:func:`contimg.io.mscolumns.baseline_block_reads`). 96 MiB keeps a full
+#: DSA-110 group's chunks (24 integrations x 4656 baselines x 48 channels = 86 MiB).
+AVERAGE_BLOCK_BYTES = 96 << 20
+
+
+def _bounded_reads(ds):
+    """``ds``, or, when it is a whole MS opened by :func:`contimg.imaging.image_ms` (its
+    ``ms_data_column`` attribute says which column) whose chunks of every integration
+    would hold more than :data:`AVERAGE_BLOCK_BYTES`, the same Dataset read in baseline
+    blocks of at most that size (the same values; the averaged rows are the same, bit
+    for bit)."""
+    ms = ds.attrs.get("ms_path")
+    vis = ds.VISIBILITY.data
+    if (not ms or "ms_data_column" not in ds.attrs or "ms_field_id" in ds.attrs
+            or not hasattr(vis, "chunks")):
+        return ds
+    nt, nbl, _, npol = vis.shape
+    per_bl = nt * max(vis.chunks[2]) * npol * 8
+    if per_bl * nbl <= AVERAGE_BLOCK_BYTES:
+        return ds
+    from contimg.io.ms import MSFormatError
+    from contimg.io.mscolumns import baseline_block_reads
+
+    block = max(1, AVERAGE_BLOCK_BYTES // per_bl)
+    nblk = -(-nbl // block)
+    block = -(-nbl // nblk)                      # blocks of equal size
+    try:
+        out = baseline_block_reads(ds, block, ds.attrs["ms_data_column"])
+    except MSFormatError as exc:              # rows the Dataset does not map one to one
+        log.info("averaging from open_ms's chunks (%s)", exc)
+        return ds
+    log.info("reading %s in %d baseline blocks of %d baselines for the averaging",
+             ms, nblk, block)
+    return out
+
+
 def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> Visibilities:
     """Step 1: one phase centre, Stokes I, baseline-dependent averaging (or not), the
     uv range, chunked into the gridding tasks (noted in ``opts``)."""
@@ -277,7 +316,8 @@ def prepare_visibilities(ds, c: ImageConfig, opts: dict, phase_center=None) -> V
         vchunks = getattr(ds.VISIBILITY.data, "chunks", None)
         nfchunk = int(max(vchunks[2])) if vchunks else min(48, freqs.size)
         tf, ff = ka.bda_factors(uvw_t, freqs, chw, theta, float(c.smear_loss), nfchunk)
-        dsi = gi.average_dataset(ds, uvw_t, tf, ff, uv_range=uv_range, uvw_rows=uvw_rows)
+        dsi = gi.average_dataset(_bounded_reads(ds), uvw_t, tf, ff, uv_range=uv_range,
+                                 uvw_rows=uvw_rows)
         nrow = dsi.sizes["row"]
         if c.spill and c.gridder == "contimg":
             # the rows go to a store on disk; every pass streams them (imaging_store)
@@ -460,6 +500,9 @@ def residual_image(vis: Visibilities, c: ImageConfig, plan, wspec, d: Dirty, mod
     from the store (``vis.store``) or the in-memory rows with ``d.index``."""
     from graphs import image as gi
 
+    from contimg.runtime import release_freed_memory
+
+    release_freed_memory()          # what the minor cycles and the last pass left
     m = model.astype(plan.image_dtype)
     if vis.store is not None:
         from graphs.image_store import store_image

@@ -42,6 +42,27 @@ def dask_settings() -> None:
         dask.config.set({_MALLOC_KEY: None})
 
 
+_TRIM = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere
+    nothing). Called between the big computes of a stage (calibration passes, imaging
+    major cycles): glibc keeps pages of freed arrays of a few MB in its arenas (the
+    dynamic mmap threshold, see above), and the next compute's peak lands on top."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
 def astropy_offline() -> None:
     """Keep astropy offline: no IERS downloads, and no failure once the table is old."""
     from astropy.utils import iers

@@ -226,18 +226,29 @@ def _row_outputs(n):
     return tuple(np.zeros((n,) + shape, dtype=dt) for _, shape, dt in _ROW_OUTPUTS)
 
 
-def _rows_dataset(fchunks, nt, tf, ff, block_of, attrs):
+def _rows_dataset(fchunks, nt, tf, ff, block_of, attrs, bchunks=None):
     """The row Dataset from one delayed 5-tuple per frequency chunk:
-    ``block_of(k, chan0, nchan, start, n)`` (see :func:`kernels.averaging.bda_average`)."""
+    ``block_of(k, chan0, nchan, start, n)`` (see :func:`kernels.averaging.bda_average`);
+    with ``bchunks`` (baselines per block), one per frequency chunk and baseline block:
+    ``block_of(k, chan0, nchan, start, n, (j, b0, b1))``, ``start`` within the block.
+    The rows are those of the whole chunk in the same order (baseline, time bin,
+    channel bin): a block's rows are a contiguous run of its chunk's."""
     parts = {name: [] for name, _, _ in _ROW_OUTPUTS}
     c0 = 0
+    bedges = None if bchunks is None else np.concatenate([[0], np.cumsum(bchunks)])
     for k, nfk in enumerate(fchunks):
         counts = ka.bda_count(nt, nfk, tf, ff)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        n = int(counts.sum())
-        out = block_of(k, c0, nfk, start, n)
-        for i, (name, shape, dt) in enumerate(_ROW_OUTPUTS):
-            parts[name].append(da.from_delayed(out[i], shape=(n,) + shape, dtype=dt))
+        spans = [(None, 0, counts.size)] if bedges is None else [
+            ((j, int(bedges[j]), int(bedges[j + 1])), int(bedges[j]), int(bedges[j + 1]))
+            for j in range(len(bchunks))]
+        for blk, b0, b1 in spans:
+            cb = counts[b0:b1]
+            start = np.concatenate([[0], np.cumsum(cb)[:-1]]).astype(np.int64)
+            n = int(cb.sum())
+            out = (block_of(k, c0, nfk, start, n) if blk is None
+                   else block_of(k, c0, nfk, start, n, blk))
+            for i, (name, shape, dt) in enumerate(_ROW_OUTPUTS):
+                parts[name].append(da.from_delayed(out[i], shape=(n,) + shape, dtype=dt))
         c0 += nfk
     cat = {k: da.concatenate(v, axis=0) for k, v in parts.items()}
     return xr.Dataset(
@@ -311,9 +322,12 @@ def average_stokes_i(dsi: xr.Dataset, tf, ff) -> xr.Dataset:
 
 
 def _bda_xxyy_block(vis, flag, weight, uvw_old, uvw_new, freq, cross, tf, ff, start, n,
-                    chan0, uv_min, uv_max):
+                    chan0, uv_min, uv_max, bsl=slice(None)):
+    """Rows of one chunk (or of its baselines ``bsl``: ``uvw_old``/``uvw_new`` are
+    every baseline's, ``vis``/``flag``/``weight``/``cross``/``tf``/``ff`` the block's)."""
     out_vis, out_w, out_uvw, out_t, out_f = _row_outputs(n)
-    uvw_old = np.asarray(uvw_old, dtype=np.float64)
+    uvw_old = np.asarray(uvw_old, dtype=np.float64)[:, bsl]
+    uvw_new = np.asarray(uvw_new, dtype=np.float64)[:, bsl]
     ka.bda_stokes_i(np.ascontiguousarray(vis), np.ascontiguousarray(flag),
                     np.ascontiguousarray(weight), np.ascontiguousarray(uvw_old[..., 2]),
                     np.ascontiguousarray(uvw_new, dtype=np.float64),
@@ -334,6 +348,9 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
     """Stokes I, re-phased to one phase centre and averaged per baseline, in one pass:
     :func:`stokes_i_dataset` followed by :func:`average_stokes_i` without the Stokes I
     cube in between (one task per frequency chunk; the same row Dataset, to rounding).
+    Baseline chunks of the input are kept (one task per frequency chunk and baseline
+    block, e.g. the bounded blocks of :func:`contimg.io.mscolumns.baseline_block_reads`):
+    the rows are the same, bit for bit, in the same order.
 
     ``uvw_target`` ``(ntime, nbaseline, 3)`` metres towards the image's phase centre;
     ``tf``/``ff`` per-baseline factors; ``uv_range``, ``uvw_rows`` and the parallel hands
@@ -352,11 +369,12 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
         a = ds[name].data
         if not isinstance(a, da.Array):
             a = da.from_array(np.asarray(a), chunks=(-1, -1, 48, -1))
-        arrs.append(_parallel(a, pair).rechunk({0: -1, 1: -1, 3: -1},
+        arrs.append(_parallel(a, pair).rechunk({0: -1, 3: -1},
                                                method=scheduling.rechunk_method()))
-    fchunks = arrs[0].chunks[2]
-    arrs = [a.rechunk({2: fchunks}, method=scheduling.rechunk_method()) for a in arrs]
-    blocks = [a.to_delayed().reshape(-1) for a in arrs]
+    fchunks, bchunks = arrs[0].chunks[2], arrs[0].chunks[1]
+    arrs = [a.rechunk({1: bchunks, 2: fchunks}, method=scheduling.rechunk_method())
+            for a in arrs]
+    blocks = [a.to_delayed()[0, :, :, 0] for a in arrs]         # (baseline, frequency)
     uvw_old = ds.UVW.data if uvw_rows is None else _checked_uvw(uvw_rows, ds)
     if isinstance(uvw_old, da.Array):
         (uvw_old,) = uvw_old.rechunk((nt, nb, 3), method=scheduling.rechunk_method()
@@ -371,13 +389,19 @@ def average_dataset(ds: xr.Dataset, uvw_target, tf, ff,
     tok = dask.base.tokenize(ds.VISIBILITY.data, ds.FLAG.data, ds.WEIGHT.data, uvw_target,
                              tf, ff, uv_min, uv_max, pair, uvw_rows)
 
-    def block_of(k, c0, nfk, start, n):
-        return block(blocks[0][k], blocks[1][k], blocks[2][k], uvw_old, uvw_new,
-                     freq[c0:c0 + nfk], cross, tf, ff, start, n, c0, uv_min, uv_max,
-                     dask_key_name=f"bda-stokes-i-{tok}-{k}")
+    def block_of(k, c0, nfk, start, n, blk=None):
+        if blk is None:
+            return block(blocks[0][0, k], blocks[1][0, k], blocks[2][0, k], uvw_old,
+                         uvw_new, freq[c0:c0 + nfk], cross, tf, ff, start, n, c0, uv_min,
+                         uv_max, dask_key_name=f"bda-stokes-i-{tok}-{k}")
+        j, b0, b1 = blk
+        return block(blocks[0][j, k], blocks[1][j, k], blocks[2][j, k], uvw_old, uvw_new,
+                     freq[c0:c0 + nfk], cross[b0:b1], tf[b0:b1], ff[b0:b1], start, n, c0,
+                     uv_min, uv_max, slice(b0, b1), dask_key_name=f"bda-stokes-i-{tok}-{k}-{j}")
 
     return _rows_dataset(fchunks, nt, tf, ff, block_of,
-                         dict(ds.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)))
+                         dict(ds.attrs, ntime=int(nt), nfreq=int(nf), n_input=int(nt * nb * nf)),
+                         bchunks=None if len(bchunks) == 1 else bchunks)
 
 
 def _is_rows(dsi):

@@ -96,6 +96,55 @@ def test_solutions_in_passes_equal_the_one_graph_solve(calgroup, time_chunk, opt
     assert not sol.BANDPASS_FLAG.values.all()          # there is something to compare
 
 
+def test_calibration_chunks_are_bounded_by_bytes_not_baselines():
+    """Full DSA-110 group: today's chunk (24 integrations x 48 channels); 2x and 4x the
+    antennas: every integration still in one chunk (two reads, not four), fewer
+    channels, the same bytes; a group whose single channel exceeds the budget: time
+    chunks of a subband's channels."""
+    for nant, chans in ((96, 48), (136, 24), (193, 12)):
+        nbl = nant * (nant + 1) // 2
+        ch = cc.calibration_chunks(24, nbl, 2, 48)
+        assert ch == {"time": 24, "frequency": chans}
+        assert 24 * nbl * chans * 2 * 8 <= cc.CHUNK_BYTES
+        assert 48 % ch["frequency"] == 0              # never straddles two MS tiles
+    nbl = 2000 * 2001 // 2                            # DSA-2000
+    ch = cc.calibration_chunks(24, nbl, 2, 48)
+    assert ch["frequency"] == 48 and 1 <= ch["time"] < 24
+    assert ch["time"] * nbl * 48 * 2 * 8 <= cc.CHUNK_BYTES or ch["time"] == 1
+    assert cc.calibration_chunks(24, 4656, 2, 48, budget=1) == {"time": 1, "frequency": 48}
+
+
+def test_narrower_frequency_chunks_give_the_same_solutions(calgroup, tmp_path):
+    """calibrate_ms on an MS opened in chunks of fewer channels (as a larger group is):
+    the solutions of the subband-wide chunks within float rounding (the bandpass, per
+    channel, from the same sums; the gain sums added in another order)."""
+    from contimg.io.ms import write_ms
+
+    ds, src, cat = calgroup
+    ms = str(tmp_path / "g.ms")
+    write_ms(ds, ms)
+    wide = cc.calibrate_ms(ms, out_dir=str(tmp_path / "a"), catalog=cat).solutions
+    per_chan = NTIME * ds.sizes["baseline_id"] * 2 * 8
+    narrow_calls = []
+    orig = cc.calibration_chunks
+
+    def narrow(*a, **k):
+        narrow_calls.append(orig(*a, budget=2 * per_chan))
+        return narrow_calls[-1]
+
+    import unittest.mock as um
+    with um.patch.object(cc, "calibration_chunks", narrow):
+        got = cc.calibrate_ms(ms, out_dir=str(tmp_path / "b"), catalog=cat).solutions
+    assert narrow_calls == [{"time": NTIME, "frequency": 2}]
+    for name in wide.data_vars:
+        a, b = got[name].values, wide[name].values
+        if a.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * np.abs(b).max(),
+                                       err_msg=name)
+
+
 def test_solve_dataset_uses_passes(calgroup, monkeypatch):
     """solve_dataset goes through the passes and never through the one-graph solve."""
     from graphs import calibrate as gcal
@@ -105,6 +154,109 @@ def test_solve_dataset_uses_passes(calgroup, monkeypatch):
     sol, _, q = cc.solve_dataset(ds.chunk({"time": 2, "frequency": NCHAN}), catalog=cat)
     assert q["bandpass_converged_fraction"] == 1.0
     assert sol.BANDPASS.shape[1:] == (NSUB * NCHAN, 2)
+
+
+# ---------------------------------------------------------------------------------
+# imaging: the averaging reads baseline blocks of an MS
+# ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def img_ms(calgroup, tmp_path_factory):
+    """The calibrator group as an MS with a few rows stored as (ant2, ant1) and some
+    FLAG_ROWs: the block reader must give what open_ms gives."""
+    from casacore import tables as ct
+
+    from contimg.io.ms import write_ms
+
+    ds, _, _ = calgroup
+    ms = str(tmp_path_factory.mktemp("memimg") / "g.ms")
+    write_ms(ds, ms)
+    with ct.table(ms, readonly=False, ack=False) as tb:
+        a1, a2 = tb.getcol("ANTENNA1"), tb.getcol("ANTENNA2")
+        rows = np.nonzero(a1 != a2)[0][::7]
+        d = tb.getcol("DATA")
+        tb.putcol("ANTENNA1", np.where(np.isin(np.arange(a1.size), rows), a2, a1))
+        tb.putcol("ANTENNA2", np.where(np.isin(np.arange(a1.size), rows), a1, a2))
+        d[rows] = np.conj(d[rows])
+        tb.putcol("DATA", d)
+        fr = tb.getcol("FLAG_ROW")
+        fr[5::53] = True
+        tb.putcol("FLAG_ROW", fr)
+    return ms
+
+
+def test_baseline_block_reads_equal_open_ms(img_ms):
+    from contimg.io.ms import open_ms
+    from contimg.io.mscolumns import baseline_block_reads
+
+    ds = open_ms(img_ms, chunks={"frequency": 4})
+    got = baseline_block_reads(ds, 10)
+    assert got.VISIBILITY.data.chunks[1] == (10,) * (ds.sizes["baseline_id"] // 10) + (
+        (ds.sizes["baseline_id"] % 10,) if ds.sizes["baseline_id"] % 10 else ())
+    assert got.VISIBILITY.data.chunks[0] == (ds.sizes["time"],)
+    assert got.VISIBILITY.data.chunks[2] == ds.VISIBILITY.data.chunks[2]
+    for name in ("VISIBILITY", "FLAG", "WEIGHT"):
+        a, b = ds[name].values, got[name].values
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(b, a, err_msg=name)
+    assert ds.FLAG.values.any() and not ds.FLAG.values.all()
+
+
+def test_averaged_rows_of_baseline_blocks_are_the_same(img_ms):
+    """average_dataset over baseline blocks: the rows of the whole chunks, bit for bit."""
+    import math
+
+    from contimg.io.ms import open_ms
+    from contimg.io.mscolumns import baseline_block_reads
+    from contimg.uvw import compute_uvw
+    from graphs import image as gi
+    from kernels import averaging as ka
+
+    ds = open_ms(img_ms)
+    mid = ds.sizes["time"] // 2
+    ra0, dec0 = float(ds.PHASE_CENTER_RA[mid]), float(ds.PHASE_CENTER_DEC[mid])
+    uvw = compute_uvw(np.asarray(ds.ANTENNA_POSITION.values, dtype=np.float64),
+                      ds.baseline_antenna1_id.values, ds.baseline_antenna2_id.values,
+                      np.asarray(ds.time.values, float), np.full(ds.sizes["time"], ra0),
+                      np.full(ds.sizes["time"], dec0))
+    freq = ds.frequency.values
+    tf, ff = ka.bda_factors(uvw, freq, float(np.diff(freq)[0]), math.radians(2.0), 0.02,
+                            NCHAN)
+    assert tf.max() > 1
+    ref = gi.average_dataset(ds, uvw, tf, ff).compute()
+    blk = gi.average_dataset(baseline_block_reads(ds, 17), uvw, tf, ff)
+    assert len(blk.VIS_I.data.chunks[0]) > len(ds.VISIBILITY.data.chunks[2])
+    blk = blk.compute()
+    for name in ref.data_vars:
+        np.testing.assert_array_equal(blk[name].values, ref[name].values, err_msg=name)
+
+
+def test_image_of_an_ms_in_baseline_blocks_equals_todays(img_ms, tmp_path, monkeypatch):
+    """image_ms with the averaging's baseline blocks (a budget the group exceeds): the
+    images of the whole-chunk averaging within rounding (gridded in double precision
+    here: the rows are the same, only the parts they are gridded in differ)."""
+    from contimg import imaging
+    from contimg import imaging_steps as st
+    from contimg.io import mscolumns
+
+    opts = dict(npix=256, cell_arcsec=20.0, niter=100, grid_tasks=2, keep_products=True,
+                double=True)
+    ref = imaging.image_ms(img_ms, str(tmp_path / "a" / "g"), **opts).products
+    calls = []
+    orig = mscolumns.baseline_block_reads
+
+    def spy(ds, block, *a, **k):
+        calls.append(block)
+        return orig(ds, block, *a, **k)
+
+    monkeypatch.setattr(mscolumns, "baseline_block_reads", spy)
+    monkeypatch.setattr(st, "AVERAGE_BLOCK_BYTES", NTIME * 20 * NCHAN * 2 * 8)
+    got = imaging.image_ms(img_ms, str(tmp_path / "b" / "g"), **opts).products
+    assert calls and calls[0] <= 20
+    assert got.n_components == ref.n_components and got.n_major == ref.n_major
+    peak = float(np.abs(ref.image).max())
+    for name in ("dirty", "psf", "residual", "model", "image"):
+        assert np.abs(getattr(got, name) - getattr(ref, name)).max() < 1e-9 * peak, name
 
 
 # ---------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from contimg.io.ms import MSFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Layout", "RowTarget", "StoreTarget", "ms_proxy", "put_block", "put_flag_row",
-           "read_layout", "read_rows", "row_runs", "run_in_table"]
+__all__ = ["Layout", "RowTarget", "StoreTarget", "baseline_block_reads", "get_cells",
+           "ms_proxy", "put_block", "put_flag_row", "read_layout", "read_proxy", "read_rows",
+           "row_runs", "run_in_table"]
 
 
 def ms_proxy(path):
@@ -271,3 +272,126 @@ class RowTarget:
         rows = key[0] if isinstance(key, tuple) else key
         self.proxy.submit(_putcol, NOLOCK, self.column, np.ascontiguousarray(value),
                           int(rows.start or 0)).result()
+
+
+# ---------------------------------------------------------------------------------
+# baseline blocks: every integration of some baselines, one frequency chunk
+# ---------------------------------------------------------------------------------
+
+
+def read_proxy(path):
+    """A read-only dask-ms TableProxy of the MS on the executor of its readers."""
+    from casacore import tables as ct
+    from daskms.table_executor import executor_key
+    from daskms.table_proxy import TableProxy
+
+    return TableProxy(ct.table, path, ack=False, readonly=True, lockoptions="user",
+                      __executor_key__=executor_key(path))
+
+
+def _defined(tb, column):
+    return column in tb.colnames() and tb.nrows() > 0 and tb.iscelldefined(column, 0)
+
+
+def get_cells(tb, layout, column, conj, bsl, csl):
+    """In the table thread: ``(VISIBILITY, FLAG, WEIGHT)`` of every integration of the
+    Dataset's baselines ``bsl`` and channels ``csl`` (``(ntime, nbl, nchan, npol)``),
+    exactly as :func:`contimg.io.ms.open_ms` gives them: visibilities conjugated when
+    ``conj`` (the "ms" convention), FLAG_ROW folded into FLAG, WEIGHT broadcast when
+    WEIGHT_SPECTRUM holds no data, channels ascending, rows stored as (ant2, ant1)
+    turned round, missing rows zero, flagged and of weight 0."""
+    nt, nb = layout.ntime, bsl.stop - bsl.start
+    ch = layout.chan_ms[csl]
+    lo, hi = int(ch.min()), int(ch.max())
+    take = None if np.array_equal(ch, np.arange(lo, hi + 1)) else ch - lo
+    nc, npol = ch.size, layout.npol
+    flat = (np.arange(nt)[:, None] * layout.nbl
+            + np.arange(bsl.start, bsl.stop)[None, :]).ravel()
+    rows = layout.pos[flat]
+    vis = np.zeros((nt * nb, nc, npol), np.complex64)
+    flag = np.ones((nt * nb, nc, npol), bool)
+    weight = np.zeros((nt * nb, nc, npol), np.float32)
+    use_ws = _defined(tb, "WEIGHT_SPECTRUM")
+    has_fr = _defined(tb, "FLAG_ROW")
+    blc, trc = [lo, 0], [hi, npol - 1]
+    for r0, sel in row_runs(rows):
+        n = sel.size
+        a = int(sel[0])
+        if take is None and use_ws and sel[-1] == a + n - 1:
+            # a run into consecutive cells: read straight into the blocks (no copies)
+            tb.getcolslicenp(column, vis[a:a + n], blc, trc, startrow=r0, nrow=n)
+            tb.getcolslicenp("FLAG", flag[a:a + n], blc, trc, startrow=r0, nrow=n)
+            tb.getcolslicenp("WEIGHT_SPECTRUM", weight[a:a + n], blc, trc, startrow=r0,
+                             nrow=n)
+            if conj:
+                np.conjugate(vis[a:a + n], out=vis[a:a + n])
+            if has_fr:
+                flag[a:a + n] |= tb.getcol("FLAG_ROW", startrow=r0,
+                                           nrow=n).astype(bool)[:, None, None]
+            continue
+        d = tb.getcolslice(column, blc, trc, startrow=r0, nrow=n)
+        f = tb.getcolslice("FLAG", blc, trc, startrow=r0, nrow=n).astype(bool)
+        w = (tb.getcolslice("WEIGHT_SPECTRUM", blc, trc, startrow=r0, nrow=n) if use_ws
+             else tb.getcol("WEIGHT", startrow=r0, nrow=n)[:, None, :])
+        if take is not None:
+            d, f = d[:, take], f[:, take]
+            w = w[:, take] if use_ws else w
+        if has_fr:
+            f |= tb.getcol("FLAG_ROW", startrow=r0, nrow=n).astype(bool)[:, None, None]
+        vis[sel] = np.conj(d) if conj else d
+        flag[sel] = f
+        weight[sel] = w
+        del d, f, w
+    sw = layout.swapped[flat] & (rows >= 0)
+    if sw.any():          # a swapped row holds V21 = conj(V12), cross-hands exchanged
+        vis[sw] = np.conj(vis[sw])[:, :, layout.perm]
+    shape = (nt, nb, nc, npol)
+    return vis.reshape(shape), flag.reshape(shape), weight.reshape(shape)
+
+
+def _read_cells(proxy, layout, column, conj, bsl, csl):
+    from daskms.table_proxy import READLOCK
+
+    return proxy.submit(get_cells, READLOCK, layout, column, conj, bsl, csl).result()
+
+
+def baseline_block_reads(ds, block, column="DATA"):
+    """``ds`` (of :func:`contimg.io.ms.open_ms`, every row of its MS) with VISIBILITY,
+    FLAG and WEIGHT read in blocks of every integration of ``block`` baselines and one
+    of ``ds``'s frequency chunks (one read of the MS each, in its table thread): no task
+    then needs a chunk of every baseline, whose size grows with the array. ``column``:
+    the data column ``ds`` was opened with."""
+    import dask
+    import dask.array as da
+    import xarray as xr
+
+    path = ds.attrs["ms_path"]
+    conj = ds.attrs.get("ms_conjugation", "ms") == "ms"
+    proxy = read_proxy(path)
+    layout = run_in_table(proxy, read_layout, path, ds, write=False)
+    nt, nbl = ds.sizes["time"], ds.sizes["baseline_id"]
+    npol = ds.sizes["polarization"]
+    fchunks = ds.VISIBILITY.data.chunks[2] if hasattr(ds.VISIBILITY.data, "chunks") else (
+        ds.sizes["frequency"],)
+    tok = dask.base.tokenize(path, column, conj, nt, nbl, block, fchunks)
+    rows = {"VISIBILITY": [], "FLAG": [], "WEIGHT": []}
+    dtypes = {"VISIBILITY": np.complex64, "FLAG": bool, "WEIGHT": np.float32}
+    for j, b0 in enumerate(range(0, nbl, block)):
+        bsl = slice(b0, min(b0 + block, nbl))
+        row = {k: [] for k in rows}
+        c0 = 0
+        for k, nfk in enumerate(fchunks):
+            d = dask.delayed(_read_cells, pure=True, nout=3)(
+                proxy, layout, column, conj, bsl, slice(c0, c0 + nfk),
+                dask_key_name=f"ms-block-{tok}-{j:04d}-{k:04d}")
+            shape = (nt, bsl.stop - bsl.start, nfk, npol)
+            for i, name in enumerate(rows):
+                row[name].append(da.from_delayed(d[i], shape, dtype=dtypes[name]))
+            c0 += nfk
+        for name in rows:
+            rows[name].append(da.concatenate(row[name], axis=2))
+    out = ds.copy()
+    for name, parts in rows.items():
+        out[name] = xr.DataArray(da.concatenate(parts, axis=1), dims=ds[name].dims,
+                                 coords=ds[name].coords, attrs=ds[name].attrs)
+    return out
