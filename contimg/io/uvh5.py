@@ -652,8 +652,14 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
         raise GroupError(f"{Path(files[0]).parent}: group {min(stamps):%Y-%m-%dT%H:%M:%S} is "
                          f"missing subband(s) {', '.join(f'sb{m:02d}' for m in missing)}")
 
-    headers = {sb: read_header(p, phase_centres=sb == min(names))
-               for sb, (_, p) in sorted(names.items())}
+    headers = {}
+    for sb, (_, p) in sorted(names.items()):
+        h = read_header(p, phase_centres=sb == min(names))
+        if sb != min(names):
+            # only the reference's UVW is used (a reference other than the first is read
+            # again below): not 16 copies of (time, baseline, 3) float64 held at once
+            h.uvw = None
+        headers[sb] = h
     # the reference is the header most others agree with: an inconsistent file is the
     # culprit, never the good file it was compared with (a lone sb00 with the wrong
     # channel count must not cost the group its 15 good subbands)
