@@ -9,10 +9,14 @@ The graph, per group::
     VISIBILITY, FLAG (chunked one subband per chunk)
       -> flag-band-*       baseline blocks (time: all, baseline_id: block, frequency:
                            all), each cut out of every subband chunk in one copy
-      -> flag-block-*      kernels.flagging.flag_block per block (per-plane RFI flags)
+      -> flag-block-*      kernels.flagging.flag_block per block (per-plane RFI flags),
+                           then, in the same task, new flags / available samples per
+                           baseline and per (time, channel) counted from its codes and
+                           the flags packed to one bit per sample (the codes, one byte
+                           per visibility, never outlive the task; ``store`` may keep
+                           the bits on disk until the decisions)
       -> flag-noise-*      kernels.flagging.plane_noise per block (tiny: (nbl, npol))
-      -> flag-count-*      new flags / available samples per baseline and per (time,
-                           channel) of each block (one numba pass each)
+      -> flag-count-*      the blocks' counts, summed
       -> flag-antennas-*   antenna decisions from the noise and flagged fractions
       -> flag-combine-*    block flags | bad antennas | array-wide (time, channel) votes
       -> flag-unblock-*    back to the input FLAG chunks (one copy)
