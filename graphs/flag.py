@@ -59,6 +59,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 
 from graphs.contract import VIS_DIMS
 from kernels import flagging as kf
@@ -325,6 +327,20 @@ def _flag_coded(vis, flag, is_auto, args, store=None):
     return _Coded(shape, bl, tf, bits if store is None else store.put(bits))
 
 
+class _Bits:
+    """A block's flags as bits (or their ``store`` handle) and the block's shape: all
+    that waits for the array-wide decisions (its counts are reduced meanwhile)."""
+
+    __slots__ = ("shape", "bits")
+
+    def __init__(self, shape, bits):
+        self.shape, self.bits = shape, bits
+
+
+def _bits_of(coded):
+    return _Bits(coded.shape, coded.bits)
+
+
 def _bl_counts(coded):
     """(nbl, 2): new flags and available samples per baseline of a block (given as the
     list of its chunks along time, frequency and polarization)."""
@@ -522,6 +538,13 @@ def flag_dataset(ds: xr.Dataset, strategy=None, store=None) -> xr.Dataset:
         "tbfp", is_auto, "b", dtype=object, meta=np.empty((0, 0, 0, 0), object),
         name=f"flag-block-{tok}",
     )
+    # the bits apart from the counts (a plain layer, never fused into the combine), so
+    # that a block's counts are freed once reduced, not held with its bits until the
+    # decisions
+    bname = f"flag-bits-{tok}"
+    layer = {(bname,) + k[1:]: (_bits_of, k) for k in flatten(codes.__dask_keys__())}
+    bits = da.Array(HighLevelGraph.from_collections(bname, layer, dependencies=[codes]),
+                    bname, codes.chunks, meta=np.empty((0, 0, 0, 0), object))
 
     # per-plane noise over the whole band of each block (reduces t and f)
     noise = da.blockwise(
@@ -555,7 +578,7 @@ def flag_dataset(ds: xr.Dataset, strategy=None, store=None) -> xr.Dataset:
     bad_bl = small[:nbl].rechunk((codes.chunks[1],))
     bad_tf = small[nbl:].reshape(nt, nf).rechunk((codes.chunks[0], codes.chunks[2]))
     new = _to_chunks(da.blockwise(
-        partial(_combine_coded, store=store), "tbfp", codes, "tbfp", bad_bl, "b",
+        partial(_combine_coded, store=store), "tbfp", bits, "tbfp", bad_bl, "b",
         bad_tf, "tf", dtype=bool, meta=np.empty((0, 0, 0, 0), bool),
         name=f"flag-combine-{tok}",
     ), out_chunks)
