@@ -209,6 +209,12 @@ def _write_flag_summary(ms, ds, info):
     return str(write_flag_summary(summary, default_summary_path(ms)))
 
 
+#: visibility bytes of one block (one subband file x a time chunk x all baselines) that
+#: ``convert_group`` reads and writes at a time: the time chunk adapts to the baselines
+#: (a full DSA-110 group: 3 chunks of 8 integrations; 2x the baselines: 6 of 4)
+BLOCK_BYTES = 32 << 20
+
+
 def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=False,
                   prefetch=2, key=None, flag=None, **open_kw):
     """Submit the conversion of one group; return a distributed Future of its summary.
@@ -221,12 +227,18 @@ def convert_group(client, files_or_ds, ms_path, *, placement=None, overwrite=Fal
     flag version kept), before the Future completes; the summary then has ``flagged``
     (fraction) and ``flag_seconds``. Use it with ``placement="any"``.
     ``open_kw`` go to :func:`contimg.io.uvh5.open_any` (``n_subbands``,
-    ``allow_missing``...: for groups). The Future's result is ``{"ms", "seconds", "nbytes"}``;
+    ``allow_missing``...: for groups; ``chunks`` defaults to blocks of at most
+    :data:`BLOCK_BYTES` of visibilities, see :func:`contimg.io.uvh5.open_group`). The Future's result is ``{"ms", "seconds", "nbytes"}``;
     bad input raises :class:`contimg.io.uvh5.UVH5Error` here (headers are read now)
     or from the Future (data read later), and never leaves anything at ``ms_path``.
     """
     from contimg.io.uvh5 import open_any
 
+    if not hasattr(files_or_ds, "data_vars") and open_kw.get("chunks") is None:
+        # blocks of bounded bytes whatever the number of baselines: a block is one
+        # subband x a time chunk x all baselines, and the writer holds prefetch + 1 of
+        # them (and each read a few copies while it is prepared)
+        open_kw["chunks"] = {"block_bytes": BLOCK_BYTES}
     ds = files_or_ds if hasattr(files_or_ds, "data_vars") else open_any(files_or_ds,
                                                                         **open_kw)
     ds = flag_nonfinite(ds)

@@ -49,13 +49,15 @@ graph runs on the local threaded scheduler (the MS is a file on this machine); a
 block of new flags is written as soon as it is computed and then dropped, so the
 write side holds only the blocks in flight (one per scheduler thread). Writes cannot
 start before every read is done: each output block depends on the array-wide
-antenna/channel/integration decisions, which depend on every input block. (The
-flagger itself keeps one byte per visibility of intermediate codes until those
-decisions are made, see :mod:`graphs.flag`.)
+antenna/channel/integration decisions, which depend on every input block. Until those
+decisions are made, each block's flags wait as one bit per visibility in a file beside
+the MS (``<ms>.contimg-flagbits-<pid>-<token>/``, removed at the end; see
+:class:`_BitFiles`), so the flagger's memory is the blocks in flight, not the group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -489,11 +491,14 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     ds = open_ms(ms, chunks=chunks)
     layout = _run(proxy, read_layout, ms, ds, write=False)
     before = flag_summary(ds).compute(scheduler=scheduler)
+    st_blocks = st
     if st.frequency_chunking == "band" and chunks is None:
         # read, flag and write back per baseline block (all integrations and channels
-        # of at most baseline_block baselines), never the whole group at once
-        ds = baseline_block_dataset(proxy, ds, layout, _block_size(st, ds),
-                                    name=os.path.basename(ms))
+        # of at most baseline_block baselines), never the whole group at once; the
+        # flagger's blocks are the reads' (a flag does not depend on the blocking)
+        size = _block_size(st, ds)
+        ds = baseline_block_dataset(proxy, ds, layout, size, name=os.path.basename(ms))
+        st_blocks = dataclasses.replace(st, baseline_block=size)
     timing["open_and_summary_before"] = _time.perf_counter() - t0
 
     # --- backup (before anything changes) -----------------------------------------
@@ -513,8 +518,9 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     # block is written) and removes it; see the module docstring.
     t0 = _time.perf_counter()
     target = None
+    bits = _BitFiles(ms)
     try:
-        flagged = flag_dataset(ds, st)
+        flagged = flag_dataset(ds, st_blocks, store=bits)
         new = flagged["FLAG"].data
         target = StoreTarget(proxy, layout, int(np.prod(new.numblocks)), progress,
                              _write_block_hook)
@@ -542,6 +548,8 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
                          "flag version %r: run contimg.flagging.recover_flags(%r)",
                          ms, exc2, name, ms)
         raise
+    finally:
+        bits.remove()
     if not backup:
         _delete_version(ms, name)
 
@@ -561,9 +569,66 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     return summary
 
 
+#: directory beside the MS (``<ms><suffix><pid>-<token>``) where :func:`flag_ms` keeps
+#: each block's flags (one bit per visibility) until the array-wide decisions
+BITS_SUFFIX = ".contimg-flagbits-"
+
+
+class _BitFiles:
+    """The flagger's store (``graphs.flag.flag_dataset(store=...)``): each block's
+    packed flags in a file of a directory beside the MS, read back once the array-wide
+    decisions are made, so that the flagger holds only the blocks in flight whatever
+    the group's size (in memory they would take 1/8 byte per visibility of the group).
+    Plain writes and reads (no memmap): the bytes sit in the page cache, not in this
+    process. Directories left by a process that died are removed by the next one."""
+
+    def __init__(self, ms):
+        import threading
+
+        self._clean_stale(ms)
+        self.dir = f"{ms}{BITS_SUFFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.makedirs(self.dir)
+        self._n = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _clean_stale(ms):
+        parent, base = os.path.split(ms)
+        for entry in os.listdir(parent or "."):
+            if not entry.startswith(base + BITS_SUFFIX):
+                continue
+            pid = entry[len(base + BITS_SUFFIX):].split("-")[0]
+            try:
+                os.kill(int(pid), 0)
+                continue                       # its process is running
+            except ProcessLookupError:
+                pass
+            except (ValueError, PermissionError):
+                continue
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+    def __dask_tokenize__(self):
+        return self.dir
+
+    def put(self, bits):
+        with self._lock:
+            self._n += 1
+            path = os.path.join(self.dir, f"{self._n:06d}.bits")
+        with open(path, "wb") as fh:
+            fh.write(np.ascontiguousarray(bits, dtype=np.uint8).data)
+        return path
+
+    def get(self, path):
+        return np.fromfile(path, dtype=np.uint8)
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 #: largest baseline block read at once (VISIBILITY bytes): a block is all integrations
 #: and channels of its baselines, so longer or wider groups get fewer baselines per block
-BLOCK_BYTES = 96 << 20
+#: (a full DSA-110 group: 113 baselines per block; 96 MiB held 0.1 GiB more at 1x)
+BLOCK_BYTES = 32 << 20
 
 
 def _block_size(st, ds) -> int:

@@ -634,14 +634,17 @@ class Stream(Intake):
 
     def _open(self, gid):
         """The group's ready files and its lazy Dataset (headers only)."""
+        from contimg.convert import BLOCK_BYTES
         from contimg.io.uvh5 import open_group
 
         files = [f["path"] for f in self.db.files(gid, status="ready")]
         if not files:
             raise BadInput(f"group {gid}: no readable subband files")
+        # time chunks of bounded bytes, as convert_group opens files (its blocks)
         ds = open_group(files, n_subbands=self.cfg.n_subbands,
                         allow_missing=len(files) < self.cfg.n_subbands,
-                        name_tolerance_s=self.cfg.tolerance_s)
+                        name_tolerance_s=self.cfg.tolerance_s,
+                        chunks={"block_bytes": BLOCK_BYTES})
         return files, ds
 
     def _pipeline(self, g, opened=None) -> dict:

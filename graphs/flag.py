@@ -9,10 +9,14 @@ The graph, per group::
     VISIBILITY, FLAG (chunked one subband per chunk)
       -> flag-band-*       baseline blocks (time: all, baseline_id: block, frequency:
                            all), each cut out of every subband chunk in one copy
-      -> flag-block-*      kernels.flagging.flag_block per block (per-plane RFI flags)
+      -> flag-block-*      kernels.flagging.flag_block per block (per-plane RFI flags),
+                           then, in the same task, new flags / available samples per
+                           baseline and per (time, channel) counted from its codes and
+                           the flags packed to one bit per sample (the codes, one byte
+                           per visibility, never outlive the task; ``store`` may keep
+                           the bits on disk until the decisions)
       -> flag-noise-*      kernels.flagging.plane_noise per block (tiny: (nbl, npol))
-      -> flag-count-*      new flags / available samples per baseline and per (time,
-                           channel) of each block (one numba pass each)
+      -> flag-count-*      the blocks' counts, summed
       -> flag-antennas-*   antenna decisions from the noise and flagged fractions
       -> flag-combine-*    block flags | bad antennas | array-wide (time, channel) votes
       -> flag-unblock-*    back to the input FLAG chunks (one copy)
@@ -55,6 +59,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 
 from graphs.contract import VIS_DIMS
 from kernels import flagging as kf
@@ -298,26 +304,60 @@ def _plane_noise_parts(vis, flag):
     return _plane_noise(_one(vis), _one(flag))
 
 
-def _codes(codes):
-    return np.ascontiguousarray(codes, dtype=np.uint8)
+class _Coded:
+    """What a ``flag-block`` task keeps of its block's uint8 codes once it has counted
+    them: the new flags / available samples per baseline (``bl`` (B, 2)) and per (time,
+    channel) (``tf`` (T, F, 2)), and the flags (``codes != CODE_OK``) as one bit per
+    sample (``bits``: :func:`kernels.flagging.pack_codes`, or what ``store.put`` made of
+    them). The codes themselves (one byte per visibility) live only inside the task."""
+
+    __slots__ = ("shape", "bl", "tf", "bits")
+
+    def __init__(self, shape, bl, tf, bits):
+        self.shape, self.bl, self.tf, self.bits = shape, bl, tf, bits
 
 
-def _bl_counts(codes):
+def _flag_coded(vis, flag, is_auto, args, store=None):
+    codes = _flag_block(vis, flag, is_auto, args)
+    bl = kf.code_counts_baseline(codes)
+    tf = kf.code_counts_tf(codes)
+    bits = kf.pack_codes(codes)
+    shape = codes.shape
+    del codes
+    return _Coded(shape, bl, tf, bits if store is None else store.put(bits))
+
+
+class _Bits:
+    """A block's flags as bits (or their ``store`` handle) and the block's shape: all
+    that waits for the array-wide decisions (its counts are reduced meanwhile)."""
+
+    __slots__ = ("shape", "bits")
+
+    def __init__(self, shape, bits):
+        self.shape, self.bits = shape, bits
+
+
+def _bits_of(coded):
+    return _Bits(coded.shape, coded.bits)
+
+
+def _bl_counts(coded):
     """(nbl, 2): new flags and available samples per baseline of a block (given as the
     list of its chunks along time, frequency and polarization)."""
-    return sum(kf.code_counts_baseline(_codes(c)) for c in _flatten(codes))
+    return sum(c.bl for c in _flatten(coded))
 
 
-def _tf_counts(codes):
+def _tf_counts(coded):
     """(1, nt, nf, 2): new flags and available samples per (time, channel) of a block,
     with a leading axis of one per baseline block (summed over blocks afterwards)."""
-    return kf.code_counts_tf(_codes(_one(codes)))[None]
+    return _one(coded).tf[None]
 
 
 def _counts(codes):
     """New flags and available samples per baseline and per (time, channel)."""
-    bl = kf.code_counts_baseline(_codes(codes))
-    tf = kf.code_counts_tf(_codes(codes))
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    bl = kf.code_counts_baseline(codes)
+    tf = kf.code_counts_tf(codes)
     return bl[:, 0], bl[:, 1], tf[..., 0], tf[..., 1]
 
 
@@ -350,8 +390,15 @@ def _decide(noise, n_bl, a_bl, n_tf, a_tf, ant1, ant2, n_ant, strategy):
 
 
 def _combine(codes, bad_bl, bad_tf):
-    return kf.combine_codes(_codes(codes), np.ascontiguousarray(bad_bl, dtype=bool),
+    return kf.combine_codes(np.ascontiguousarray(codes, dtype=np.uint8),
+                            np.ascontiguousarray(bad_bl, dtype=bool),
                             np.ascontiguousarray(bad_tf, dtype=bool))
+
+
+def _combine_coded(coded, bad_bl, bad_tf, store=None):
+    bits = coded.bits if store is None else store.get(coded.bits)
+    return kf.combine_packed(bits, *coded.shape, np.ascontiguousarray(bad_bl, dtype=bool),
+                             np.ascontiguousarray(bad_tf, dtype=bool))
 
 
 # ---------------------------------------------------------------------------------
@@ -442,13 +489,19 @@ def _to_chunks(x, chunks):
     return x.rechunk(chunks)
 
 
-def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
+def flag_dataset(ds: xr.Dataset, strategy=None, store=None) -> xr.Dataset:
     """Lazily flag RFI in a visibility Dataset; returns ``ds`` with FLAG = old | new.
 
     ``strategy``: a :class:`FlagStrategy`, a mapping, a TOML path/text, or None for
     the DSA-110 defaults. Nothing is computed here; VISIBILITY is untouched and the new
     FLAG keeps the input FLAG's chunks. Works on numpy-backed Datasets too (they are
     wrapped in single-chunk dask arrays).
+
+    ``store``: where each block's flags wait (one bit per visibility) for the
+    array-wide decisions: None keeps them in memory (1/8 byte per visibility of the
+    group); or an object with ``put(bits) -> handle`` and ``get(handle) -> bits``
+    (called from the tasks; e.g. files beside the MS, :mod:`contimg.flagging`), which
+    makes the flagger's memory independent of the group's size.
     """
     st = FlagStrategy.load(strategy)
     for name in ("VISIBILITY", "FLAG"):
@@ -476,12 +529,22 @@ def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
         flag_b = flag_in.astype(bool).rechunk(vis_b.chunks)
     is_auto = da.from_array(ant1 == ant2, chunks=(vis_b.chunks[1],))
     args = st.kernel_args()
-    tok = tokenize(vis_b, flag_b, st.to_json(), ant1, ant2, n_ant)
+    tok = tokenize(vis_b, flag_b, st.to_json(), ant1, ant2, n_ant, store)
 
+    # one _Coded per block: its counts and its flags as bits (the block's uint8 codes,
+    # one byte per visibility, are freed inside the task)
     codes = da.blockwise(
-        partial(_flag_block, args=args), "tbfp", vis_b, "tbfp", flag_b, "tbfp",
-        is_auto, "b", dtype=np.uint8, name=f"flag-block-{tok}",
+        partial(_flag_coded, args=args, store=store), "tbfp", vis_b, "tbfp", flag_b,
+        "tbfp", is_auto, "b", dtype=object, meta=np.empty((0, 0, 0, 0), object),
+        name=f"flag-block-{tok}",
     )
+    # the bits apart from the counts (a plain layer, never fused into the combine), so
+    # that a block's counts are freed once reduced, not held with its bits until the
+    # decisions
+    bname = f"flag-bits-{tok}"
+    layer = {(bname,) + k[1:]: (_bits_of, k) for k in flatten(codes.__dask_keys__())}
+    bits = da.Array(HighLevelGraph.from_collections(bname, layer, dependencies=[codes]),
+                    bname, codes.chunks, meta=np.empty((0, 0, 0, 0), object))
 
     # per-plane noise over the whole band of each block (reduces t and f)
     noise = da.blockwise(
@@ -515,8 +578,9 @@ def flag_dataset(ds: xr.Dataset, strategy=None) -> xr.Dataset:
     bad_bl = small[:nbl].rechunk((codes.chunks[1],))
     bad_tf = small[nbl:].reshape(nt, nf).rechunk((codes.chunks[0], codes.chunks[2]))
     new = _to_chunks(da.blockwise(
-        _combine, "tbfp", codes, "tbfp", bad_bl, "b", bad_tf, "tf",
-        dtype=bool, name=f"flag-combine-{tok}",
+        partial(_combine_coded, store=store), "tbfp", bits, "tbfp", bad_bl, "b",
+        bad_tf, "tf", dtype=bool, meta=np.empty((0, 0, 0, 0), bool),
+        name=f"flag-combine-{tok}",
     ), out_chunks)
 
     out = ds.copy()
@@ -559,17 +623,32 @@ def flag_summary_of_cube(ds: xr.Dataset, cube: np.ndarray) -> xr.Dataset:
     return _summary(ds, frac_bl, frac_ch, frac_t, total)
 
 
+def _antenna_fraction(frac_bl, ant1, ant2, n_ant):
+    """Mean of ``frac_bl`` over each antenna's baselines (its autocorrelation once);
+    NaN for an antenna without baselines."""
+    frac = np.asarray(frac_bl, dtype=np.float64)
+    cross = ant1 != ant2
+    s = (np.bincount(ant1, weights=frac, minlength=n_ant)
+         + np.bincount(ant2[cross], weights=frac[cross], minlength=n_ant))
+    count = np.bincount(ant1, minlength=n_ant) + np.bincount(ant2[cross], minlength=n_ant)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, s / np.maximum(count, 1), np.nan)
+
+
 def _summary(ds, frac_bl, frac_ch, frac_t, total):
     ant1 = np.asarray(ds["baseline_antenna1_id"].values, dtype=np.int64)
     ant2 = np.asarray(ds["baseline_antenna2_id"].values, dtype=np.int64)
     n_ant = int(ds.sizes.get("antenna_id", 0) or (max(ant1.max(), ant2.max()) + 1))
-    inc = np.zeros((n_ant, ant1.size))
-    inc[ant1, np.arange(ant1.size)] = 1.0
-    inc[ant2, np.arange(ant2.size)] = 1.0
-    count = inc.sum(axis=1)
-    inc_da = xr.DataArray(inc / np.maximum(count, 1)[:, None], dims=("antenna_id", "baseline_id"))
-    frac_ant = xr.dot(inc_da, frac_bl.astype(np.float64), dim="baseline_id")
-    frac_ant = frac_ant.where(count > 0)
+    # per antenna, by bincount over the baselines (a dense antenna x baseline incidence
+    # matrix would grow as antennas^3: 29 MB for 193 antennas, 32 GB for 2000)
+    data = frac_bl.data
+    if isinstance(data, da.Array):
+        data = da.map_blocks(_antenna_fraction, data.rechunk(-1), ant1, ant2, n_ant,
+                             chunks=((n_ant,),), dtype=np.float64,
+                             name=f"flag-summary-antenna-{tokenize(data, ant1, ant2, n_ant)}")
+    else:
+        data = _antenna_fraction(data, ant1, ant2, n_ant)
+    frac_ant = xr.DataArray(data, dims=("antenna_id",))
     out = xr.Dataset(
         {
             "flag_fraction_antenna": frac_ant,

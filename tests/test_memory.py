@@ -5,6 +5,8 @@ DSA-110. Small data throughout; the memory figures themselves are bench/memory.p
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -403,6 +405,123 @@ def test_flagging_inside_convert_is_bounded_and_gives_todays_flags(tmp_path, mon
     np.testing.assert_array_equal(open_ms(ms).FLAG.values, want)
     assert res["flagged"] == pytest.approx(want.mean())
     assert flagging.list_flag_versions(ms) == []             # no flag version kept
+
+
+def test_packed_codes_combine_as_the_codes_do():
+    """The flagger keeps a block's flags as bits (kernels.flagging.pack_codes) until the
+    array-wide decisions: combine_packed of the bits gives combine_codes of the codes,
+    bit for bit, also for blocks whose size is not a multiple of 8."""
+    from kernels.flagging import combine_codes, combine_packed, pack_codes
+
+    rng = np.random.default_rng(11)
+    for shape in ((3, 5, 7, 2), (4, 6, 16, 2), (1, 1, 1, 1), (2, 3, 5, 1)):
+        codes = rng.choice(np.array([0, 1, 2], np.uint8), size=shape, p=[0.8, 0.1, 0.1])
+        bits = pack_codes(codes)
+        assert bits.size == -(-codes.size // 8)
+        np.testing.assert_array_equal(bits, np.packbits(codes != 0))
+        bad_bl = rng.random(shape[1]) < 0.3
+        bad_tf = rng.random((shape[0], shape[2])) < 0.2
+        np.testing.assert_array_equal(combine_packed(bits, *shape, bad_bl, bad_tf),
+                                      combine_codes(codes, bad_bl, bad_tf))
+
+
+def test_flag_ms_keeps_the_flags_as_bits_in_files_beside_the_ms(tmp_path, monkeypatch):
+    """flag_ms holds no group-sized array until its array-wide decisions: each block's
+    flags wait as bits (1/8 byte per visibility) in a file of a directory beside the
+    MS, which is removed afterwards, also when the flagging fails; a directory left by
+    a dead process is removed by the next run; the flags are the one-graph flagger's."""
+    from contimg import flagging
+    from contimg.io.ms import open_ms, write_ms
+    from graphs.flag import flag_dataset
+
+    cfg = SimConfig(n_ant=11, n_subbands=2, n_chan=16, n_times=8, threads=1)
+    g = simulate_group(tmp_path / "raw", cfg=cfg)
+    ms = str(tmp_path / "g.ms")
+    write_ms(open_group(g.files, n_subbands=2), ms)
+    want = flag_dataset(open_ms(ms)).FLAG.values
+    stale = tmp_path / f"g.ms{flagging.BITS_SUFFIX}999999999-deadbeef"   # no such pid
+    stale.mkdir()
+    plane = 8 * 32 * 2 * 8
+    monkeypatch.setattr(flagging, "BLOCK_BYTES", 7 * plane)
+    puts = []
+    real_put = flagging._BitFiles.put
+
+    def put(self, bits):
+        path = real_put(self, bits)
+        puts.append((os.path.dirname(path), bits.nbytes, os.path.getsize(path)))
+        return path
+    monkeypatch.setattr(flagging._BitFiles, "put", put)
+    flagging.flag_ms(ms, backup=False)
+    assert len(puts) == -(-66 // 7)                          # one file per block
+    for d, nbytes, size in puts:
+        assert os.path.dirname(d) == str(tmp_path) and nbytes == size
+    assert sum(n for _, n, _ in puts) == sum(-(-(8 * b * 32 * 2) // 8) for b in
+                                             [7] * 9 + [3])  # one bit per visibility
+    assert not os.path.exists(puts[0][0]) and not stale.exists()
+    np.testing.assert_array_equal(open_ms(ms).FLAG.values, want)
+
+    # a failure after the bits were written: the directory goes too
+    puts.clear()
+    monkeypatch.setattr(flagging, "_write_block_hook", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        flagging.flag_ms(ms, backup=False)
+    assert puts and not os.path.exists(puts[0][0])
+    assert not [p for p in os.listdir(tmp_path) if flagging.BITS_SUFFIX in p]
+
+
+def test_convert_blocks_of_bounded_bytes_write_the_same_ms(tmp_path, monkeypatch):
+    """convert_group reads and writes blocks of at most BLOCK_BYTES of visibilities (the
+    time chunk adapts to the baselines: here 3 + 3 + 2 integrations): the MS is the one
+    written from whole-subband blocks, column for column."""
+    from casacore import tables as ct
+    from distributed import Client, LocalCluster
+
+    from contimg import convert
+
+    cfg = SimConfig(n_ant=11, n_subbands=2, n_chan=16, n_times=8, threads=1)
+    g = simulate_group(tmp_path / "raw", cfg=cfg)
+    per_time = 66 * 16 * 2 * 8
+    ds = open_group(g.files, n_subbands=2, chunks={"block_bytes": 3 * per_time})
+    assert ds.VISIBILITY.data.chunks[0] == (3, 3, 2)
+    assert open_group(g.files, n_subbands=2,
+                      chunks={"block_bytes": 100 * per_time}).VISIBILITY.data.chunks[0] == (8,)
+    assert open_group(g.files, n_subbands=2,
+                      chunks={"block_bytes": 1}).VISIBILITY.data.chunks[0] == (1,) * 8
+    monkeypatch.setattr(convert, "BLOCK_BYTES", 3 * per_time)
+    keys = []
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as lc, Client(lc, set_as_default=False) as cl:
+        lc.scheduler.add_plugin(_key_recorder(keys))
+        convert.convert_group(cl, g.files, tmp_path / "small.ms", placement="any",
+                              n_subbands=2).result()
+        n_small = len([k for k in keys if str(k).startswith("read-")])
+        keys.clear()
+        convert.convert_group(cl, g.files, tmp_path / "whole.ms", placement="any",
+                              n_subbands=2, chunks={"time": None}).result()
+        n_whole = len([k for k in keys if str(k).startswith("read-")])
+    assert (n_small, n_whole) == (2 * 3, 2)
+    with ct.table(str(tmp_path / "small.ms"), ack=False) as a, \
+            ct.table(str(tmp_path / "whole.ms"), ack=False) as b:
+        assert a.nrows() == b.nrows() and sorted(a.colnames()) == sorted(b.colnames())
+        for col in a.colnames():
+            if a.iscelldefined(col, 0):
+                np.testing.assert_array_equal(a.getcol(col), b.getcol(col), err_msg=col)
+        for col in ("DATA", "FLAG"):                              # same tiles
+            np.testing.assert_array_equal(a.getdminfo(col)["SPEC"]["DEFAULTTILESHAPE"],
+                                          b.getdminfo(col)["SPEC"]["DEFAULTTILESHAPE"])
+
+
+def _key_recorder(keys):
+    """A scheduler plugin recording the keys of the tasks that reached memory."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class KeyRecorder(SchedulerPlugin):
+        name = "key-recorder"
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "memory":
+                keys.append(key)
+    return KeyRecorder()
 
 
 # ---------------------------------------------------------------------------------

@@ -462,11 +462,13 @@ def _build_dataset(ref: Header, parts, freqs_asc, files, extra_attrs):
 def open_uvh5(path, *, chunks=None) -> xr.Dataset:
     """Open one UVH5 file (any telescope) as a lazy contract Dataset (frequency
     ascending; telescope, antennas and phase centres from the file).
-    ``chunks={"time": n, "frequency": m}``; default: the whole file per chunk."""
+    ``chunks={"time": n, "frequency": m}``; default: the whole file per chunk;
+    ``{"block_bytes": b}`` instead of "time": as many integrations per chunk as keep its
+    visibilities within b bytes (equal chunks)."""
     h = read_header(path)
-    tc = _time_chunks(h.ntime, chunks)
     fc = (chunks or {}).get("frequency") if isinstance(chunks, dict) else None
     fc = h.nfreqs if fc in (None, -1) else max(1, min(int(fc), h.nfreqs))
+    tc = _time_chunks(h.ntime, chunks, h.nbl * fc * h.npols * 8)
     part = _subband_arrays(h, tc, Path(path).stem, _token([h]), fc)
     freqs = np.sort(h.freqs)
     nfc = -(-h.nfreqs // fc)
@@ -614,7 +616,9 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
     contiguous frequencies in the order the subband numbers imply. A missing subband
     raises :class:`GroupError`, or with ``allow_missing=True`` is filled with fully
     flagged zeros (``ds.attrs["missing_subbands"]`` lists them).
-    ``chunks={"time": n}`` splits each subband into blocks of n integrations.
+    ``chunks={"time": n}`` splits each subband into blocks of n integrations;
+    ``chunks={"block_bytes": b}`` into the fewest equal blocks of at most b bytes of
+    visibilities each (at least one integration), whatever the number of baselines.
     """
     files = _list_files(paths)
     if not files:
@@ -648,8 +652,14 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
         raise GroupError(f"{Path(files[0]).parent}: group {min(stamps):%Y-%m-%dT%H:%M:%S} is "
                          f"missing subband(s) {', '.join(f'sb{m:02d}' for m in missing)}")
 
-    headers = {sb: read_header(p, phase_centres=sb == min(names))
-               for sb, (_, p) in sorted(names.items())}
+    headers = {}
+    for sb, (_, p) in sorted(names.items()):
+        h = read_header(p, phase_centres=sb == min(names))
+        if sb != min(names):
+            # only the reference's UVW is used (a reference other than the first is read
+            # again below): not 16 copies of (time, baseline, 3) float64 held at once
+            h.uvw = None
+        headers[sb] = h
     # the reference is the header most others agree with: an inconsistent file is the
     # culprit, never the good file it was compared with (a lone sb00 with the wrong
     # channel count must not cost the group its 15 good subbands)
@@ -665,7 +675,7 @@ def open_group(paths, *, n_subbands: int = tel.N_SUBBANDS, allow_missing: bool =
     cw = ref.channel_width
     t_ref = np.max(ref.freqs) + ref_sb * nchan * cw   # implied top-of-band channel centre
 
-    tc = _time_chunks(ref.ntime, chunks)
+    tc = _time_chunks(ref.ntime, chunks, ref.nbl * nchan * ref.npols * 8)
     token = _token(list(headers.values()))
     parts, freqs = [], []
     for sb in range(n_subbands - 1, -1, -1):     # ascending frequency: highest sb first

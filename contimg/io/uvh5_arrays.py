@@ -183,8 +183,19 @@ def _full_key(key):
 # Dataset assembly
 # ---------------------------------------------------------------------------------
 
-def _time_chunks(ntime, chunks):
-    tc = (chunks or {}).get("time", ntime) if isinstance(chunks, dict) else ntime
+def _time_chunks(ntime, chunks, per_time_bytes=0):
+    """Integrations per chunk: ``chunks["time"]`` (None/-1/absent: all of them), or with
+    ``chunks["block_bytes"]`` (and no "time") the fewest equal chunks whose
+    visibilities stay within that many bytes each (``per_time_bytes``: the bytes of
+    one integration of a chunk), so that a chunk's size does not grow with the
+    baselines (at least one integration per chunk)."""
+    chunks = chunks if isinstance(chunks, dict) else {}
+    budget = chunks.get("block_bytes")
+    if chunks.get("time") is None and budget and per_time_bytes > 0 and ntime > 0:
+        fit = max(1, int(budget) // int(per_time_bytes))
+        n = -(-ntime // fit)
+        return -(-ntime // n)
+    tc = chunks.get("time", ntime)
     tc = ntime if tc in (None, -1) else int(tc)
     return tc
 

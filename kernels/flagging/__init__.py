@@ -45,7 +45,9 @@ scratch of amplitudes, no repacking pass over the block) and runs, per plane:
    exceeds a threshold (:func:`extend_by_fraction`).
 
 :func:`flag_block` returns uint8 codes (0 ok, 1 new flag, 2 missing), so that the
-array-wide statistics count new flags among available data in the same pass.
+array-wide statistics count new flags among available data in the same pass; once
+counted, a block's codes are kept as one bit per sample (:func:`pack_codes`, whose
+result :func:`combine_packed` combines with the array-wide decisions).
 
 Antenna-wide and array-wide decisions need every baseline and are made in
 ``graphs.flag`` from small per-plane statistics (:func:`plane_noise`,
@@ -104,7 +106,9 @@ from kernels.flagging.statistics import (
     code_counts_baseline,
     code_counts_tf,
     combine_codes,
+    combine_packed,
     flag_counts,
+    pack_codes,
     plane_noise,
 )
 from kernels.flagging.sumthreshold import sumthreshold_1d, sumthreshold_2d
@@ -131,5 +135,7 @@ __all__ = [
     "code_counts_baseline",
     "code_counts_tf",
     "combine_codes",
+    "combine_packed",
+    "pack_codes",
     "flag_counts",
 ]

@@ -185,3 +185,53 @@ def flag_counts(cube):
                 n += k
             tb[t, b] = n
     return tb, fc
+
+
+@njit(nogil=True, cache=True)
+def pack_codes(codes):
+    """``codes != CODE_OK`` of a block of :func:`flag_block` codes, one bit per sample
+    (C order, most significant bit first: ``np.packbits`` of the flattened block), so
+    that the flags can be kept until the array-wide decisions at 1/8 of the codes'
+    memory; uint8 ``(ceil(codes.size / 8),)``."""
+    flat = codes.ravel()
+    n = flat.shape[0]
+    out = np.zeros((n + 7) // 8, dtype=np.uint8)
+    full = n // 8
+    for k in range(full):
+        i = 8 * k
+        b = 0
+        for j in range(8):
+            b = (b << 1) | (1 if flat[i + j] != CODE_OK else 0)
+        out[k] = b
+    if n > 8 * full:
+        b = 0
+        for j in range(8):
+            i = 8 * full + j
+            b = (b << 1) | (1 if (i < n and flat[i] != CODE_OK) else 0)
+        out[full] = b
+    return out
+
+
+@njit(nogil=True, cache=True)
+def combine_packed(bits, T, B, F, P, bad_bl, bad_tf):
+    """:func:`combine_codes` of a block whose codes were packed by :func:`pack_codes`:
+    a set bit or a bad baseline (``bad_bl`` (B,)) or a bad (time, channel) cell
+    (``bad_tf`` (T, F)); bool ``(T, B, F, P)``, the same as ``combine_codes`` gives."""
+    out = np.empty((T, B, F, P), dtype=np.bool_)
+    rep = np.empty(F * P, np.bool_)
+    FP = F * P
+    for t in range(T):
+        for f in range(F):
+            for p in range(P):
+                rep[f * P + p] = bad_tf[t, f]
+        for b in range(B):
+            o = out[t, b].ravel()
+            if bad_bl[b]:
+                o[:] = True
+                continue
+            i0 = (t * B + b) * FP
+            for i in range(FP):
+                k = i0 + i
+                bit = (bits[k >> 3] >> (7 - (k & 7))) & 1
+                o[i] = rep[i] | (bit != 0)
+    return out
