@@ -627,8 +627,10 @@ class _BitFiles:
 
 #: largest baseline block read at once (VISIBILITY bytes): a block is all integrations
 #: and channels of its baselines, so longer or wider groups get fewer baselines per block
-#: (a full DSA-110 group: 113 baselines per block; 96 MiB held 0.1 GiB more at 1x)
-BLOCK_BYTES = 32 << 20
+#: (a full DSA-110 group: 256 baselines, ``[flag] baseline_block``). 32 MiB held ~0.1 GiB
+#: less but cost ~10 % more CPU: the MS's tiles (1552 rows) are read whole, so smaller
+#: blocks read each tile more often (README, "Memory as the group grows").
+BLOCK_BYTES = 96 << 20
 
 
 def _block_size(st, ds) -> int:
