@@ -96,12 +96,13 @@ def code_counts_tf(codes):
 
 
 @njit(nogil=True, cache=True)
-def combine_codes(codes, bad_bl, bad_tf):
-    """Final flags of a block: ``codes != CODE_OK`` or a bad baseline (``bad_bl`` (B,))
-    or a bad (time, channel) cell (``bad_tf`` (T, F)); bool, the shape of ``codes``."""
-    T, B, F, P = codes.shape
+def _combine(src, packed, T, B, F, P, bad_bl, bad_tf):
+    """Final flags of a block ``(T, B, F, P)`` from ``src``, flat uint8: the codes
+    (flagged where ``!= CODE_OK``) or, ``packed``, their bits (:func:`pack_codes`); or a
+    bad baseline (``bad_bl`` (B,)) or a bad (time, channel) cell (``bad_tf`` (T, F))."""
     out = np.empty((T, B, F, P), dtype=np.bool_)
-    rep = np.empty(F * P, np.bool_)
+    FP = F * P
+    rep = np.empty(FP, np.bool_)
     for t in range(T):
         for f in range(F):
             for p in range(P):
@@ -111,10 +112,23 @@ def combine_codes(codes, bad_bl, bad_tf):
             if bad_bl[b]:
                 o[:] = True
                 continue
-            row = codes[t, b].ravel()
-            for i in range(F * P):
-                o[i] = rep[i] | (row[i] != CODE_OK)
+            i0 = (t * B + b) * FP
+            for i in range(FP):
+                k = i0 + i
+                if packed:
+                    hit = ((src[k >> 3] >> (7 - (k & 7))) & 1) != 0
+                else:
+                    hit = src[k] != CODE_OK
+                o[i] = rep[i] | hit
     return out
+
+
+@njit(nogil=True, cache=True)
+def combine_codes(codes, bad_bl, bad_tf):
+    """Final flags of a block: ``codes != CODE_OK`` or a bad baseline (``bad_bl`` (B,))
+    or a bad (time, channel) cell (``bad_tf`` (T, F)); bool, the shape of ``codes``."""
+    T, B, F, P = codes.shape
+    return _combine(np.ascontiguousarray(codes).ravel(), False, T, B, F, P, bad_bl, bad_tf)
 
 
 def antenna_flags(noise, baseline_fraction, ant1, ant2, n_ant, noise_ratio=3.0,
@@ -217,21 +231,4 @@ def combine_packed(bits, T, B, F, P, bad_bl, bad_tf):
     """:func:`combine_codes` of a block whose codes were packed by :func:`pack_codes`:
     a set bit or a bad baseline (``bad_bl`` (B,)) or a bad (time, channel) cell
     (``bad_tf`` (T, F)); bool ``(T, B, F, P)``, the same as ``combine_codes`` gives."""
-    out = np.empty((T, B, F, P), dtype=np.bool_)
-    rep = np.empty(F * P, np.bool_)
-    FP = F * P
-    for t in range(T):
-        for f in range(F):
-            for p in range(P):
-                rep[f * P + p] = bad_tf[t, f]
-        for b in range(B):
-            o = out[t, b].ravel()
-            if bad_bl[b]:
-                o[:] = True
-                continue
-            i0 = (t * B + b) * FP
-            for i in range(FP):
-                k = i0 + i
-                bit = (bits[k >> 3] >> (7 - (k & 7))) & 1
-                o[i] = rep[i] | (bit != 0)
-    return out
+    return _combine(bits, True, T, B, F, P, bad_bl, bad_tf)
