@@ -51,7 +51,7 @@ write side holds only the blocks in flight (one per scheduler thread). Writes ca
 start before every read is done: each output block depends on the array-wide
 antenna/channel/integration decisions, which depend on every input block. Until those
 decisions are made, each block's flags wait as one bit per visibility in a file beside
-the MS (``<ms>.contimg-flagbits-<pid>-<token>/``, removed at the end; see
+the MS (``<ms>.contimg-flagbits-<host>-<pid>-<token>/``, removed at the end; see
 :class:`_BitFiles`), so the flagger's memory is the blocks in flight, not the group.
 """
 
@@ -63,6 +63,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time as _time
 import uuid
 from pathlib import Path
@@ -569,9 +570,10 @@ def flag_ms(path, *, strategy=None, backup=True, backup_name=None, progress=None
     return summary
 
 
-#: directory beside the MS (``<ms><suffix><pid>-<token>``) where :func:`flag_ms` keeps
-#: each block's flags (one bit per visibility) until the array-wide decisions
+#: directory beside the MS (``<ms><suffix><host>-<pid>-<token>``) where :func:`flag_ms`
+#: keeps each block's flags (one bit per visibility) until the array-wide decisions
 BITS_SUFFIX = ".contimg-flagbits-"
+_HOST = socket.gethostname()
 
 
 class _BitFiles:
@@ -586,20 +588,25 @@ class _BitFiles:
         import threading
 
         self._clean_stale(ms)
-        self.dir = f"{ms}{BITS_SUFFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir = f"{ms}{BITS_SUFFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.makedirs(self.dir)
         self._n = 0
         self._lock = threading.Lock()
 
     @staticmethod
     def _clean_stale(ms):
+        """Remove this host's directories of ``ms`` whose process is gone. Another
+        host's are never touched: its PIDs mean nothing here (the MS may be on a disk
+        that several nodes share)."""
         parent, base = os.path.split(ms)
         for entry in os.listdir(parent or "."):
             if not entry.startswith(base + BITS_SUFFIX):
                 continue
-            pid = entry[len(base + BITS_SUFFIX):].split("-")[0]
+            host, _, rest = entry[len(base + BITS_SUFFIX):].rpartition("-")[0].rpartition("-")
+            if host != _HOST:
+                continue
             try:
-                os.kill(int(pid), 0)
+                os.kill(int(rest), 0)
                 continue                       # its process is running
             except ProcessLookupError:
                 pass

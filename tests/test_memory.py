@@ -6,6 +6,7 @@ DSA-110. Small data throughout; the memory figures themselves are bench/memory.p
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -439,8 +440,12 @@ def test_flag_ms_keeps_the_flags_as_bits_in_files_beside_the_ms(tmp_path, monkey
     ms = str(tmp_path / "g.ms")
     write_ms(open_group(g.files, n_subbands=2), ms)
     want = flag_dataset(open_ms(ms)).FLAG.values
-    stale = tmp_path / f"g.ms{flagging.BITS_SUFFIX}999999999-deadbeef"   # no such pid
+    host = socket.gethostname()
+    stale = tmp_path / f"g.ms{flagging.BITS_SUFFIX}{host}-999999999-deadbeef"  # no such pid
     stale.mkdir()
+    # another node's (on a shared disk): its PID says nothing here, it is left alone
+    other = tmp_path / f"g.ms{flagging.BITS_SUFFIX}other-node-999999999-deadbeef"
+    other.mkdir()
     plane = 8 * 32 * 2 * 8
     monkeypatch.setattr(flagging, "BLOCK_BYTES", 7 * plane)
     puts = []
@@ -457,7 +462,8 @@ def test_flag_ms_keeps_the_flags_as_bits_in_files_beside_the_ms(tmp_path, monkey
         assert os.path.dirname(d) == str(tmp_path) and nbytes == size
     assert sum(n for _, n, _ in puts) == sum(-(-(8 * b * 32 * 2) // 8) for b in
                                              [7] * 9 + [3])  # one bit per visibility
-    assert not os.path.exists(puts[0][0]) and not stale.exists()
+    assert not os.path.exists(puts[0][0]) and not stale.exists() and other.exists()
+    other.rmdir()
     np.testing.assert_array_equal(open_ms(ms).FLAG.values, want)
 
     # a failure after the bits were written: the directory goes too
