@@ -372,8 +372,6 @@ def solve_dataset(ds, *, catalog=None, transits=None, refant=None, gain_interval
     return sol, transits, q
 
 
-
-
 def run_steps(steps):
     """Drive a pass generator (:func:`graphs.calpasses.solve_steps`): compute each pass's
     lazy list, send the values back, return the generator's result. Freed memory goes
