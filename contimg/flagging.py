@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from contimg.io.ms import MSFormatError, open_ms
-from contimg.io.mscolumns import StoreTarget, put_block, put_flag_row, read_layout, row_runs
+from contimg.io.mscolumns import StoreTarget, get_cells, put_block, put_flag_row, read_layout
 from contimg.io.mscolumns import ms_proxy as _proxy
 from contimg.io.mscolumns import run_in_table as _run
 
@@ -646,43 +646,14 @@ def _block_size(st, ds) -> int:
                           ds.sizes["baseline_id"])))
 
 
-def _get_block(tb, layout, column, tsl, bsl):
-    """In the table thread: VISIBILITY and FLAG of one (time, baseline) block, all
-    channels, exactly as :func:`contimg.io.ms.open_ms` gives them (visibilities
-    conjugated, FLAG_ROW folded into FLAG, channels ascending, rows stored as (ant2,
-    ant1) turned round, missing rows zero and flagged)."""
-    nt, nb = tsl.stop - tsl.start, bsl.stop - bsl.start
-    nchan, npol = layout.chan_ms.size, layout.npol
-    flat = (np.arange(tsl.start, tsl.stop)[:, None] * layout.nbl
-            + np.arange(bsl.start, bsl.stop)[None, :]).ravel()
-    rows = layout.pos[flat]
-    vis = np.zeros((nt * nb, nchan, npol), np.complex64)
-    flag = np.ones((nt * nb, nchan, npol), bool)
-    cols = set(tb.colnames())
-    for r0, sel in row_runs(rows):
-        n = sel.size
-        d = tb.getcol(column, startrow=r0, nrow=n)
-        f = tb.getcol("FLAG", startrow=r0, nrow=n).astype(bool)
-        if "FLAG_ROW" in cols:
-            try:
-                f |= tb.getcol("FLAG_ROW", startrow=r0, nrow=n).astype(bool)[:, None, None]
-            except RuntimeError:        # a FLAG_ROW column without data
-                pass
-        vis[sel] = np.conj(d)
-        flag[sel] = f
-    sw = layout.swapped[flat] & (rows >= 0)
-    if sw.any():          # a swapped row holds V21 = conj(V12), cross-hands exchanged
-        vis[sw] = np.conj(vis[sw])[:, :, layout.perm]
-    order = layout.chan_ms
-    if not np.array_equal(order, np.arange(nchan)):
-        vis, flag = vis[:, order], flag[:, order]
-    return vis.reshape(nt, nb, nchan, npol), flag.reshape(nt, nb, nchan, npol)
-
-
-def _read_block(proxy, layout, column, tsl, bsl):
+def _read_block(proxy, layout, column, conj, bsl, nchan):
+    """VISIBILITY and FLAG of every integration and channel of the baselines ``bsl``,
+    as :func:`contimg.io.ms.open_ms` gives them (read in the MS's table thread)."""
     from daskms.table_proxy import READLOCK
 
-    return proxy.submit(_get_block, READLOCK, layout, column, tsl, bsl).result()
+    vis, flag, _ = proxy.submit(get_cells, READLOCK, layout, column, conj, bsl,
+                                slice(0, nchan), False).result()
+    return vis, flag
 
 
 def baseline_block_dataset(proxy, ds, layout, block, column="DATA", name="ms"):
@@ -696,11 +667,12 @@ def baseline_block_dataset(proxy, ds, layout, block, column="DATA", name="ms"):
 
     nt, nbl = ds.sizes["time"], ds.sizes["baseline_id"]
     nf, npol = ds.sizes["frequency"], ds.sizes["polarization"]
+    conj = ds.attrs.get("ms_conjugation", "ms") == "ms"
     vis, flag = [], []
     for k, b0 in enumerate(range(0, nbl, block)):
         bsl = slice(b0, min(b0 + block, nbl))
         d = dask.delayed(_read_block, pure=True, nout=2)(
-            proxy, layout, column, slice(0, nt), bsl,
+            proxy, layout, column, conj, bsl, nf,
             dask_key_name=f"flag-read-{k:04d}-{name}")
         shape = (nt, bsl.stop - bsl.start, nf, npol)
         vis.append(da.from_delayed(d[0], shape, dtype=np.complex64))

@@ -361,10 +361,10 @@ def test_flag_ms_on_baseline_blocks_gives_todays_flags(tmp_path, monkeypatch, bl
     plane = 8 * 32 * 2 * 8
     monkeypatch.setattr(flagging, "BLOCK_BYTES", block_baselines * plane)
     reads = []
-    real = flagging._get_block
-    monkeypatch.setattr(flagging, "_get_block",
-                        lambda tb, layout, col, tsl, bsl: reads.append(bsl) or real(
-                            tb, layout, col, tsl, bsl))
+    real = flagging._read_block
+    monkeypatch.setattr(flagging, "_read_block",
+                        lambda proxy, layout, col, conj, bsl, nf: reads.append(bsl) or real(
+                            proxy, layout, col, conj, bsl, nf))
     summary = flagging.flag_ms(ms, backup=False)
     assert len(reads) == -(-66 // min(block_baselines, 66))
     assert max(b.stop - b.start for b in reads) == min(block_baselines, 66)
@@ -393,10 +393,10 @@ def test_flagging_inside_convert_is_bounded_and_gives_todays_flags(tmp_path, mon
     plane = 8 * 32 * 2 * 8
     monkeypatch.setattr(flagging, "BLOCK_BYTES", 7 * plane)
     reads = []
-    real = flagging._get_block
-    monkeypatch.setattr(flagging, "_get_block",
-                        lambda tb, layout, col, tsl, bsl: reads.append(bsl) or real(
-                            tb, layout, col, tsl, bsl))
+    real = flagging._read_block
+    monkeypatch.setattr(flagging, "_read_block",
+                        lambda proxy, layout, col, conj, bsl, nf: reads.append(bsl) or real(
+                            proxy, layout, col, conj, bsl, nf))
     ms = tmp_path / "g.ms"
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                       dashboard_address=None) as lc, Client(lc, set_as_default=False) as cl:

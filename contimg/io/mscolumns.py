@@ -293,13 +293,14 @@ def _defined(tb, column):
     return column in tb.colnames() and tb.nrows() > 0 and tb.iscelldefined(column, 0)
 
 
-def get_cells(tb, layout, column, conj, bsl, csl):
+def get_cells(tb, layout, column, conj, bsl, csl, weights=True):
     """In the table thread: ``(VISIBILITY, FLAG, WEIGHT)`` of every integration of the
     Dataset's baselines ``bsl`` and channels ``csl`` (``(ntime, nbl, nchan, npol)``),
     exactly as :func:`contimg.io.ms.open_ms` gives them: visibilities conjugated when
     ``conj`` (the "ms" convention), FLAG_ROW folded into FLAG, WEIGHT broadcast when
     WEIGHT_SPECTRUM holds no data, channels ascending, rows stored as (ant2, ant1)
-    turned round, missing rows zero, flagged and of weight 0."""
+    turned round, missing rows zero, flagged and of weight 0. With ``weights=False``
+    the weights are neither read nor returned (WEIGHT is None)."""
     nt, nb = layout.ntime, bsl.stop - bsl.start
     ch = layout.chan_ms[csl]
     lo, hi = int(ch.min()), int(ch.max())
@@ -310,19 +311,20 @@ def get_cells(tb, layout, column, conj, bsl, csl):
     rows = layout.pos[flat]
     vis = np.zeros((nt * nb, nc, npol), np.complex64)
     flag = np.ones((nt * nb, nc, npol), bool)
-    weight = np.zeros((nt * nb, nc, npol), np.float32)
-    use_ws = _defined(tb, "WEIGHT_SPECTRUM")
+    weight = np.zeros((nt * nb, nc, npol), np.float32) if weights else None
+    use_ws = weights and _defined(tb, "WEIGHT_SPECTRUM")
     has_fr = _defined(tb, "FLAG_ROW")
     blc, trc = [lo, 0], [hi, npol - 1]
     for r0, sel in row_runs(rows):
         n = sel.size
         a = int(sel[0])
-        if take is None and use_ws and sel[-1] == a + n - 1:
+        if take is None and (use_ws or not weights) and sel[-1] == a + n - 1:
             # a run into consecutive cells: read straight into the blocks (no copies)
             tb.getcolslicenp(column, vis[a:a + n], blc, trc, startrow=r0, nrow=n)
             tb.getcolslicenp("FLAG", flag[a:a + n], blc, trc, startrow=r0, nrow=n)
-            tb.getcolslicenp("WEIGHT_SPECTRUM", weight[a:a + n], blc, trc, startrow=r0,
-                             nrow=n)
+            if weights:
+                tb.getcolslicenp("WEIGHT_SPECTRUM", weight[a:a + n], blc, trc,
+                                 startrow=r0, nrow=n)
             if conj:
                 np.conjugate(vis[a:a + n], out=vis[a:a + n])
             if has_fr:
@@ -331,22 +333,23 @@ def get_cells(tb, layout, column, conj, bsl, csl):
             continue
         d = tb.getcolslice(column, blc, trc, startrow=r0, nrow=n)
         f = tb.getcolslice("FLAG", blc, trc, startrow=r0, nrow=n).astype(bool)
-        w = (tb.getcolslice("WEIGHT_SPECTRUM", blc, trc, startrow=r0, nrow=n) if use_ws
-             else tb.getcol("WEIGHT", startrow=r0, nrow=n)[:, None, :])
         if take is not None:
             d, f = d[:, take], f[:, take]
-            w = w[:, take] if use_ws else w
         if has_fr:
             f |= tb.getcol("FLAG_ROW", startrow=r0, nrow=n).astype(bool)[:, None, None]
         vis[sel] = np.conj(d) if conj else d
         flag[sel] = f
-        weight[sel] = w
-        del d, f, w
+        del d, f
+        if weights:
+            w = (tb.getcolslice("WEIGHT_SPECTRUM", blc, trc, startrow=r0, nrow=n)
+                 if use_ws else tb.getcol("WEIGHT", startrow=r0, nrow=n)[:, None, :])
+            weight[sel] = w[:, take] if use_ws and take is not None else w
     sw = layout.swapped[flat] & (rows >= 0)
     if sw.any():          # a swapped row holds V21 = conj(V12), cross-hands exchanged
         vis[sw] = np.conj(vis[sw])[:, :, layout.perm]
     shape = (nt, nb, nc, npol)
-    return vis.reshape(shape), flag.reshape(shape), weight.reshape(shape)
+    return (vis.reshape(shape), flag.reshape(shape),
+            None if weight is None else weight.reshape(shape))
 
 
 def _read_cells(proxy, layout, column, conj, bsl, csl):
